@@ -1,0 +1,556 @@
+"""Mixed-batch 1-bit delta matmul: many BitDelta fine-tunes applied to one batch in one launch.
+
+Semantics (``D`` deltas stacked, ``P`` residual sign passes each)::
+
+    # x: [M, K]  out: [M, N]  slots: [M] in [-1, D)
+    # signs: uint8 [D, P, N, ceil(K / 8)]  scales: fp32 [D, P, N]
+    for r in range(M):
+        d = slots[r]
+        if d < 0:
+            continue                                   # base-model row: out[r] untouched
+        acc = zeros(N, fp32)
+        for p in range(P):
+            s = unpack_signs(signs[d, p], K)           # [N, K] of ±1
+            acc += scales[d, p, :] * (x[r] @ s.T)      # fp32 accumulation
+        out[r, :] = (out[r, :].float() + acc).to(out.dtype)   # one rounding per element
+
+The Triton kernel groups rows by delta (a "plan": rows sorted by slot, cut into tiles of at most
+``block_m`` rows of one delta), and each program owns one row tile × one ``BLOCK_N`` slice of the output:
+it streams that slice's packed sign bytes over ``K`` once per pass, unpacks them in registers to ±1 in
+the activation dtype, and ``tl.dot``\\ s them with the rows' activations. Signs are exact in any float
+dtype, so the only roundings are the activation × ±1 accumulation (fp32) and the final add into ``out``.
+
+The plan is built with device-side torch ops and no host synchronisation except the one that validates
+slot indices, so a serving engine builds it once per forward pass (``plan_bitdelta_batch``) and passes
+it to every layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+try:  # Triton is optional: CPU-only installs use the reference path and never need it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+from hf_delta.packing import unpack_signs
+
+__all__ = [
+    "BitDeltaKernelConfig",
+    "BitDeltaPlan",
+    "bitdelta_matmul",
+    "bitdelta_matmul_reference",
+    "plan_bitdelta_batch",
+]
+
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SLOT_DTYPES = (torch.int32, torch.int64)
+Backend = Literal["auto", "triton", "torch"]
+
+
+# ===================================================================================================
+# Pure-PyTorch reference (CPU path and test oracle)
+# ===================================================================================================
+
+
+def bitdelta_matmul_reference(
+    x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    """``out[r] += Σ_p scales[slots[r], p] * (x[r] @ sign(signs[slots[r], p])ᵀ)`` in plain PyTorch.
+
+    Same contract as :func:`bitdelta_matmul` (see the module docstring for the exact semantics); it is the
+    CPU implementation and the oracle the Triton kernel is tested against.
+
+    Args:
+        x: Activations ``[M, K]`` (fp16, bf16 or fp32).
+        out: ``[M, N]``, same dtype as ``x``; updated in place.
+        slots: int32/int64 ``[M]``: the delta of each row, ``-1`` for none.
+        signs: uint8 ``[D, P, N, ceil(K / 8)]``, packed as in :mod:`hf_delta.packing`.
+        scales: fp32 ``[D, P, N]`` (any strides, e.g. a per-matrix scale ``.expand``-ed) or ``[D, P, 1]``.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        TypeError, ValueError: see :func:`bitdelta_matmul`.
+    """
+    _check_inputs(x, out, slots, signs, scales)
+    _check_slot_range(slots, signs.shape[0])
+    return _reference(x, out, slots, signs, scales)
+
+
+def _reference(
+    x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    k = x.shape[1]
+    slots = slots.long()
+    for d in torch.unique(slots).tolist():
+        if d < 0:
+            continue
+        idx = (slots == d).nonzero().squeeze(1)
+        xs = x.index_select(0, idx).float()
+        acc = torch.zeros(idx.numel(), out.shape[1], dtype=torch.float32, device=out.device)
+        for p in range(signs.shape[1]):
+            acc += (xs @ unpack_signs(signs[d, p], k, torch.float32).T) * scales[d, p].float()
+        out.index_copy_(0, idx, (out.index_select(0, idx).float() + acc).to(out.dtype))
+    return out
+
+
+# ===================================================================================================
+# Validation
+# ===================================================================================================
+
+
+def _check_inputs(
+    x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor
+) -> None:
+    """Shapes, dtypes, devices and layout; no device synchronisation."""
+    for name, t in (("x", x), ("out", out), ("slots", slots), ("signs", signs), ("scales", scales)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"bitdelta_matmul: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
+    if x.dtype not in _ACT_DTYPES:
+        raise TypeError(f"bitdelta_matmul: x must be float16, bfloat16 or float32, got {x.dtype}.")
+    if out.dtype != x.dtype:
+        raise TypeError(f"bitdelta_matmul: out dtype {out.dtype} must equal x dtype {x.dtype}.")
+    if slots.dtype not in _SLOT_DTYPES:
+        raise TypeError(f"bitdelta_matmul: slots must be int32 or int64, got {slots.dtype}.")
+    if signs.dtype != torch.uint8:
+        raise TypeError(f"bitdelta_matmul: signs must be uint8 packed sign bits, got {signs.dtype}.")
+    if scales.dtype != torch.float32:
+        raise TypeError(f"bitdelta_matmul: scales must be float32, got {scales.dtype}; use scales.float().")
+    devices = {t.device for t in (x, out, slots, signs, scales)}
+    if len(devices) != 1:
+        raise ValueError(
+            "bitdelta_matmul: all tensors must be on one device, got "
+            f"x={x.device}, out={out.device}, slots={slots.device}, signs={signs.device}, "
+            f"scales={scales.device}."
+        )
+    if x.dim() != 2:
+        raise ValueError(f"bitdelta_matmul: x must be 2-D [M, K], got shape {tuple(x.shape)}; flatten tokens.")
+    m, k = x.shape
+    if out.dim() != 2 or out.shape[0] != m:
+        raise ValueError(f"bitdelta_matmul: out must be [M={m}, N], got shape {tuple(out.shape)}.")
+    n = out.shape[1]
+    if slots.shape != (m,):
+        raise ValueError(f"bitdelta_matmul: slots must be [M={m}], got shape {tuple(slots.shape)}.")
+    kb = (k + 7) // 8
+    if signs.dim() != 4 or signs.shape[2] != n or signs.shape[3] != kb:
+        raise ValueError(
+            f"bitdelta_matmul: signs must be [D, P, N={n}, ceil(K/8)={kb}] for x [{m}, {k}] and out "
+            f"[{m}, {n}], got shape {tuple(signs.shape)}."
+        )
+    d, p = signs.shape[:2]
+    if scales.dim() != 3 or tuple(scales.shape[:2]) != (d, p) or scales.shape[2] not in (n, 1):
+        raise ValueError(
+            f"bitdelta_matmul: scales must be [D={d}, P={p}, N={n}] (per row, any strides) or "
+            f"[{d}, {p}, 1] (per matrix), got shape {tuple(scales.shape)}."
+        )
+    if not x.is_contiguous():
+        raise ValueError("bitdelta_matmul: x must be contiguous; call x.contiguous() first.")
+    if out.stride(1) != 1 and n > 1:
+        raise ValueError(f"bitdelta_matmul: out rows must be contiguous (stride(1) == 1), got {out.stride()}.")
+    if signs.stride(3) != 1 and kb > 1:
+        raise ValueError(f"bitdelta_matmul: signs' last dim must be contiguous, got strides {signs.stride()}.")
+
+
+def _check_slot_range(slots: torch.Tensor, num_deltas: int) -> bool:
+    """Raise unless every slot is in ``[-1, num_deltas)``; return whether any row has a delta.
+
+    This is the launcher's only host synchronisation (one small copy for both bounds).
+    """
+    if slots.numel() == 0:
+        return False
+    lo, hi = torch.stack([slots.min(), slots.max()]).tolist()
+    if lo < -1 or hi >= num_deltas:
+        raise ValueError(
+            f"bitdelta_matmul: slots must lie in [-1, {num_deltas}) (-1 = no delta, else an index into the "
+            f"{num_deltas} stacked deltas), got values in [{lo}, {hi}]."
+        )
+    return hi >= 0
+
+
+# ===================================================================================================
+# Batch plan: rows grouped by delta, cut into tiles
+# ===================================================================================================
+
+
+@dataclass(frozen=True)
+class BitDeltaPlan:
+    """Rows of one batch grouped by delta and cut into tiles; build once per forward pass, reuse per layer.
+
+    ``tile_*`` have a fixed length (an upper bound on the number of tiles, so building needs no host
+    sync); unused tiles carry slot ``-1`` and the kernel skips them.
+    """
+
+    rows: torch.Tensor  # int32 [M]: row indices sorted by slot, rows without a delta last
+    tile_slot: torch.Tensor  # int32 [T]: delta of each tile, -1 = unused
+    tile_start: torch.Tensor  # int32 [T]: first position in `rows`
+    tile_end: torch.Tensor  # int32 [T]: one past the last position
+    block_m: int
+    num_rows: int
+    num_deltas: int
+    any_rows: bool  # False when every slot is -1: nothing to launch
+
+
+def plan_bitdelta_batch(slots: torch.Tensor, num_deltas: int, *, block_m: int | None = None) -> BitDeltaPlan:
+    """Group the rows of a batch by delta for :func:`bitdelta_matmul`.
+
+    Args:
+        slots: int32/int64 ``[M]``: delta index per row, ``-1`` for none.
+        num_deltas: ``D``, the number of stacked deltas the slots index into.
+        block_m: Rows per tile; default picks from ``M`` (16 for decode-sized batches).
+
+    Returns:
+        A :class:`BitDeltaPlan` on ``slots``' device.
+
+    Raises:
+        TypeError: ``slots`` is not an int32/int64 tensor.
+        ValueError: ``slots`` is not 1-D or holds a value outside ``[-1, num_deltas)``.
+    """
+    if not isinstance(slots, torch.Tensor) or slots.dtype not in _SLOT_DTYPES:
+        raise TypeError(f"plan_bitdelta_batch: slots must be an int32/int64 tensor, got {slots!r:.80}.")
+    if slots.dim() != 1:
+        raise ValueError(f"plan_bitdelta_batch: slots must be 1-D [M], got shape {tuple(slots.shape)}.")
+    m = slots.shape[0]
+    any_rows = _check_slot_range(slots, num_deltas)
+    block_m = block_m or _default_block_m(m)
+    dev = slots.device
+    key = torch.where(slots < 0, num_deltas, slots.long())  # no-delta rows sort after every delta
+    rows = torch.sort(key, stable=True).indices.to(torch.int32)
+    counts = torch.zeros(num_deltas + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_deltas]
+    seg_start = torch.cumsum(counts, 0) - counts
+    tiles = (counts + block_m - 1) // block_m
+    tiles_cum = torch.cumsum(tiles, 0)
+    # Each non-empty segment wastes at most one partial tile, so this bounds the tile count without a sync.
+    t_max = max(1, -(-m // block_m) + min(num_deltas, m))
+    t = torch.arange(t_max, device=dev)
+    owner = torch.searchsorted(tiles_cum, t, right=True)  # first delta whose tiles end after t
+    used = owner < num_deltas
+    d = owner.clamp(max=max(num_deltas - 1, 0))
+    if num_deltas == 0:
+        start = end = torch.zeros_like(t)
+    else:
+        start = seg_start[d] + (t - (tiles_cum[d] - tiles[d])) * block_m
+        end = torch.minimum(start + block_m, seg_start[d] + counts[d])
+    zero = torch.zeros_like(t)
+    return BitDeltaPlan(
+        rows=rows,
+        tile_slot=torch.where(used, d, -1).to(torch.int32),
+        tile_start=torch.where(used, start, zero).to(torch.int32),
+        tile_end=torch.where(used, end, zero).to(torch.int32),
+        block_m=block_m,
+        num_rows=m,
+        num_deltas=num_deltas,
+        any_rows=any_rows,
+    )
+
+
+# ===================================================================================================
+# Launch configuration
+# ===================================================================================================
+
+
+@dataclass(frozen=True)
+class BitDeltaKernelConfig:
+    """Tile sizes of the Triton kernel. ``block_kb`` counts packed bytes (``8 * block_kb`` inputs)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_kb: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_kb"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"BitDeltaKernelConfig.{name} must be a power of two, got {v}.")
+        # tl.dot needs every dimension >= 16 on GPUs.
+        if min(self.block_m, self.block_n, 8 * self.block_kb) < 16:
+            raise ValueError(f"BitDeltaKernelConfig: block_m, block_n and 8*block_kb must be >= 16, got {self}.")
+
+
+def _default_block_m(m: int) -> int:
+    # Decode: rows per delta are few, and 16 is tl.dot's minimum; prefill: bigger tiles re-read bits less.
+    return 16 if m <= 64 else 64
+
+
+def _default_config(m: int, n: int, k: int, interpret: bool) -> BitDeltaKernelConfig:
+    if interpret:  # the interpreter's cost grows with tile area; small tiles keep CPU tests fast
+        return BitDeltaKernelConfig(block_m=16, block_n=16, block_kb=2, num_warps=1, num_stages=1)
+    if m <= 64:
+        # Memory bound: many narrow N tiles fill the SMs, wide K steps make long contiguous byte loads.
+        return BitDeltaKernelConfig(block_m=16, block_n=32, block_kb=64, num_warps=4, num_stages=4)
+    return BitDeltaKernelConfig(block_m=64, block_n=64, block_kb=8, num_warps=4, num_stages=3)
+
+
+def _interpret_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ===================================================================================================
+# Triton kernel
+# ===================================================================================================
+
+
+def _bitdelta_kernel(
+    x_ptr,
+    out_ptr,
+    rows_ptr,
+    tile_slot_ptr,
+    tile_start_ptr,
+    tile_end_ptr,
+    signs_ptr,
+    scales_ptr,
+    N,
+    K,
+    KB,
+    P,
+    stride_xm,
+    stride_om,
+    stride_sd,
+    stride_sp,
+    stride_sn,
+    stride_cd,
+    stride_cp,
+    stride_cn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_KB: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.load(tile_slot_ptr + pid_t)
+    if slot < 0:  # a spare tile of the fixed-size grid
+        return
+    start = tl.load(tile_start_ptr + pid_t)
+    end = tl.load(tile_end_ptr + pid_t)
+
+    BLOCK_K: tl.constexpr = BLOCK_KB * 8
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_kb = tl.arange(0, BLOCK_KB)
+    offs_k = tl.arange(0, BLOCK_K)
+    bit = tl.arange(0, 8)
+
+    # int64 offsets: a stack of many deltas easily exceeds 2**31 bytes.
+    slot64 = slot.to(tl.int64)
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    # Bytes laid out [BLOCK_KB, BLOCK_N] so unpacking gives the [BLOCK_K, BLOCK_N] operand without a transpose.
+    w_tile = signs_ptr + slot64 * stride_sd + offs_n[None, :].to(tl.int64) * stride_sn + offs_kb[:, None]
+    scale_row = scales_ptr + slot64 * stride_cd + offs_n * stride_cn
+
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p in range(P):
+        w_ptrs = w_tile + p * stride_sp
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb0 in range(0, KB, BLOCK_KB):
+            kb_mask = (kb0 + offs_kb) < KB
+            packed = tl.load(w_ptrs + kb0, mask=kb_mask[:, None] & n_mask[None, :], other=0)
+            # Element k of a row is bit k % 8 of byte k // 8: expand [KB, N] -> [KB, 8, N] -> [K, N].
+            bits = (packed.to(tl.int32)[:, None, :] >> bit[None, :, None]) & 1
+            # ±1 via fp32 (exact): the interpreter converts int -> bf16 wrongly, GPUs go through fp32 anyway.
+            w = tl.reshape(bits * 2 - 1, (BLOCK_K, BLOCK_N)).to(tl.float32)
+            k = kb0 * 8 + offs_k
+            # Padding bits decode to -1, so the x tail must be zero, not merely the bytes masked.
+            xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
+            if DOT_FP32:
+                # Interpreter + bf16 only (its bf16 dot is wrong): bf16 -> fp32 is exact, so the products
+                # and the fp32 accumulation are the same as the GPU's bf16 tensor-core dot.
+                xt = xt.to(tl.float32)
+            else:
+                w = w.to(x_ptr.dtype.element_ty)
+            acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
+        scale = tl.load(scale_row + p * stride_cp, mask=n_mask, other=0.0)
+        total += acc * scale[None, :]
+
+    o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    prev = tl.load(o_ptrs, mask=o_mask, other=0.0)
+    tl.store(o_ptrs, (prev.to(tl.float32) + total).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@functools.cache
+def _jitted(interpret: bool):
+    # Decorated on first use, not at import: triton.jit picks interpreter vs. compiler from TRITON_INTERPRET
+    # at decoration time, and tests set that variable after this module may already have been imported.
+    del interpret  # only the cache key; triton.jit reads the environment itself
+    return triton.jit(_bitdelta_kernel)
+
+
+def _launch_triton(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    signs: torch.Tensor,
+    scales: torch.Tensor,
+    plan: BitDeltaPlan,
+    config: BitDeltaKernelConfig,
+    interpret: bool,
+) -> None:
+    m, k = x.shape
+    n = out.shape[1]
+    kb = signs.shape[3]
+    grid = (plan.tile_slot.numel(), triton.cdiv(n, config.block_n))
+    _jitted(interpret)[grid](
+        x,
+        out,
+        plan.rows,
+        plan.tile_slot,
+        plan.tile_start,
+        plan.tile_end,
+        signs,
+        scales,
+        n,
+        k,
+        kb,
+        signs.shape[1],
+        x.stride(0),
+        out.stride(0),
+        signs.stride(0),
+        signs.stride(1),
+        signs.stride(2),
+        scales.stride(0),
+        scales.stride(1),
+        scales.stride(2),
+        BLOCK_M=plan.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_KB=config.block_kb,
+        DOT_FP32=interpret and x.dtype == torch.bfloat16,
+        # fp32 activations must not be rounded to TF32 (1e-3 error); the setting only affects fp32 operands.
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+# ===================================================================================================
+# Public launcher
+# ===================================================================================================
+
+
+def bitdelta_matmul(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    slots: torch.Tensor,
+    signs: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    backend: Backend = "auto",
+    plan: BitDeltaPlan | None = None,
+    config: BitDeltaKernelConfig | None = None,
+) -> torch.Tensor:
+    """Add each row's 1-bit delta product into ``out`` in place (mixed batch: one delta per row).
+
+    See the module docstring for the exact semantics. Rows with slot ``-1`` are left untouched.
+
+    Args:
+        x: Activations ``[M, K]``, float16, bfloat16 or float32, contiguous.
+        out: ``[M, N]``, same dtype and device as ``x``, rows contiguous; updated in place.
+        slots: int32/int64 ``[M]``: index of each row's delta in ``signs`` / ``scales``, ``-1`` for none.
+        signs: uint8 ``[D, P, N, ceil(K / 8)]``, packed sign bits (:func:`hf_delta.packing.pack_1bit_u8`),
+            last dim contiguous.
+        scales: float32 ``[D, P, N]`` with any strides (pass a per-matrix ``[D, P, 1]`` scale as is or
+            ``.expand(D, P, N)``-ed; stride 0 costs nothing).
+        backend: ``"auto"``: Triton for CUDA tensors, the PyTorch reference for CPU tensors.
+            ``"triton"``: force the kernel (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``).
+            ``"torch"``: force the reference.
+        plan: A :func:`plan_bitdelta_batch` result for exactly these ``slots`` (skips the per-call plan
+            and its host sync); its ``block_m`` overrides ``config.block_m``.
+        config: Kernel tile sizes; default picks by batch size.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        TypeError: A dtype is wrong (x/out not fp16/bf16/fp32 or not equal, slots not int, signs not uint8,
+            scales not fp32) or an argument is not a tensor.
+        ValueError: Shapes disagree, tensors sit on different devices, ``x`` is not contiguous, a slot is
+            outside ``[-1, D)``, ``plan`` does not match, or the requested backend cannot run here.
+        ImportError: The Triton backend is needed but triton is not installed.
+
+    Example:
+        >>> import torch
+        >>> from hf_delta.packing import pack_1bit_u8
+        >>> signs = pack_1bit_u8(torch.randn(2, 1, 4, 10) > 0)      # 2 deltas, 1 pass, N=4, K=10
+        >>> scales = torch.full((2, 1, 4), 0.01)
+        >>> x, out = torch.randn(3, 10), torch.zeros(3, 4)
+        >>> bitdelta_matmul(x, out, torch.tensor([1, -1, 0]), signs, scales).shape
+        torch.Size([3, 4])
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"bitdelta_matmul: backend must be 'auto', 'triton' or 'torch', got {backend!r}.")
+    _check_inputs(x, out, slots, signs, scales)
+    num_deltas = signs.shape[0]
+    if scales.shape[2] != out.shape[1]:
+        scales = scales.expand(-1, -1, out.shape[1])  # per-matrix scale: stride 0, no copy
+    if plan is not None and (plan.num_rows != x.shape[0] or plan.num_deltas != num_deltas):
+        raise ValueError(
+            f"bitdelta_matmul: plan was built for M={plan.num_rows}, D={plan.num_deltas}, but the call has "
+            f"M={x.shape[0]}, D={num_deltas}; build it from these slots with plan_bitdelta_batch."
+        )
+
+    use_triton, interpret = _choose_backend(backend, x.device)
+    if not use_triton:
+        if plan is None:
+            _check_slot_range(slots, num_deltas)
+        elif not plan.any_rows:
+            return out
+        return _reference(x, out, slots, signs, scales)
+
+    m, k = x.shape
+    if m == 0 or out.shape[1] == 0 or num_deltas == 0:
+        _check_slot_range(slots, num_deltas)
+        return out
+    config = config or _default_config(m, out.shape[1], k, interpret)
+    if plan is None:
+        plan = plan_bitdelta_batch(slots, num_deltas, block_m=config.block_m)
+    elif plan.rows.device != x.device:
+        raise ValueError(f"bitdelta_matmul: plan is on {plan.rows.device}, tensors on {x.device}.")
+    if plan.any_rows:
+        _launch_triton(x, out, signs, scales, plan, config, interpret)
+    return out
+
+
+def _choose_backend(backend: Backend, device: torch.device) -> tuple[bool, bool]:
+    """``(use_triton, interpreter_mode)`` for a call on ``device``."""
+    if backend == "torch":
+        return False, False
+    interpret = _interpret_enabled()
+    if backend == "auto":
+        if device.type != "cuda":
+            return False, False
+        if triton is None:
+            warnings.warn(
+                "bitdelta_matmul: triton is not installed, using the slow PyTorch reference on CUDA; "
+                "`pip install hf_delta[kernels]` for the fused kernel.",
+                stacklevel=3,
+            )
+            return False, False
+        return True, interpret
+    # backend == "triton"
+    if triton is None:
+        raise ImportError("bitdelta_matmul(backend='triton') needs triton: `pip install hf_delta[kernels]`.")
+    if device.type == "cuda":
+        return True, interpret
+    if device.type == "cpu" and interpret:
+        return True, True
+    raise ValueError(
+        f"bitdelta_matmul(backend='triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; "
+        f"got tensors on {device}. Use backend='auto' or 'torch' here."
+    )

@@ -1,0 +1,46 @@
+"""Every exception hf_delta raises on purpose.
+
+Each also inherits from the built-in it refines, so ``except ValueError`` keeps working, and each message
+says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class HfDeltaError(Exception):
+    """Base class of all hf_delta errors."""
+
+
+class ZooError(HfDeltaError, ValueError):
+    """The reference zoo was asked for something it does not have (size, model, directory)."""
+
+
+class ModelLoadError(HfDeltaError, OSError):
+    """A model or tokenizer directory is missing, incomplete, or its parts do not belong together."""
+
+
+class ArchitectureMismatchError(HfDeltaError, ValueError):
+    """A base and a fine-tune (or a delta) do not share an architecture or parameter shapes."""
+
+
+class BaseModelMismatchError(HfDeltaError, ValueError):
+    """A delta was compressed against a different base than the one it is being applied to."""
+
+
+class DeltaConfigError(HfDeltaError, ValueError):
+    """A compression setting is impossible or a delta_config.json is malformed."""
+
+
+class DeltaFormatError(HfDeltaError, ValueError):
+    """A delta repo on disk or on the Hub is not a valid hf_delta repo (missing, corrupt, too new)."""
+
+
+class DeltaNotFoundError(HfDeltaError, KeyError):
+    """A delta name was used that is not loaded on this model."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0]) if self.args else ""
+
+
+class CalibrationError(HfDeltaError, ValueError):
+    """Calibration data is empty or unusable."""

@@ -1,0 +1,64 @@
+"""A cheap identity check for base models: parameter names and shapes plus a fixed sample of values.
+
+Values are compared with a tolerance, so the same base loaded in fp32, bf16 or fp16 still matches, while a
+different checkpoint of the same architecture does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from .errors import BaseModelMismatchError
+
+_SAMPLES_PER_TENSOR = 4
+_MAX_TENSORS = 64
+_RTOL = 2e-2
+
+
+def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return sorted((n, p) for n, p in model.state_dict().items() if p.is_floating_point())
+
+
+def base_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """Fingerprint of ``model``: a hash of names and shapes, and a few values from evenly spread tensors."""
+    tensors = _named_tensors(model)
+    layout = hashlib.sha256("\n".join(f"{n}:{tuple(p.shape)}" for n, p in tensors).encode()).hexdigest()
+    step = max(1, len(tensors) // _MAX_TENSORS)
+    samples = []
+    for name, p in tensors[::step][:_MAX_TENSORS]:
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR).long()
+        samples.append([name, [round(float(v), 6) for v in flat[idx].float().cpu()]])
+    return {"layout": layout, "samples": samples}
+
+
+def fingerprint_mismatch(expected: dict[str, Any], model: torch.nn.Module) -> str | None:
+    """Why ``model`` does not match ``expected`` (a short reason), or ``None`` when it does."""
+    actual = base_fingerprint(model)
+    if expected.get("layout") != actual["layout"]:
+        return "its parameter names or shapes differ"
+    state = model.state_dict()
+    for name, values in expected.get("samples", []):
+        flat = state[name].detach().reshape(-1).float().cpu()
+        idx = torch.linspace(0, flat.numel() - 1, len(values)).long()
+        ref = torch.tensor(values)
+        if not torch.allclose(flat[idx], ref, rtol=_RTOL, atol=1e-3 * (ref.abs().max().item() + 1e-6)):
+            return f"its weights differ (first at {name})"
+    return None
+
+
+def check_base(expected: dict[str, Any] | None, model: torch.nn.Module, *, delta: str,
+               base_name: str | None, ignore_mismatch: bool = False) -> None:
+    """Raise ``BaseModelMismatchError`` if the delta was made against another base (unless overridden)."""
+    if not expected or ignore_mismatch:
+        return
+    reason = fingerprint_mismatch(expected, model)
+    if reason:
+        raise BaseModelMismatchError(
+            f"Delta {delta!r} was compressed against base {base_name!r}, but the model it is being applied "
+            f"to does not match that base: {reason}. Load the right base, or pass "
+            "ignore_base_mismatch=True if you are sure (the outputs will be wrong otherwise)."
+        )

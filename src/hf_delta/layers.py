@@ -1,0 +1,220 @@
+"""Delta-aware layers: one shared base module, any number of resident deltas, a delta chosen per row.
+
+Every wrapped module reads the current routing from one ``DeltaRouting`` object owned by the model:
+either one active delta for the whole batch, or a slot index per row (or per token), ``-1`` = base only.
+
+Semantics of a mixed batch, for each row ``r`` with delta ``d = slot[r]``:
+``y[r] = base(x[r]) + Δ_d(x[r])`` for linear layers (compressed delta, exact bias difference, extra output
+columns of a grown vocabulary), ``y[r] = module(x[r]; θ_d)`` for modules whose parameters a delta replaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DeltaNotFoundError
+from .methods.base import CompressedWeight
+
+BASE_SLOT = -1
+
+
+class DeltaRouting:
+    """Which delta each row uses in the current forward pass (shared by every delta-aware layer)."""
+
+    def __init__(self) -> None:
+        self.slots: list[str | None] = []  # slot id -> delta name (None = freed slot)
+        self.active: str | None = None
+        self.disabled = False
+        self.row_slots: torch.Tensor | None = None
+
+    def slot_of(self, name: str) -> int:
+        if name not in self.slots:
+            raise DeltaNotFoundError(f"No delta named {name!r} is loaded; loaded: {[s for s in self.slots if s]}.")
+        return self.slots.index(name)
+
+    def add(self, name: str) -> int:
+        if None in self.slots:
+            slot = self.slots.index(None)
+            self.slots[slot] = name
+        else:
+            slot = len(self.slots)
+            self.slots.append(name)
+        return slot
+
+    def routes(self, lead_shape: torch.Size, device: torch.device) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Yield ``(delta name, flat row indices)``; indices are ``None`` when the delta covers every row."""
+        if self.disabled:
+            return
+        if self.row_slots is None:
+            if self.active is not None:
+                yield self.active, None
+            return
+        idx = self.row_slots.to(device)
+        if idx.shape[0] != lead_shape[0] and idx.shape[0] and lead_shape[0] % idx.shape[0] == 0:
+            idx = idx.repeat_interleave(lead_shape[0] // idx.shape[0], dim=0)  # beams / return sequences
+        while idx.dim() < len(lead_shape):
+            idx = idx.unsqueeze(-1)
+        flat = idx.expand(lead_shape).reshape(-1)
+        for slot in torch.unique(flat).tolist():
+            if slot != BASE_SLOT:
+                yield self.slots[slot], (flat == slot).nonzero().squeeze(1)
+
+
+class DeltaParts(nn.Module):
+    """What one delta holds for one module: a compressed weight and/or exact tensors and new vocab rows."""
+
+    def __init__(self, weight: CompressedWeight | None = None, exact: dict[str, torch.Tensor] | None = None,
+                 new_rows: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = weight
+        self.exact_names = sorted(exact or {})
+        for k, v in (exact or {}).items():
+            self.register_buffer(f"exact_{k}", v)
+        self.register_buffer("new_rows", new_rows)
+
+    def exact(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, f"exact_{k}") for k in self.exact_names}
+
+
+class _DeltaWrapper(nn.Module):
+    def __init__(self, base_layer: nn.Module, routing: DeltaRouting):
+        super().__init__()
+        self.base_layer = base_layer
+        self.deltas = nn.ModuleDict()
+        object.__setattr__(self, "routing", routing)  # shared state, not a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads .weight of embeddings and heads
+        return self.base_layer.weight
+
+    def _routes(self, lead_shape: torch.Size, device: torch.device):
+        for name, rows in self.routing.routes(lead_shape, device):
+            if name in self.deltas:
+                yield self.deltas[name], rows
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
+
+
+class DeltaLinear(_DeltaWrapper):
+    """``nn.Linear`` plus per-row deltas; the output may widen for a delta with a grown vocabulary."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        y = base(x)
+        routes = list(self._routes(x.shape[:-1], x.device))
+        if not routes:
+            return y
+        lead = x.shape[:-1]
+        xf = x.reshape(-1, x.shape[-1])
+        width = max([y.shape[-1]] + [base.out_features + len(p.new_rows) for p, _ in routes
+                                     if p.new_rows is not None]
+                    + [p.exact()["weight"].shape[0] for p, _ in routes if "weight" in p.exact_names])
+        yf = y.reshape(-1, y.shape[-1])
+        if width > yf.shape[-1]:
+            # Rows of deltas without these tokens must never pick them: lowest logit, not -inf (no NaN).
+            yf = F.pad(yf, (0, width - yf.shape[-1]), value=torch.finfo(yf.dtype).min)
+        else:
+            yf = yf.clone()
+        for parts, rows in routes:
+            xr = _take(xf, rows)
+            exact = parts.exact()
+            if "weight" in exact:
+                w = exact["weight"].to(x.dtype)
+                out = F.linear(xr, w, exact.get("bias", base.bias))
+                target = slice(None) if rows is None else rows
+                yf[target, : w.shape[0]] = out
+                continue
+            add = parts.weight.apply(xr) if parts.weight is not None else 0
+            if "bias" in exact:
+                add = add + (exact["bias"] - (base.bias if base.bias is not None else 0)).to(x.dtype)
+            if rows is None:
+                yf[:, : base.out_features] += add
+            else:
+                yf[rows, : base.out_features] += add
+            if parts.new_rows is not None:
+                extra = xr @ parts.new_rows.to(x.dtype).T
+                cols = slice(base.out_features, base.out_features + extra.shape[-1])
+                if rows is None:
+                    yf[:, cols] = extra
+                else:
+                    yf[rows, cols] = extra
+        return yf.reshape(*lead, width)
+
+
+class DeltaEmbedding(_DeltaWrapper):
+    """``nn.Embedding`` plus per-row deltas, including rows of tokens a fine-tune added."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        vocab = base.num_embeddings
+        routes = list(self._routes(ids.shape, ids.device))
+        grown = ids >= vocab
+        y = F.embedding(ids.clamp(max=vocab - 1), base.weight, base.padding_idx)
+        if not routes and not bool(grown.any()):
+            return y
+        flat_ids = ids.reshape(-1)
+        yf = y.reshape(-1, y.shape[-1]).clone()
+        covered = torch.zeros_like(flat_ids, dtype=torch.bool)
+        for parts, rows in routes:
+            r = torch.arange(len(flat_ids), device=ids.device) if rows is None else rows
+            rid = flat_ids[r]
+            covered[r] = True
+            exact = parts.exact()
+            if "weight" in exact:
+                table = exact["weight"]
+                self._check_range(rid, table.shape[0])
+                yf[r] = F.embedding(rid, table).to(yf.dtype)
+                continue
+            limit = vocab + (len(parts.new_rows) if parts.new_rows is not None else 0)
+            self._check_range(rid, limit)
+            old = rid < vocab
+            if parts.weight is not None:
+                yf[r[old]] += parts.weight.rows(rid[old], yf.dtype)
+            if parts.new_rows is not None and bool((~old).any()):
+                yf[r[~old]] = parts.new_rows[rid[~old] - vocab].to(yf.dtype)
+        if bool((grown.reshape(-1) & ~covered).any()):
+            self._check_range(flat_ids[~covered], vocab)
+        return yf.reshape(*ids.shape, -1)
+
+    @staticmethod
+    def _check_range(ids: torch.Tensor, limit: int) -> None:
+        if ids.numel() and int(ids.max()) >= limit:
+            raise IndexError(
+                f"Token id {int(ids.max())} is outside the vocabulary ({limit} tokens) of the delta used for "
+                "this row. Tokenize each prompt with the tokenizer of the delta it runs on."
+            )
+
+
+class DeltaOverride(_DeltaWrapper):
+    """Any other module (norms, ...) whose parameters a delta replaces, evaluated per row."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        routes = list(self._routes(x.shape[:-1], x.device))
+        if not routes:
+            return y
+        xf = x.reshape(-1, x.shape[-1])
+        yf = y.reshape(-1, y.shape[-1]).clone()
+        for parts, rows in routes:
+            params = {k: v.to(x.dtype) for k, v in parts.exact().items()}
+            out = torch.func.functional_call(self.base_layer, params, (_take(xf, rows), *args), kwargs)
+            if rows is None:
+                yf = out.reshape(yf.shape)
+            else:
+                yf[rows] = out
+        return yf.reshape(y.shape)
+
+
+def wrapper_for(module: nn.Module) -> type[_DeltaWrapper]:
+    """The wrapper class that can host deltas of ``module``."""
+    if isinstance(module, nn.Linear):
+        return DeltaLinear
+    if isinstance(module, nn.Embedding):
+        return DeltaEmbedding
+    return DeltaOverride

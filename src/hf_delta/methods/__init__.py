@@ -1,0 +1,22 @@
+"""Compression methods. Importing this package registers every built-in method."""
+
+from .base import (
+    CompressedWeight,
+    DeltaMethod,
+    get_method,
+    register_delta_method,
+    registered_methods,
+    weight_class_for,
+)
+from .bitdelta import BitDeltaConfig, BitDeltaWeight
+
+__all__ = [
+    "BitDeltaConfig",
+    "BitDeltaWeight",
+    "CompressedWeight",
+    "DeltaMethod",
+    "get_method",
+    "register_delta_method",
+    "registered_methods",
+    "weight_class_for",
+]

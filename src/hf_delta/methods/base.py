@@ -1,0 +1,117 @@
+"""The interface every compression method implements, and the one registry that holds them."""
+
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import DeltaConfigError, DeltaFormatError
+
+if TYPE_CHECKING:
+    from ..config import DeltaConfig
+
+
+class CompressedWeight(nn.Module, metaclass=abc.ABCMeta):
+    """One compressed delta matrix ``Δ`` of shape ``[out_features, in_features]``.
+
+    Subclasses keep only their packed tensors as buffers (so ``.to(device)`` moves them and memory stays
+    at the compressed size) and implement ``to_dense`` plus, where it pays, a faster ``apply``.
+    """
+
+    method: ClassVar[str] = ""
+
+    def __init__(self, shape: tuple[int, int]):
+        super().__init__()
+        self.shape = (int(shape[0]), int(shape[1]))
+
+    @abc.abstractmethod
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The decompressed delta, ``[out_features, in_features]``."""
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Decompressed rows ``Δ[index]`` (embedding lookups), without materialising the whole matrix."""
+        return self.to_dense(dtype)[index]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Δᵀ`` for ``x`` of shape ``[..., in_features]``."""
+        return x @ self.to_dense(x.dtype).T
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able facts needed to rebuild this object from its tensors (shape, layout options)."""
+        return {"shape": list(self.shape)}
+
+    @classmethod
+    @abc.abstractmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> CompressedWeight:
+        """Rebuild from ``dict(self.named_buffers())`` and ``self.meta()``."""
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bytes={self.nbytes()}"
+
+
+@dataclass(frozen=True)
+class DeltaMethod:
+    """A registered method: its name, config class, weight class and compression function.
+
+    ``compress(context) -> dict[module_name, CompressedWeight]`` gets everything it may need (the base and
+    fine-tuned models, the extracted deltas, calibration batches) through a ``CompressionContext``.
+    ``refine`` optionally improves the result once it runs as a model (BitDelta's scale distillation).
+    """
+
+    name: str
+    config_class: type[DeltaConfig]
+    weight_classes: tuple[type[CompressedWeight], ...]
+    compress: Any
+    refine: Any = None
+
+    def weight_class(self, kind: str) -> type[CompressedWeight]:
+        for cls in self.weight_classes:
+            if cls.method == kind:
+                return cls
+        raise DeltaFormatError(f"Method {self.name!r} has no weight type {kind!r}.")
+
+
+_REGISTRY: dict[str, DeltaMethod] = {}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register_delta_method(method: DeltaMethod) -> DeltaMethod:
+    """Add ``method`` to the registry; names are lowercase identifiers and may not be registered twice."""
+    if not _NAME.match(method.name):
+        raise DeltaConfigError(f"Method name {method.name!r} must be a lowercase identifier like 'bitdelta'.")
+    if method.name in _REGISTRY:
+        raise DeltaConfigError(f"A delta method named {method.name!r} is already registered.")
+    method.config_class.method = method.name
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> DeltaMethod:
+    """The registered method ``name``; the error lists the known ones."""
+    if name not in _REGISTRY:
+        raise DeltaFormatError(
+            f"Unknown delta method {name!r}; this hf_delta knows {sorted(_REGISTRY)}. A newer hf_delta may "
+            "know it: pip install -U hf_delta."
+        )
+    return _REGISTRY[name]
+
+
+def registered_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def weight_class_for(kind: str) -> type[CompressedWeight]:
+    """Find the weight class named ``kind`` across all methods (a delta may mix kinds)."""
+    for method in _REGISTRY.values():
+        for cls in method.weight_classes:
+            if cls.method == kind:
+                return cls
+    raise DeltaFormatError(f"Unknown compressed weight type {kind!r}; upgrade hf_delta to read this delta.")

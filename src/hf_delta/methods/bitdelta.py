@@ -1,0 +1,175 @@
+"""BitDelta: each delta matrix as sign bits times a scale (per matrix or per output row).
+
+``Δ ≈ Σ_p scale_p ⊙ sign(R_p)`` where ``R_0 = Δ`` and ``R_{p+1} = R_p − scale_p ⊙ sign(R_p)`` (residual
+passes). For fixed signs the L2-optimal scale is ``mean(|R_p|)`` over the matrix (or over each row).
+Scale distillation then trains only the scales so the compressed model's logits match the fine-tune's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import DeltaConfig
+from ..errors import DeltaConfigError
+from ..packing import pack_1bit_u8, unpack_signs
+from .base import CompressedWeight, DeltaMethod, register_delta_method
+
+if TYPE_CHECKING:
+    from ..compress import CompressionContext
+    from ..model import DeltaModel
+
+
+class BitDeltaWeight(CompressedWeight):
+    """Packed signs ``[passes, out, ceil(in / 8)]`` (uint8) and fp32 scales ``[passes, out or 1]``."""
+
+    method = "bitdelta"
+
+    def __init__(self, shape: tuple[int, int], signs: torch.Tensor, scales: torch.Tensor):
+        super().__init__(shape)
+        self.register_buffer("signs", signs)
+        self.register_buffer("scales", scales)
+
+    @property
+    def passes(self) -> int:
+        return self.signs.shape[0]
+
+    @classmethod
+    def from_delta(cls, delta: torch.Tensor, *, per_row: bool = False, passes: int = 1) -> BitDeltaWeight:
+        """Compress a dense ``[out, in]`` delta with ``passes`` sign masks (1 = plain BitDelta)."""
+        residual = delta.float()
+        signs, scales = [], []
+        for _ in range(passes):
+            positive = residual >= 0
+            mag = residual.abs()
+            scale = mag.mean(dim=1) if per_row else mag.mean().reshape(1)
+            signs.append(pack_1bit_u8(positive))
+            scales.append(scale)
+            residual = residual - scale.unsqueeze(-1) * (positive.float() * 2 - 1)
+        return cls(tuple(delta.shape), torch.stack(signs), torch.stack(scales))
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out = torch.zeros(self.shape, dtype=torch.float32, device=self.signs.device)
+        for p in range(self.passes):
+            out += self.scales[p].unsqueeze(-1) * unpack_signs(self.signs[p], self.shape[1])
+        return out.to(dtype)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out = torch.zeros((*index.shape, self.shape[1]), dtype=torch.float32, device=self.signs.device)
+        for p in range(self.passes):
+            scale = self.scales[p][index] if self.scales.shape[1] > 1 else self.scales[p]
+            out += scale.unsqueeze(-1) * unpack_signs(self.signs[p][index], self.shape[1])
+        return out.to(dtype)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        # Scale after the matmul: x @ signᵀ is exact in the activation dtype's accumulation, then one multiply.
+        out = None
+        for p in range(self.passes):
+            y = (x @ unpack_signs(self.signs[p], self.shape[1], x.dtype).T) * self.scales[p].to(x.dtype)
+            out = y if out is None else out + y
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        return {"shape": list(self.shape)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> BitDeltaWeight:
+        return cls(tuple(meta["shape"]), tensors["signs"], tensors["scales"])
+
+
+
+@dataclass
+class BitDeltaConfig(DeltaConfig):
+    """BitDelta: 1-bit signs and scales, then scale distillation.
+
+    Args:
+        scale: ``"matrix"`` (one scale per matrix, as the paper) or ``"row"`` (one per output row).
+        residual_passes: extra sign masks fitted to what the previous passes left (0 = plain BitDelta);
+            each pass adds one bit per weight and recovers more of the fine-tune.
+        distill_steps: Adam steps of scale distillation (0 skips it: "BitDelta-initial").
+        distill_lr: learning rate of scale distillation.
+        distill_samples / distill_seq_len / distill_batch_size: calibration set size and shape.
+    """
+
+    scale: str = "matrix"
+    residual_passes: int = 0
+    distill_steps: int = 200
+    distill_lr: float = 1e-4
+    distill_samples: int = 64
+    distill_seq_len: int = 128
+    distill_batch_size: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        if self.scale not in ("matrix", "row"):
+            raise DeltaConfigError(f"BitDeltaConfig.scale must be 'matrix' or 'row', got {self.scale!r}.")
+        if self.residual_passes < 0 or self.distill_steps < 0:
+            raise DeltaConfigError("residual_passes and distill_steps must be >= 0.")
+        if self.distill_lr <= 0:
+            raise DeltaConfigError(f"distill_lr must be positive, got {self.distill_lr}.")
+
+
+def compress_bitdelta(ctx: CompressionContext) -> dict[str, CompressedWeight]:
+    """Sign + scale of every extracted delta matrix."""
+    cfg: BitDeltaConfig = ctx.config
+    items = ctx.extracted.compress.items()
+    return {
+        name: BitDeltaWeight.from_delta(delta, per_row=cfg.scale == "row", passes=1 + cfg.residual_passes)
+        for name, delta in tqdm(items, desc="bitdelta: signs", disable=not ctx.progress, leave=False)
+    }
+
+
+def _checksum(tensors) -> float:
+    return float(sum(t.detach().double().sum() for t in tensors))
+
+
+def distill_scales(model: DeltaModel, ctx: CompressionContext) -> list[float]:
+    """Train only the scales so the student's logits match the fine-tune's on real (unpadded) tokens.
+
+    Returns the loss history. Everything but the scales is frozen, and this is checked afterwards.
+    """
+    cfg: BitDeltaConfig = ctx.config
+    if cfg.distill_steps == 0:
+        return []
+    batches = ctx.calibration(n=cfg.distill_samples, seq_len=cfg.distill_seq_len,
+                              batch_size=cfg.distill_batch_size)
+    weights = [w for w in model.get_delta("default").weights.values() if isinstance(w, BitDeltaWeight)]
+    frozen = [p for p in model.parameters()] + [w.signs for w in weights]
+    before = _checksum(frozen)
+    for w in weights:
+        w.scales = nn.Parameter(w.scales.detach().clone())
+    opt = torch.optim.Adam([w.scales for w in weights], lr=cfg.distill_lr)
+    teacher = ctx.finetuned.eval()
+    order = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    model.set_delta("default")
+    try:
+        for _ in tqdm(range(cfg.distill_steps), desc="bitdelta: scale distillation", disable=not ctx.progress):
+            ids, mask = batches[int(torch.randint(len(batches), (1,), generator=order))]
+            with torch.no_grad():
+                target = teacher(input_ids=ids, attention_mask=mask).logits.float()
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            real = mask.bool()
+            loss = ((logits[real] - target[real][:, : logits.shape[-1]]) ** 2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        for w in weights:
+            scales = w.scales.detach()
+            del w.scales
+            w.register_buffer("scales", scales)
+    if _checksum(frozen) != before:
+        raise RuntimeError("Scale distillation changed weights other than the scales; this is a bug in hf_delta.")
+    return losses
+
+
+register_delta_method(DeltaMethod(
+    name="bitdelta", config_class=BitDeltaConfig, weight_classes=(BitDeltaWeight,),
+    compress=compress_bitdelta, refine=distill_scales,
+))

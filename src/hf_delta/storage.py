@@ -1,0 +1,161 @@
+"""The delta repo on disk: ``delta_config.json`` + ``delta_model.safetensors`` (+ tokenizer files).
+
+Tensor names inside the safetensors file:
+
+* ``<module>::<buffer>`` — a compressed weight's packed tensors (``config.modules[<module>]`` says its type);
+* ``exact::<parameter>`` — a fine-tuned tensor stored as it is;
+* ``new_rows::<module>`` — rows of a grown vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ._io import atomic_directory, atomic_write_text
+from .config import CONFIG_NAME, DeltaConfig
+from .errors import DeltaFormatError
+from .methods.base import CompressedWeight, weight_class_for
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "delta_model.safetensors"
+WEIGHTS_INDEX_NAME = "delta_model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "added_tokens.json")
+GENERATION_CONFIG = "generation_config.json"
+
+
+@dataclass
+class Delta:
+    """One compressed fine-tune, ready to be applied to its base.
+
+    Attributes:
+        config: the method config, including what was recorded about the base.
+        weights: module name → compressed delta of that module's weight.
+        exact: parameter name → fine-tuned tensor stored as it is (norms, biases, ...).
+        new_rows: module name → rows of a grown vocabulary (embedding / output head).
+        tied: output-head module name → embedding module name when they share a weight.
+        vocab_size: the fine-tune's vocabulary size.
+        files: tokenizer/generation-config file name → bytes, carried when they differ from the base.
+    """
+
+    config: DeltaConfig
+    weights: dict[str, CompressedWeight] = field(default_factory=dict)
+    exact: dict[str, torch.Tensor] = field(default_factory=dict)
+    new_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+    vocab_size: int = 0
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor to save, under its repo name."""
+        out: dict[str, torch.Tensor] = {}
+        for module, w in self.weights.items():
+            for buf, t in w.named_buffers():
+                out[f"{module}::{buf}"] = t
+        out.update({f"exact::{k}": v for k, v in self.exact.items()})
+        out.update({f"new_rows::{k}": v for k, v in self.new_rows.items()})
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    def nbytes(self) -> int:
+        """Bytes of all delta tensors (what it costs to keep this delta resident)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def save_pretrained(self, folder: str | Path, *, max_shard_size: int | str = "5GB") -> None:
+        """Write the delta repo to ``folder``; a failure leaves any previous content untouched."""
+        config = self.config
+        config.modules = {
+            "weights": {m: {"type": w.method, **w.meta()} for m, w in self.weights.items()},
+            "tied": self.tied,
+            "vocab_size": self.vocab_size,
+        }
+        tensors = self.tensors()
+        split = split_torch_state_dict_into_shards(
+            tensors, filename_pattern="delta_model{suffix}.safetensors", max_shard_size=max_shard_size
+        )
+        with atomic_directory(folder) as tmp:
+            for stale in (*Path(folder).glob("delta_model*.safetensors"), Path(folder) / WEIGHTS_INDEX_NAME):
+                stale.unlink(missing_ok=True)  # a re-save must not leave shards of an older layout behind
+            for filename, names in split.filename_to_tensors.items():
+                save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+            if split.is_sharded:
+                index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                         "weight_map": split.tensor_to_filename}
+                atomic_write_text(tmp / WEIGHTS_INDEX_NAME, json.dumps(index, indent=2))
+            config.save_pretrained(tmp)
+            for name, data in self.files.items():
+                (tmp / name).write_bytes(data)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Delta:
+        """Read a delta repo from a local folder; corrupt or missing parts raise ``DeltaFormatError``."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DeltaFormatError(f"Delta folder {str(folder)!r} does not exist.")
+        config = DeltaConfig.from_pretrained(folder)
+        tensors = _read_tensors(folder)
+        modules = config.modules or {}
+        weights: dict[str, CompressedWeight] = {}
+        for module, meta in modules.get("weights", {}).items():
+            prefix = f"{module}::"
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if not own:
+                raise DeltaFormatError(f"{folder}: the tensors of module {module!r} are missing; re-download it.")
+            try:
+                weights[module] = weight_class_for(meta["type"]).from_tensors(own, meta)
+            except KeyError as err:
+                raise DeltaFormatError(f"{folder}: tensor {err} of module {module!r} is missing.") from err
+        files = {f.name: f.read_bytes() for f in folder.iterdir() if f.name in (*TOKENIZER_FILES, GENERATION_CONFIG)}
+        return cls(
+            config=config,
+            weights=weights,
+            exact={k[len("exact::") :]: v for k, v in tensors.items() if k.startswith("exact::")},
+            new_rows={k[len("new_rows::") :]: v for k, v in tensors.items() if k.startswith("new_rows::")},
+            tied=dict(modules.get("tied", {})),
+            vocab_size=int(modules.get("vocab_size", 0)),
+            files=files,
+        )
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a delta repo (one file, or the shards its index names)."""
+    folder = Path(folder)
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise DeltaFormatError(f"{index} is malformed ({err}); re-download the delta.") from err
+        return [folder / n for n in names]
+    return [folder / WEIGHTS_NAME]
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        if not path.is_file():
+            raise DeltaFormatError(f"{path} is missing: the delta repo at {folder} is incomplete. Re-download it.")
+        try:
+            tensors.update(load_file(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise DeltaFormatError(
+                f"{path} is corrupted or truncated ({err}). Delete it and download or save the delta again."
+            ) from err
+    return tensors
+
+
+def describe(folder: str | Path) -> dict[str, Any]:
+    """Method, size on disk and base of a saved delta (for listings and model cards)."""
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    size = sum(p.stat().st_size for p in weight_files(folder) if p.is_file())
+    return {"method": config.get("method"), "weight_bytes": size, "base": config.get("base_model_name_or_path")}

@@ -1,0 +1,155 @@
+"""Shared pytest fixtures.
+
+Sections (give new fixtures a section of their own):
+
+* Local Hugging Face Hub: ``hub``, ``hub_cache``, ``hf_offline``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hub_server import LocalHub
+
+# ===================================================================================================
+# Local Hugging Face Hub
+# ===================================================================================================
+
+# Environment variables that would leak a real token, force offline mode or redirect the client elsewhere.
+_HF_ENV_TO_CLEAR = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_OIDC_RESOURCE",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HUGGINGFACE_CO_STAGING",
+    "HUGGINGFACE_HUB_CACHE",
+    "HUGGINGFACE_ASSETS_CACHE",
+)
+
+
+def _patch_hf_constants(mp: pytest.MonkeyPatch, values: dict[str, Any]) -> None:
+    """Set ``huggingface_hub.constants`` values, and the copies other modules made of them.
+
+    The client reads its configuration into module constants at import time, and a few modules
+    ``from ..constants import X``, so setting environment variables alone is not enough.
+    Names this client version does not have are skipped.
+    """
+    from huggingface_hub import constants
+
+    old = {name: getattr(constants, name) for name in values if hasattr(constants, name)}
+    for name in old:
+        mp.setattr(constants, name, values[name])
+    for module_name, module in list(sys.modules.items()):
+        if module is None or module is constants or not module_name.startswith("huggingface_hub"):
+            continue
+        namespace = vars(module)
+        for name, old_value in old.items():
+            if name in namespace and namespace[name] == old_value:
+                mp.setattr(module, name, values[name])
+
+
+def _close_hf_session() -> None:
+    """Drop the client's cached HTTP session: its pooled connections point at a server that comes and
+    goes, and clients before 1.0 bake offline mode into the session when they create it."""
+    import huggingface_hub
+    import huggingface_hub.utils
+
+    close = getattr(huggingface_hub, "close_session", None) or huggingface_hub.utils.reset_sessions
+    close()
+
+
+def _point_hf_hub_at(mp: pytest.MonkeyPatch, url: str, home: Path) -> None:
+    """Send every huggingface_hub request to ``url``, with caches and token files under ``home``."""
+    from huggingface_hub import constants, hf_api
+
+    old_home = constants.HF_HOME
+    for name in _HF_ENV_TO_CLEAR:
+        mp.delenv(name, raising=False)
+    env = {
+        "HF_ENDPOINT": url,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_ASSETS_CACHE": str(home / "assets"),
+        "HF_XET_CACHE": str(home / "xet"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+    }
+    for name, value in env.items():
+        mp.setenv(name, value)  # for subprocesses, which import huggingface_hub afresh
+
+    # Every path constant derived from the old HF_HOME (token, stored tokens, update-check markers...).
+    values: dict[str, Any] = {
+        name: str(home) + value[len(old_home) :]
+        for name, value in vars(constants).items()
+        if name.isupper() and isinstance(value, str) and (value + os.sep).startswith(old_home + os.sep)
+    }
+    values.update(
+        ENDPOINT=url,
+        HUGGINGFACE_CO_URL_TEMPLATE=url + "/{repo_id}/resolve/{revision}/{filename}",
+        HF_HOME=str(home),
+        default_cache_path=env["HF_HUB_CACHE"],
+        HUGGINGFACE_HUB_CACHE=env["HF_HUB_CACHE"],
+        HF_HUB_CACHE=env["HF_HUB_CACHE"],
+        default_assets_cache_path=env["HF_ASSETS_CACHE"],
+        HUGGINGFACE_ASSETS_CACHE=env["HF_ASSETS_CACHE"],
+        HF_ASSETS_CACHE=env["HF_ASSETS_CACHE"],
+        HF_XET_CACHE=env["HF_XET_CACHE"],
+        HF_TOKEN_PATH=env["HF_TOKEN_PATH"],
+        HF_STORED_TOKENS_PATH=str(home / "stored_tokens"),
+        HF_HUB_OFFLINE=False,
+        HF_HUB_DISABLE_TELEMETRY=True,
+        HF_HUB_DISABLE_XET=True,
+    )
+    _patch_hf_constants(mp, values)
+    # The module-level HfApi behind `huggingface_hub.upload_folder` & co. froze its endpoint at import.
+    if isinstance(getattr(hf_api, "api", None), hf_api.HfApi):
+        mp.setattr(hf_api.api, "endpoint", url)
+    _close_hf_session()
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
+    """A LocalHub that huggingface_hub talks to for the rest of the session (state persists across tests).
+
+    Use a repo id unique to the test. Example: ``HfApi().create_repo("org/my-test")``.
+    """
+    home = tmp_path_factory.mktemp("hf_home")
+    with LocalHub() as server, pytest.MonkeyPatch.context() as mp:
+        _point_hf_hub_at(mp, server.url, home)
+        try:
+            yield server
+        finally:
+            _close_hf_session()
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty hub cache dir, made huggingface_hub's default cache for this test."""
+    cache = tmp_path / "hf_hub_cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    _patch_hf_constants(
+        monkeypatch,
+        {"HF_HUB_CACHE": str(cache), "HUGGINGFACE_HUB_CACHE": str(cache), "default_cache_path": str(cache)},
+    )
+    return cache
+
+
+@pytest.fixture
+def hf_offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], None]]:
+    """Call ``hf_offline()`` to put huggingface_hub offline (cache only, no HTTP) for the rest of the test."""
+
+    def go_offline() -> None:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        _patch_hf_constants(monkeypatch, {"HF_HUB_OFFLINE": True})
+        _close_hf_session()
+
+    yield go_offline
+    _close_hf_session()
