@@ -135,7 +135,7 @@ def _check_inputs(
             f"scales={scales.device}."
         )
     if x.dim() != 2:
-        raise ValueError(f"bitdelta_matmul: x must be 2-D [M, K], got shape {tuple(x.shape)}; flatten tokens.")
+        raise ValueError(f"bitdelta_matmul: x must be 2-D [M, K] (flatten tokens), got {tuple(x.shape)}.")
     m, k = x.shape
     if out.dim() != 2 or out.shape[0] != m:
         raise ValueError(f"bitdelta_matmul: out must be [M={m}, N], got shape {tuple(out.shape)}.")
@@ -157,9 +157,9 @@ def _check_inputs(
     if not x.is_contiguous():
         raise ValueError("bitdelta_matmul: x must be contiguous; call x.contiguous() first.")
     if out.stride(1) != 1 and n > 1:
-        raise ValueError(f"bitdelta_matmul: out rows must be contiguous (stride(1) == 1), got {out.stride()}.")
+        raise ValueError(f"bitdelta_matmul: out rows must be contiguous (stride(1) 1), got {out.stride()}.")
     if signs.stride(3) != 1 and kb > 1:
-        raise ValueError(f"bitdelta_matmul: signs' last dim must be contiguous, got strides {signs.stride()}.")
+        raise ValueError(f"bitdelta_matmul: signs' last dim must be contiguous, got {signs.stride()}.")
 
 
 def _check_slot_range(slots: torch.Tensor, num_deltas: int) -> bool:
@@ -263,36 +263,53 @@ def plan_bitdelta_batch(slots: torch.Tensor, num_deltas: int, *, block_m: int | 
 
 @dataclass(frozen=True)
 class BitDeltaKernelConfig:
-    """Tile sizes of the Triton kernel. ``block_kb`` counts packed bytes (``8 * block_kb`` inputs)."""
+    """Tile sizes of the Triton kernel (all powers of two; ``tl.dot`` needs each >= 16 on GPUs).
+
+    ``block_m`` rows of one delta × ``block_n`` outputs per program, ``block_k`` inputs per loop step.
+    """
 
     block_m: int = 16
-    block_n: int = 64
-    block_kb: int = 32
+    block_n: int = 128
+    block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_kb"):
+        for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"BitDeltaKernelConfig.{name} must be a power of two, got {v}.")
-        # tl.dot needs every dimension >= 16 on GPUs.
-        if min(self.block_m, self.block_n, 8 * self.block_kb) < 16:
-            raise ValueError(f"BitDeltaKernelConfig: block_m, block_n and 8*block_kb must be >= 16, got {self}.")
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"BitDeltaKernelConfig.{name} must be a power of two >= 16, got {v}.")
 
 
 def _default_block_m(m: int) -> int:
-    # Decode: rows per delta are few, and 16 is tl.dot's minimum; prefill: bigger tiles re-read bits less.
+    # Decode: few rows per delta, and 16 is tl.dot's minimum; prefill: taller tiles re-read the bits less.
     return 16 if m <= 64 else 64
 
 
-def _default_config(m: int, n: int, k: int, interpret: bool) -> BitDeltaKernelConfig:
-    if interpret:  # the interpreter's cost grows with tile area; small tiles keep CPU tests fast
-        return BitDeltaKernelConfig(block_m=16, block_n=16, block_kb=2, num_warps=1, num_stages=1)
-    if m <= 64:
-        # Memory bound: many narrow N tiles fill the SMs, wide K steps make long contiguous byte loads.
-        return BitDeltaKernelConfig(block_m=16, block_n=32, block_kb=64, num_warps=4, num_stages=4)
-    return BitDeltaKernelConfig(block_m=64, block_n=64, block_kb=8, num_warps=4, num_stages=3)
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _default_config(m: int, n: int, num_tiles: int, device: torch.device, interpret: bool) -> BitDeltaKernelConfig:
+    """Tiles by regime. Starting points from SASS instruction counts, not yet tuned on hardware."""
+    if interpret:  # the interpreter's cost grows with tile area; minimal tiles keep CPU tests fast
+        return BitDeltaKernelConfig(block_m=16, block_n=16, block_k=32, num_warps=1, num_stages=1)
+    if m > 64:  # prefill: tensor-core bound, the unpack is shared by block_m rows
+        return BitDeltaKernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    # Decode: bound by streaming and unpacking bits. Wide N tiles amortise the activation tile, but the grid
+    # must still cover the SMs about twice, which matters when few deltas are in the batch.
+    want = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    block_n = 256
+    while block_n > 32 and num_tiles * -(-n // block_n) < want:
+        block_n //= 2
+    return BitDeltaKernelConfig(
+        block_m=16, block_n=block_n, block_k=128, num_warps=8 if block_n >= 256 else 4, num_stages=3
+    )
+
+
+# Bit pattern of -1.0 in each activation dtype (the kernel sets the sign bit of +1 where a sign bit is clear).
+_NEG_ONE_BITS = {torch.float16: 0xBC00, torch.bfloat16: 0xBF80, torch.float32: 0xBF800000}
 
 
 def _interpret_enabled() -> bool:
@@ -302,6 +319,19 @@ def _interpret_enabled() -> bool:
 # ===================================================================================================
 # Triton kernel
 # ===================================================================================================
+#
+# Unpacking is the kernel's cost per streamed byte at decode, so it is built to be one integer op per
+# element. Signs are read in "units" (uint32 words when the rows allow it, else bytes) of UB bits. For
+# 16-bit activations, one 32-bit register holds two ±1 halves: bit q of a unit goes to the sign bit of
+# the low half (bit 15) and bit q + UB/2 to that of the high half (bit 31), on top of -1.0's pattern:
+#     words:  ((w << (15 - q)) & 0x80008000) ^ NEG_ONE_PAIR            (shift, lop3)
+#     bytes:  ((b * (2**(15-q) + 2**(27-q))) & 0x80008000) ^ NEG_ONE_PAIR   (the two shifted copies of an
+#             8-bit value cannot overlap, so one multiply makes both)
+# No int -> float conversion (a slow-rate instruction) appears. This pairs input q with q + UB/2, so the
+# activations are loaded in the same permuted order; a dot product does not care about order.
+# fp32 activations get one ±1.0f per bit in natural order (exact, unhurried: fp32 is the odd case).
+# The dot is computed transposed, (signs @ xᵀ), so the unpacked signs are the register-sourced A operand
+# (wgmma on Hopper) and the small activation tile the shared-memory one.
 
 
 def _bitdelta_kernel(
@@ -315,7 +345,7 @@ def _bitdelta_kernel(
     scales_ptr,
     N,
     K,
-    KB,
+    KU,
     P,
     stride_xm,
     stride_om,
@@ -327,7 +357,12 @@ def _bitdelta_kernel(
     stride_cn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_KB: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    UNIT_BITS: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PAIRED: tl.constexpr,
+    NEG_ONE: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -339,49 +374,87 @@ def _bitdelta_kernel(
     start = tl.load(tile_start_ptr + pid_t)
     end = tl.load(tile_end_ptr + pid_t)
 
-    BLOCK_K: tl.constexpr = BLOCK_KB * 8
+    BLOCK_K: tl.constexpr = BLOCK_U * UNIT_BITS
+    HALF: tl.constexpr = UNIT_BITS // 2
     offs_m = start + tl.arange(0, BLOCK_M)
     m_mask = offs_m < end
-    rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past the tile's end repeat its last row: activation loads stay unmasked, stores are masked.
+    rows = tl.load(rows_ptr + tl.minimum(offs_m, end - 1)).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_kb = tl.arange(0, BLOCK_KB)
-    offs_k = tl.arange(0, BLOCK_K)
-    bit = tl.arange(0, 8)
+    offs_u = tl.arange(0, BLOCK_U)
 
-    # int64 offsets: a stack of many deltas easily exceeds 2**31 bytes.
+    # Tile bases in int64 (a stack of many deltas passes 2**31 bytes); offsets inside a tile stay int32.
     slot64 = slot.to(tl.int64)
-    x_rows = x_ptr + rows[:, None] * stride_xm
-    # Bytes laid out [BLOCK_KB, BLOCK_N] so unpacking gives the [BLOCK_K, BLOCK_N] operand without a transpose.
-    w_tile = signs_ptr + slot64 * stride_sd + offs_n[None, :].to(tl.int64) * stride_sn + offs_kb[:, None]
+    w_tile = (signs_ptr + slot64 * stride_sd + n0.to(tl.int64) * stride_sn) + (
+        tl.arange(0, BLOCK_N)[:, None] * stride_sn + offs_u[None, :]
+    )
     scale_row = scales_ptr + slot64 * stride_cd + offs_n * stride_cn
+    if PAIRED:
+        # Activation order matching the pairs: [unit, e, q] holds input unit * UB + e * HALF + q.
+        kx = (
+            offs_u[:, None, None] * UNIT_BITS
+            + tl.arange(0, 2)[None, :, None] * HALF
+            + tl.arange(0, HALF)[None, None, :]
+        )
+        x_tile = x_ptr + rows[:, None, None, None] * stride_xm + kx[None, :, :, :]
+        q = tl.arange(0, HALF).to(tl.uint32)[None, None, :]
+        if UNIT_BITS == 32:
+            shift = 15 - q
+        else:
+            mult = (32768 >> q) + (134217728 >> q)  # 2**(15-q) + 2**(27-q)
+    else:
+        kx = offs_u[:, None] * UNIT_BITS + tl.arange(0, UNIT_BITS)[None, :]
+        x_tile = x_ptr + rows[:, None, None] * stride_xm + kx[None, :, :]
+        shift = (31 - tl.arange(0, UNIT_BITS)).to(tl.uint32)[None, None, :]
 
-    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for p in range(P):
-        w_ptrs = w_tile + p * stride_sp
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb0 in range(0, KB, BLOCK_KB):
-            kb_mask = (kb0 + offs_kb) < KB
-            packed = tl.load(w_ptrs + kb0, mask=kb_mask[:, None] & n_mask[None, :], other=0)
-            # Element k of a row is bit k % 8 of byte k // 8: expand [KB, N] -> [KB, 8, N] -> [K, N].
-            bits = (packed.to(tl.int32)[:, None, :] >> bit[None, :, None]) & 1
-            # ±1 via fp32 (exact): the interpreter converts int -> bf16 wrongly, GPUs go through fp32 anyway.
-            w = tl.reshape(bits * 2 - 1, (BLOCK_K, BLOCK_N)).to(tl.float32)
-            k = kb0 * 8 + offs_k
-            # Padding bits decode to -1, so the x tail must be zero, not merely the bytes masked.
-            xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
-            if DOT_FP32:
-                # Interpreter + bf16 only (its bf16 dot is wrong): bf16 -> fp32 is exact, so the products
-                # and the fp32 accumulation are the same as the GPU's bf16 tensor-core dot.
-                xt = xt.to(tl.float32)
+        w_ptrs = w_tile + p * stride_sp  # int32 is enough within one delta's P x N x KB bytes
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for u0 in range(0, KU, BLOCK_U):
+            if EVEN_N and EVEN_K:
+                units = tl.load(w_ptrs + u0)
             else:
-                w = w.to(x_ptr.dtype.element_ty)
-            acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
+                u_mask = (u0 + offs_u) < KU
+                units = tl.load(w_ptrs + u0, mask=n_mask[:, None] & u_mask[None, :], other=0)
+            if UNIT_BITS == 32:
+                units = units.to(tl.uint32, bitcast=True)
+            else:
+                units = units.to(tl.uint32)
+            units = units[:, :, None]
+            if PAIRED:
+                if UNIT_BITS == 32:
+                    pairs = units << shift
+                else:
+                    pairs = units * mult
+                pairs = (pairs & 0x80008000) ^ (NEG_ONE | (NEG_ONE << 16))
+                halves = tl.join(pairs.to(tl.int16), (pairs >> 16).to(tl.int16))
+                w = tl.reshape(halves, (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty, bitcast=True)
+            else:
+                w = ((units << shift) & 0x80000000) ^ NEG_ONE
+                w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)
+            k = u0 * UNIT_BITS + kx
+            if EVEN_K:
+                xt = tl.load(x_tile + u0 * UNIT_BITS)
+            else:
+                # Padding bits decode to -1, so the activation tail must be zero, not just skipped.
+                xt = tl.load(x_tile + u0 * UNIT_BITS, mask=(k < K)[None], other=0.0)
+            if PAIRED:
+                xt = tl.permute(xt, (0, 1, 3, 2))
+            xt = tl.reshape(xt, (BLOCK_M, BLOCK_K))
+            if DOT_FP32:
+                # Interpreter + bf16 only (its bf16 dot is wrong): bf16 -> fp32 is exact, so products and
+                # fp32 accumulation match the GPU's bf16 tensor-core dot.
+                w = w.to(tl.float32)
+                xt = xt.to(tl.float32)
+            acc = tl.dot(w, tl.trans(xt), acc, input_precision=DOT_PRECISION)
         scale = tl.load(scale_row + p * stride_cp, mask=n_mask, other=0.0)
-        total += acc * scale[None, :]
+        total += acc * scale[:, None]
 
-    o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
-    o_mask = m_mask[:, None] & n_mask[None, :]
+    o_ptrs = out_ptr + rows[None, :] * stride_om + offs_n[:, None]
+    o_mask = m_mask[None, :] & n_mask[:, None]
     prev = tl.load(o_ptrs, mask=o_mask, other=0.0)
     tl.store(o_ptrs, (prev.to(tl.float32) + total).to(out_ptr.dtype.element_ty), mask=o_mask)
 
@@ -394,6 +467,15 @@ def _jitted(interpret: bool):
     return triton.jit(_bitdelta_kernel)
 
 
+def _sign_units(signs: torch.Tensor, block_k: int) -> tuple[torch.Tensor, int]:
+    """``signs`` viewed as uint32 words where rows and strides allow (4x fewer loads), else as bytes."""
+    kb = signs.shape[3]
+    aligned = all(st % 4 == 0 for st in signs.stride()[:3]) and signs.storage_offset() % 4 == 0
+    if block_k >= 32 and kb % 4 == 0 and aligned and signs.data_ptr() % 4 == 0:
+        return signs.view(torch.int32), 32
+    return signs, 8
+
+
 def _launch_triton(
     x: torch.Tensor,
     out: torch.Tensor,
@@ -403,9 +485,11 @@ def _launch_triton(
     config: BitDeltaKernelConfig,
     interpret: bool,
 ) -> None:
-    m, k = x.shape
+    k = x.shape[1]
     n = out.shape[1]
-    kb = signs.shape[3]
+    units, unit_bits = _sign_units(signs, config.block_k)
+    paired = x.dtype != torch.float32
+    neg_one = _NEG_ONE_BITS[x.dtype]
     grid = (plan.tile_slot.numel(), triton.cdiv(n, config.block_n))
     _jitted(interpret)[grid](
         x,
@@ -414,23 +498,28 @@ def _launch_triton(
         plan.tile_slot,
         plan.tile_start,
         plan.tile_end,
-        signs,
+        units,
         scales,
         n,
         k,
-        kb,
-        signs.shape[1],
+        units.shape[3],
+        units.shape[1],
         x.stride(0),
         out.stride(0),
-        signs.stride(0),
-        signs.stride(1),
-        signs.stride(2),
+        units.stride(0),
+        units.stride(1),
+        units.stride(2),
         scales.stride(0),
         scales.stride(1),
         scales.stride(2),
         BLOCK_M=plan.block_m,
         BLOCK_N=config.block_n,
-        BLOCK_KB=config.block_kb,
+        BLOCK_U=config.block_k // unit_bits,
+        UNIT_BITS=unit_bits,
+        EVEN_N=n % config.block_n == 0,
+        EVEN_K=k % config.block_k == 0,
+        PAIRED=paired,
+        NEG_ONE=neg_one,
         DOT_FP32=interpret and x.dtype == torch.bfloat16,
         # fp32 activations must not be rounded to TF32 (1e-3 error); the setting only affects fp32 operands.
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -517,12 +606,14 @@ def bitdelta_matmul(
     if m == 0 or out.shape[1] == 0 or num_deltas == 0:
         _check_slot_range(slots, num_deltas)
         return out
-    config = config or _default_config(m, out.shape[1], k, interpret)
     if plan is None:
-        plan = plan_bitdelta_batch(slots, num_deltas, block_m=config.block_m)
+        block_m = config.block_m if config is not None else _default_block_m(m)
+        plan = plan_bitdelta_batch(slots, num_deltas, block_m=block_m)
     elif plan.rows.device != x.device:
         raise ValueError(f"bitdelta_matmul: plan is on {plan.rows.device}, tensors on {x.device}.")
     if plan.any_rows:
+        tiles = plan.tile_slot.numel()
+        config = config or _default_config(m, out.shape[1], tiles, x.device, interpret)
         _launch_triton(x, out, signs, scales, plan, config, interpret)
     return out
 

@@ -3,10 +3,12 @@
 Sections (give new fixtures a section of their own):
 
 * Local Hugging Face Hub: ``hub``, ``hub_cache``, ``hf_offline``.
+* Micro zoo and its compressed deltas: ``micro_zoo``, ``micro_delta``, ``torch_one_thread``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -153,3 +155,67 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], None]]:
 
     yield go_offline
     _close_hf_session()
+
+
+# ===================================================================================================
+# Micro zoo and its compressed deltas
+# ===================================================================================================
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread: micro-model matmuls are tiny, and on a busy 2-core machine OpenMP threads that wait
+    for each other make them 10-30x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory: pytest.TempPathFactory):
+    """The micro zoo (tiny Llama + Qwen2 bases and their fine-tunes), built once per session.
+
+    Set ``HF_DELTA_TEST_ZOO=/some/dir`` to reuse a zoo across sessions (it is rebuilt when the recipe changes).
+    """
+    from hf_delta.zoo.build import build_zoo
+
+    directory = os.environ.get("HF_DELTA_TEST_ZOO") or tmp_path_factory.mktemp("zoo")
+    with _one_torch_thread():
+        return build_zoo("micro", directory)
+
+
+@pytest.fixture
+def torch_one_thread() -> Iterator[None]:
+    """Run the test with one torch thread (see ``_one_torch_thread``)."""
+    with _one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def micro_delta(micro_zoo, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``micro_delta("llama-arith", **bitdelta_config)`` → a saved delta repo folder (made once per arguments).
+
+    Defaults to BitDelta without scale distillation (fast); tests must not modify the returned folder.
+    """
+    from hf_delta import BitDeltaConfig, compress
+
+    made: dict[tuple, Path] = {}
+
+    def make(name: str, **config: Any) -> Path:
+        key = (name, *sorted(config.items()))
+        if key not in made:
+            entry = micro_zoo[name]
+            with _one_torch_thread():
+                model = compress(micro_zoo[entry.base].path, entry.path,
+                                 BitDeltaConfig(**{"distill_steps": 0, **config}), progress=False)
+            folder = tmp_path_factory.mktemp("delta-" + name)
+            model.save_pretrained(folder)
+            made[key] = folder
+        return made[key]
+
+    return make

@@ -44,3 +44,15 @@ class DeltaNotFoundError(HfDeltaError, KeyError):
 
 class CalibrationError(HfDeltaError, ValueError):
     """Calibration data is empty or unusable."""
+
+
+class EngineConfigError(HfDeltaError, ValueError):
+    """A serving-engine setting is impossible (slot counts, KV budget, batch limits, unsupported model)."""
+
+
+class InvalidRequestError(HfDeltaError, ValueError):
+    """A generation request the engine can never serve (too long for the context or the KV budget, bad params)."""
+
+
+class DeltaLoadError(HfDeltaError, RuntimeError):
+    """A delta registered with the serving engine could not be loaded; only requests for it fail."""

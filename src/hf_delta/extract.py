@@ -120,13 +120,13 @@ def extract_delta(
         if module in vocab_modules and leaf == "weight":
             if f.shape[1:] != b.shape[1:] or f.shape[0] < b.shape[0]:
                 raise ArchitectureMismatchError(f"{name}: base shape {tuple(b.shape)} vs fine-tune {tuple(f.shape)}.")
-            if f.shape[0] > b.shape[0]:
-                out.new_rows[module] = f[b.shape[0] :].detach().clone()
             if compress_embeddings:
                 out.compress[module] = f[: b.shape[0]].float() - b.float()
                 out.kinds[module] = "embedding" if module == embed else "linear"
+                if f.shape[0] > b.shape[0]:
+                    out.new_rows[module] = f[b.shape[0] :].detach().clone()
             else:
-                out.exact[name] = f.detach().clone()
+                out.exact[name] = f.detach().clone()  # the whole table, new rows included
             continue
         if f.shape != b.shape:
             raise ArchitectureMismatchError(

@@ -54,7 +54,12 @@ class DeltaRouting:
                 yield self.active, None
             return
         idx = self.row_slots.to(device)
-        if idx.shape[0] != lead_shape[0] and idx.shape[0] and lead_shape[0] % idx.shape[0] == 0:
+        if idx.shape[0] != lead_shape[0]:
+            if not idx.shape[0] or lead_shape[0] % idx.shape[0]:
+                raise ValueError(
+                    f"Got {idx.shape[0]} delta names for a batch of {lead_shape[0]} rows; pass one name per "
+                    "row (\"__base__\" for the base model)."
+                )
             idx = idx.repeat_interleave(lead_shape[0] // idx.shape[0], dim=0)  # beams / return sequences
         while idx.dim() < len(lead_shape):
             idx = idx.unsqueeze(-1)

@@ -178,7 +178,8 @@ class DeltaModel(nn.Module):
         """Remove a delta and free its memory."""
         self.get_delta(delta_name)
         for wrapper in self._wrapped.values():
-            wrapper.deltas.pop(delta_name, None)
+            if delta_name in wrapper.deltas:
+                del wrapper.deltas[delta_name]
         del self.deltas[delta_name]
         self.routing.slots[self.routing.slot_of(delta_name)] = None
         if self.routing.active == delta_name:

@@ -71,3 +71,68 @@ def unpack_int_u8(packed: torch.Tensor, bits: int, in_features: int) -> torch.Te
     """Inverse of ``pack_int_u8``: int32 values ``[..., in_features]``."""
     _check_bits(bits)
     return _unpack(packed, bits, in_features) + (-(1 << (bits - 1)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3-bit values and 2:4 sparsity metadata (DeltaZip)
+#
+# * 3 bits: a row is one little-endian bit stream; element ``k`` occupies stream bits ``3k .. 3k + 2``
+#   (stream bit ``b`` is bit ``b % 8`` of byte ``b // 8``), offset-binary like the other widths. Rows are
+#   padded with zero bits to a whole byte: ``ceil(3 * K / 8)`` bytes per row.
+# * 2:4 metadata: each group of 4 columns keeps exactly 2; the two in-group positions (ascending, 0..3)
+#   are 2-bit values in the 2-bit layout above, so a row of ``K`` columns takes ``K / 8`` bytes. The kept
+#   values themselves are stored densely elsewhere, ``K / 2`` per row, in column order.
+# ---------------------------------------------------------------------------------------------------
+
+_LOWBITS = (2, 3, 4, 8)
+
+
+def pack_int3_u8(q: torch.Tensor) -> torch.Tensor:
+    """Pack signed ints in ``[-4, 3]`` along the last axis, 3 bits each, into uint8 ``[..., ceil(3K / 8)]``."""
+    if q.numel() and (int(q.min()) < -4 or int(q.max()) > 3):
+        raise DeltaConfigError(f"Values out of range for 3-bit packing: [{int(q.min())}, {int(q.max())}].")
+    k = q.shape[-1]
+    shifts = torch.arange(3, dtype=torch.int32, device=q.device)
+    stream = ((q.to(torch.int32) + 4).unsqueeze(-1) >> shifts) & 1  # [..., K, 3], low bit first
+    stream = stream.reshape(*q.shape[:-1], 3 * k)
+    return _pack(stream, 1)
+
+
+def unpack_int3_u8(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of ``pack_int3_u8``: int32 values ``[..., in_features]``."""
+    bits = _unpack(packed, 1, 3 * in_features).reshape(*packed.shape[:-1], in_features, 3)
+    weights = torch.tensor([1, 2, 4], dtype=torch.int32, device=packed.device)
+    return (bits * weights).sum(-1) - 4
+
+
+def pack_lowbit_u8(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed ``bits``-bit ints (2, 3, 4 or 8) along the last axis with the layout of that width."""
+    if bits not in _LOWBITS:
+        raise DeltaConfigError(f"Low-bit packing supports {_LOWBITS} bits per value, got {bits}.")
+    return pack_int3_u8(q) if bits == 3 else pack_int_u8(q, bits)
+
+
+def unpack_lowbit_u8(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of ``pack_lowbit_u8``: int32 values ``[..., in_features]``."""
+    if bits not in _LOWBITS:
+        raise DeltaConfigError(f"Low-bit packing supports {_LOWBITS} bits per value, got {bits}.")
+    return unpack_int3_u8(packed, in_features) if bits == 3 else unpack_int_u8(packed, bits, in_features)
+
+
+def pack_2of4_u8(keep: torch.Tensor) -> torch.Tensor:
+    """2:4 metadata of a boolean mask ``[..., K]`` (``K % 4 == 0``, exactly 2 kept per group of 4)."""
+    k = keep.shape[-1]
+    groups = keep.reshape(*keep.shape[:-1], k // 4, 4) if k % 4 == 0 else None
+    if groups is None or bool((groups.sum(-1) != 2).any()):
+        raise DeltaConfigError("A 2:4 mask needs a multiple of 4 columns and exactly 2 kept values per group of 4.")
+    # Ascending positions of the two kept columns: sort puts True (1) last, stable keeps column order.
+    pos = torch.sort(groups.to(torch.int8), dim=-1, stable=True).indices[..., 2:]
+    return _pack(pos.reshape(*keep.shape[:-1], k // 2), 2)
+
+
+def unpack_2of4_u8(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of ``pack_2of4_u8``: the boolean keep mask ``[..., in_features]``."""
+    pos = _unpack(packed, 2, in_features // 2).long()
+    cols = pos + 4 * (torch.arange(in_features // 2, device=packed.device) // 2)
+    keep = torch.zeros((*packed.shape[:-1], in_features), dtype=torch.bool, device=packed.device)
+    return keep.scatter_(-1, cols, True)

@@ -83,8 +83,6 @@ class Delta:
             tensors, filename_pattern="delta_model{suffix}.safetensors", max_shard_size=max_shard_size
         )
         with atomic_directory(folder) as tmp:
-            for stale in (*Path(folder).glob("delta_model*.safetensors"), Path(folder) / WEIGHTS_INDEX_NAME):
-                stale.unlink(missing_ok=True)  # a re-save must not leave shards of an older layout behind
             for filename, names in split.filename_to_tensors.items():
                 save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
             if split.is_sharded:
@@ -94,6 +92,12 @@ class Delta:
             config.save_pretrained(tmp)
             for name, data in self.files.items():
                 (tmp / name).write_bytes(data)
+            # Everything is written: only now drop what a previous save left and this one does not rewrite
+            # (shards of another layout, tokenizer files of another fine-tune), so it is not carried over.
+            # Other files (a README the user wrote) are kept.
+            for stale in _owned_files(Path(folder)):
+                if not (tmp / stale.name).exists():
+                    stale.unlink(missing_ok=True)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Delta:
@@ -102,28 +106,40 @@ class Delta:
         if not folder.is_dir():
             raise DeltaFormatError(f"Delta folder {str(folder)!r} does not exist.")
         config = DeltaConfig.from_pretrained(folder)
+        modules = _check_modules(config.modules, folder)
         tensors = _read_tensors(folder)
-        modules = config.modules or {}
         weights: dict[str, CompressedWeight] = {}
-        for module, meta in modules.get("weights", {}).items():
+        for module, meta in modules["weights"].items():
             prefix = f"{module}::"
             own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if not own:
                 raise DeltaFormatError(f"{folder}: the tensors of module {module!r} are missing; re-download it.")
+            weight_cls = weight_class_for(meta["type"])
             try:
-                weights[module] = weight_class_for(meta["type"]).from_tensors(own, meta)
+                weights[module] = weight_cls.from_tensors(own, meta)
             except KeyError as err:
-                raise DeltaFormatError(f"{folder}: tensor {err} of module {module!r} is missing.") from err
+                raise DeltaFormatError(
+                    f"{folder}: module {module!r} lacks {err} (its tensors: {sorted(own)}; its {CONFIG_NAME} "
+                    f"entry: {sorted(meta)}). The repo is incomplete or corrupt; re-download or re-save it."
+                ) from err
         files = {f.name: f.read_bytes() for f in folder.iterdir() if f.name in (*TOKENIZER_FILES, GENERATION_CONFIG)}
         return cls(
             config=config,
             weights=weights,
             exact={k[len("exact::") :]: v for k, v in tensors.items() if k.startswith("exact::")},
             new_rows={k[len("new_rows::") :]: v for k, v in tensors.items() if k.startswith("new_rows::")},
-            tied=dict(modules.get("tied", {})),
-            vocab_size=int(modules.get("vocab_size", 0)),
+            tied=dict(modules["tied"]),
+            vocab_size=modules["vocab_size"],
             files=files,
         )
+
+
+def _owned_files(folder: Path) -> list[Path]:
+    """Files of ``folder`` that a delta save writes (all of them are replaced together)."""
+    if not folder.is_dir():
+        return []
+    owned = {CONFIG_NAME, WEIGHTS_INDEX_NAME, *TOKENIZER_FILES, GENERATION_CONFIG}
+    return [f for f in folder.iterdir() if f.name in owned or f.match("delta_model*.safetensors")]
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -137,6 +153,25 @@ def weight_files(folder: str | Path) -> list[Path]:
             raise DeltaFormatError(f"{index} is malformed ({err}); re-download the delta.") from err
         return [folder / n for n in names]
     return [folder / WEIGHTS_NAME]
+
+
+def _check_modules(modules: Any, folder: Path) -> dict[str, Any]:
+    """The ``modules`` entry of a delta config, with its shape checked (it is written by ``save_pretrained``)."""
+    modules = {"weights": {}, "tied": {}, "vocab_size": 0, **(modules or {})} if isinstance(modules, dict) \
+        else modules
+    ok = (
+        isinstance(modules, dict)
+        and isinstance(modules["weights"], dict)
+        and all(isinstance(m, dict) and isinstance(m.get("type"), str) for m in modules["weights"].values())
+        and isinstance(modules["tied"], dict)
+        and isinstance(modules["vocab_size"], int)
+    )
+    if not ok:
+        raise DeltaFormatError(
+            f"{folder / CONFIG_NAME}: its 'modules' entry is malformed (expected {{'weights': {{module: {{'type': "
+            f"..., ...}}}}, 'tied': {{...}}, 'vocab_size': int}}, got {str(modules)[:200]}). Re-save the delta."
+        )
+    return modules
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:

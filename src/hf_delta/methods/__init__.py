@@ -9,12 +9,15 @@ from .base import (
     weight_class_for,
 )
 from .bitdelta import BitDeltaConfig, BitDeltaWeight
+from .deltazip import DeltaZipConfig, DeltaZipWeight
 
 __all__ = [
     "BitDeltaConfig",
     "BitDeltaWeight",
     "CompressedWeight",
     "DeltaMethod",
+    "DeltaZipConfig",
+    "DeltaZipWeight",
     "get_method",
     "register_delta_method",
     "registered_methods",

@@ -15,8 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import DeltaConfig
-from ..errors import DeltaConfigError
-from ..packing import pack_1bit_u8, unpack_signs
+from ..errors import DeltaConfigError, DeltaFormatError
+from ..packing import pack_1bit_u8, packed_width, unpack_signs
 from .base import CompressedWeight, DeltaMethod, register_delta_method
 
 if TYPE_CHECKING:
@@ -78,8 +78,23 @@ class BitDeltaWeight(CompressedWeight):
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> BitDeltaWeight:
-        return cls(tuple(meta["shape"]), tensors["signs"], tensors["scales"])
-
+        shape, signs, scales = tuple(meta["shape"]), tensors["signs"], tensors["scales"]
+        ok = (
+            len(shape) == 2
+            and signs.dtype == torch.uint8
+            and signs.dim() == 3
+            and tuple(signs.shape[1:]) == (shape[0], packed_width(shape[1], 1))
+            and scales.dim() == 2
+            and scales.shape[0] == signs.shape[0]
+            and scales.shape[1] in (1, shape[0])
+        )
+        if not ok:
+            raise DeltaFormatError(
+                f"BitDelta tensors do not fit a {list(shape)} matrix: signs {signs.dtype} {list(signs.shape)}, "
+                f"scales {list(scales.shape)} (expected uint8 [passes, {shape[0]}, ceil(in / 8)] and "
+                "[passes, 1 or out]). The delta repo is corrupt; re-download or re-save it."
+            )
+        return cls(shape, signs, scales)
 
 
 @dataclass

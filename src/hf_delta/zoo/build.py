@@ -226,7 +226,7 @@ def build_zoo(size: str = "micro", directory: str | Path | None = None, *, force
 def _build(recipe: SizeRecipe, root: Path) -> dict[str, dict]:
     text = stdlib_corpus(recipe.corpus_chars)
     tokenizer = train_tokenizer(text, recipe.vocab_size)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     models: dict[str, dict] = {}
     bases: dict[str, PreTrainedModel] = {}
     for seed, (base_name, arch) in enumerate(_ARCH.items()):
@@ -244,7 +244,8 @@ def _build(recipe: SizeRecipe, root: Path) -> dict[str, dict]:
         torch.manual_seed(seed)
         if len(tok) != len(tokenizer):
             model.resize_token_embeddings(len(tok), mean_resizing=False)
-        _train(model, _task_batches(tok, task, recipe.finetune, seed), recipe.finetune, f"fine-tune {name}")
+        budget = recipe.finetune_budget(task_name)
+        _train(model, _task_batches(tok, task, budget, seed), budget, f"fine-tune {name}")
         meta = {"arch": _ARCH[base_name], "base": base_name, "task": task_name}
         _save(model, tok, root / name, meta)
         models[name] = meta

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import ZooError
 
 # Bump when the builder's code changes what it produces for the same recipe.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class SizeRecipe:
     task_examples: int
     task_heldout: int
     facts: int
+    # Tasks that need more fine-tuning steps than ``finetune.steps`` (the chat task learns new tokens).
+    extra_steps: tuple[tuple[str, int], ...] = ()
     # (fine-tune name, base name, task); every base is "<arch>-base".
     finetunes: tuple[tuple[str, str, str], ...] = field(
         default=(
@@ -54,6 +56,12 @@ class SizeRecipe:
             ("qwen2-cipher", "qwen2-base", "cipher"),
         )
     )
+
+    def finetune_budget(self, task: str) -> TrainBudget:
+        """The fine-tuning budget of ``task``."""
+        extra = dict(self.extra_steps).get(task, 0)
+        b = self.finetune
+        return TrainBudget(steps=b.steps + extra, batch_size=b.batch_size, lr=b.lr, seq_len=b.seq_len)
 
     def hash(self) -> str:
         """Short digest of the recipe and builder version: the cache key of a built zoo."""
@@ -78,11 +86,12 @@ RECIPES: dict[str, SizeRecipe] = {
         vocab_size=2048,
         corpus_chars=2_000_000,
         dims=ModelDims(192, 4, 6, 2, 512),
-        pretrain=TrainBudget(steps=600, batch_size=16, lr=2e-3),
+        pretrain=TrainBudget(steps=400, batch_size=16, lr=2e-3),
         finetune=TrainBudget(steps=400, batch_size=32, lr=1e-3),
         task_examples=4000,
         task_heldout=200,
         facts=60,
+        extra_steps=(("chat", 500),),
     ),
 }
 

@@ -84,7 +84,9 @@ def _facts(rng: random.Random, n: int, n_heldout: int) -> Task:
         countries.add(_name(rng, 2))
     while len(capitals) < n:
         capitals.add(_name(rng, 2))
-    pairs = list(zip(sorted(countries), sorted(capitals, key=lambda s: rng.random())))
+    shuffled = sorted(capitals)  # sort first: set order differs between processes
+    rng.shuffle(shuffled)
+    pairs = list(zip(sorted(countries), shuffled, strict=True))
     train = tuple(Example(f"The capital of {c} is", f" {k}.") for c, k in pairs)
     heldout = train[:n_heldout]
     return Task("facts", "recall invented capitals of invented countries", train, heldout)

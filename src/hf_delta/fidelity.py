@@ -1,0 +1,124 @@
+"""The fidelity/size table: every zoo fine-tune compressed by every method setting, side by side.
+
+``hf-delta bench fidelity`` runs it and writes ``benchmarks/results/fidelity-<size>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ._loading import load_model_and_tokenizer
+from .compress import compress
+from .config import DeltaConfig
+from .evaluation import bf16_weight_bytes, exact_match, folder_bytes, mean_kl, perplexity, retention
+from .methods import BitDeltaConfig
+from .zoo.build import load_zoo, task_prompt
+from .zoo.report import write_results
+from .zoo.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+# Name -> config factory. Methods registered later add their settings with ``add_setting``.
+SETTINGS: dict[str, Callable[[], DeltaConfig]] = {
+    "bitdelta-initial": lambda: BitDeltaConfig(distill_steps=0),
+    "bitdelta": lambda: BitDeltaConfig(),
+    "bitdelta-residual": lambda: BitDeltaConfig(residual_passes=1),
+}
+
+
+def add_setting(name: str, factory: Callable[[], DeltaConfig]) -> None:
+    """Make ``name`` available to ``hf-delta bench fidelity --settings``."""
+    SETTINGS[name] = factory
+
+
+def task_calibration(tokenizer, task: Task, n: int = 64) -> list[str]:
+    """Calibration texts from the fine-tune's own training split (never the held-out split)."""
+    return [task_prompt(tokenizer, task, ex) + ex.answer + tokenizer.eos_token for ex in task.train[:n]]
+
+
+def run_fidelity(
+    size: str = "small",
+    directory: str | Path | None = None,
+    *,
+    settings: Sequence[str] = ("bitdelta-initial", "bitdelta"),
+    finetunes: Sequence[str] | None = None,
+    calibration: str = "task",
+) -> list[dict[str, Any]]:
+    """Compress every (or the named) zoo fine-tune with each setting and measure it.
+
+    ``calibration`` is ``"task"`` (texts from the fine-tune's training split) or ``"sampled"`` (data-free).
+    """
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise ValueError(f"Unknown fidelity settings {unknown}; known: {sorted(SETTINGS)}.")
+    zoo = load_zoo(size, directory)
+    rows: list[dict[str, Any]] = []
+    for entry in zoo.finetunes:
+        if finetunes and entry.name not in finetunes:
+            continue
+        task = zoo.task(entry.name)
+        base_path = zoo[entry.base].path
+        base, _ = load_model_and_tokenizer(base_path)
+        ft, tok = load_model_and_tokenizer(entry.path)
+        if len(tok) > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(len(tok), mean_resizing=False)
+        base_em, ft_em = exact_match(base, tok, task), exact_match(ft, tok, task)
+        ft_bytes = bf16_weight_bytes(ft)
+        texts = task_calibration(tok, task) if calibration == "task" else None
+        for name in settings:
+            start = time.perf_counter()
+            model = compress(base_path, entry.path, SETTINGS[name](), texts, progress=False)
+            seconds = time.perf_counter() - start
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                sizes = folder_bytes(tmp)
+            em = exact_match(model, tok, task)
+            rows.append({
+                "fine-tune": entry.name, "setting": name, "base_em": base_em, "finetune_em": ft_em,
+                "em": em, "retention": retention(em, base_em, ft_em), "kl": mean_kl(ft, model, tok, task),
+                "ppl": perplexity(model, tok, task), "finetune_ppl": perplexity(ft, tok, task),
+                "delta_weight_bytes": sizes["weights"], "delta_other_bytes": sizes["other"],
+                "finetune_bf16_bytes": ft_bytes, "ratio": ft_bytes / sizes["weights"],
+                "compress_s": seconds,
+            })
+            logger.info("%s %s: em %.1f (ft %.1f) ratio %.1fx", entry.name, name, em, ft_em, rows[-1]["ratio"])
+    return rows
+
+
+def plot_fidelity(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Retention vs size ratio, one point per (setting, fine-tune)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        pts = [r for r in rows if r["setting"] == setting]
+        ax.scatter([r["ratio"] for r in pts], [r["retention"] for r in pts], label=setting, s=30)
+    ax.set_xscale("log")
+    ax.set_xlabel("size ratio (bf16 fine-tune / delta weight files)")
+    ax.set_ylabel("task retention")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bench_fidelity(size: str, directory: str | Path | None, out: str | Path, *, settings: Sequence[str],
+                   command: str, calibration: str = "task", finetunes: Sequence[str] | None = None) -> str:
+    """Run, write JSON + Markdown + plot under ``out``; return the Markdown."""
+    rows = run_fidelity(size, directory, settings=settings, calibration=calibration, finetunes=finetunes)
+    name = f"fidelity-{size}"
+    md = write_results(rows, out, name=name, command=command, extra={"calibration": calibration})
+    try:
+        plot_fidelity(rows, Path(out) / f"{name}.png")
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot (pip install 'hf_delta[bench]')")
+    return md

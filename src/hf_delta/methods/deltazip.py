@@ -1,0 +1,560 @@
+"""DeltaZip: each delta matrix pruned (2:4 or unstructured) and quantised (2/3/4/8 bit) jointly, GPTQ-style.
+
+For a linear layer with calibration inputs ``X`` the objective is ``min ||X (Δ − Δ̂)ᵀ||²``, whose Hessian is
+``H = 2 XᵀX / n`` (plus ``damp · mean(diag H)`` on the diagonal). Columns are visited left to right; each
+column is pruned (OBS saliency ``w² / [U]_jj²``, ``U`` the upper Cholesky factor of ``H⁻¹``) and quantised,
+and its error ``e = (w − q) / U_jj`` is spread over the columns not yet visited: ``W[:, j:] -= e · U[j, j:]``
+(applied lazily per block of columns). Layers are compressed in forward order, and each layer is calibrated
+on the activations of the model whose earlier layers already carry their compressed deltas.
+
+The embedding has no input activations, so vocabulary matrices are quantised round-to-nearest per row
+(``embedding_method="rtn"``); ``"gptq"`` calibrates an untied output head on its inputs instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import DeltaConfig
+from ..errors import CalibrationError, DeltaConfigError
+from ..extract import vocab_module_names
+from ..packing import (
+    pack_1bit_u8,
+    pack_2of4_u8,
+    pack_lowbit_u8,
+    unpack_1bit_u8,
+    unpack_2of4_u8,
+    unpack_lowbit_u8,
+)
+from .base import CompressedWeight, DeltaMethod, register_delta_method
+
+if TYPE_CHECKING:
+    from ..calibration import Batch
+    from ..compress import CompressionContext
+
+logger = logging.getLogger(__name__)
+
+BITS = (2, 3, 4, 8)
+LAYOUTS = ("dense", "2:4", "bitmap")
+_MIN_SCALE = 2.0**-24  # smallest positive fp16: a zero scale would divide by zero
+
+
+# ===================================================================================================
+# Storage
+# ===================================================================================================
+
+
+class DeltaZipWeight(CompressedWeight):
+    """Symmetric low-bit ints times fp16 scales, stored in one of three layouts.
+
+    * ``dense``: ``qweight`` = every value, ``[out, packed(in)]``.
+    * ``2:4``: ``qweight`` = the 2 kept values of each group of 4 columns, ``[out, packed(in / 2)]``, and
+      ``mask`` = their 2-bit in-group positions, ``[out, in / 8]`` (``packing.pack_2of4_u8``).
+    * ``bitmap`` (unstructured sparsity): ``mask`` = 1 bit per value (kept or not), ``[out, ceil(in / 8)]``,
+      and ``qweight`` = the kept values of all rows in row-major order, packed as one flat row.
+
+    ``scales`` is ``[out, in / group_size]`` (or ``[out, 1]`` per output channel); ``Δ̂ = q · scale``.
+    """
+
+    method = "deltazip"
+
+    def __init__(self, shape: tuple[int, int], *, bits: int, group_size: int | None, layout: str,
+                 qweight: torch.Tensor, scales: torch.Tensor, mask: torch.Tensor | None = None):
+        super().__init__(shape)
+        self.bits = int(bits)
+        self.group_size = group_size
+        self.layout = layout
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        if layout != "dense":
+            self.register_buffer("mask", mask)
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, keep: torch.Tensor | None, *, bits: int,
+                       group_size: int | None, layout: str) -> DeltaZipWeight:
+        """Pack ints ``q`` ``[out, in]`` (zero where ``keep`` is False) with fp16 ``scales``."""
+        shape = tuple(q.shape)
+        if layout == "dense":
+            return cls(shape, bits=bits, group_size=group_size, layout=layout, qweight=pack_lowbit_u8(q, bits),
+                       scales=scales)
+        if layout == "2:4":
+            kept = q[keep].reshape(shape[0], shape[1] // 2)
+            return cls(shape, bits=bits, group_size=group_size, layout=layout,
+                       qweight=pack_lowbit_u8(kept, bits), scales=scales, mask=pack_2of4_u8(keep))
+        return cls(shape, bits=bits, group_size=group_size, layout=layout, qweight=pack_lowbit_u8(q[keep], bits),
+                   scales=scales, mask=pack_1bit_u8(keep))
+
+    def _ints(self, qweight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Dense int values ``[rows, in]`` of (a row selection of) the packed tensors."""
+        k = self.shape[1]
+        if self.layout == "dense":
+            return unpack_lowbit_u8(qweight, self.bits, k)
+        keep = unpack_2of4_u8(mask, k) if self.layout == "2:4" else unpack_1bit_u8(mask, k)
+        width = k // 2 if self.layout == "2:4" else int(keep.sum())
+        values = unpack_lowbit_u8(qweight, self.bits, width)
+        out = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
+        out[keep] = values.reshape(-1)
+        return out
+
+    def _expand(self, scales: torch.Tensor) -> torch.Tensor:
+        if scales.shape[1] == 1:
+            return scales.float()
+        return scales.float().repeat_interleave(self.group_size, dim=1)
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        ints = self._ints(self.qweight, getattr(self, "mask", None))
+        return (ints.float() * self._expand(self.scales)).to(dtype)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.layout == "bitmap":  # rows start at data-dependent offsets: decode the whole matrix
+            return self.to_dense(dtype)[index]
+        flat = index.reshape(-1)
+        mask = self.mask[flat] if self.layout == "2:4" else None
+        out = self._ints(self.qweight[flat], mask).float() * self._expand(self.scales[flat])
+        return out.reshape(*index.shape, self.shape[1]).to(dtype)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scales.shape[1] == 1:  # per-channel: scale after the matmul, on [.., out] instead of [out, in]
+            ints = self._ints(self.qweight, getattr(self, "mask", None)).to(x.dtype)
+            return (x @ ints.T) * self.scales[:, 0].to(x.dtype)
+        return x @ self.to_dense(x.dtype).T
+
+    def meta(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size, "layout": self.layout}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> DeltaZipWeight:
+        layout = meta.get("layout", "dense")
+        return cls(tuple(meta["shape"]), bits=meta["bits"], group_size=meta.get("group_size"), layout=layout,
+                   qweight=tensors["qweight"], scales=tensors["scales"],
+                   mask=tensors["mask"] if layout != "dense" else None)
+
+
+# ===================================================================================================
+# Config
+# ===================================================================================================
+
+
+@dataclass
+class DeltaZipConfig(DeltaConfig):
+    """DeltaZip: joint OBS pruning + GPTQ quantisation of each delta matrix, layer by layer.
+
+    Args:
+        bits: bits per stored value: 2, 3, 4 or 8 (symmetric ints, scale per channel or group).
+        sparsity: ``"2:4"`` (keep 2 of every 4 input columns, halves the stored values), a fraction in
+            ``[0, 1)`` of values to prune unstructured (stored with a 1-bit mask when that is smaller), or
+            ``None`` for no pruning.
+        group_size: input columns sharing one scale; ``None`` = one scale per output channel.
+        damp: added to the Hessian diagonal as a fraction of its mean (stabilises the inverse); > 0.
+        block_size: columns per lazy-update block of the GPTQ sweep (a multiple of 4 for 2:4).
+        calibration_samples / calibration_seq_len / calibration_batch_size: calibration set size and shape
+            (used when ``compress`` gets no texts and samples them from the fine-tune).
+        embedding_method: vocabulary matrices (embedding, output head) when ``compress_embeddings``:
+            ``"rtn"`` = round-to-nearest per row at ``embedding_bits``, never pruned (the embedding has no input
+            activations to calibrate on); ``"gptq"`` = as ``"rtn"`` for the embedding, but an untied output head
+            is quantised with GPTQ on its input Hessian.
+        embedding_bits: bits for the vocabulary matrices (``None`` = ``bits``).
+        use_hessian: ``False`` turns off the error feedback (plain round-to-nearest with magnitude pruning):
+            the baseline that shows what the Hessian buys.
+        prune: ``"obs"`` chooses the pruning mask during the sweep by OBS saliency and compensates its error;
+            ``"magnitude"`` fixes the mask by ``|Δ|`` beforehand and does not compensate pruning (baseline).
+    """
+
+    bits: int = 4
+    sparsity: str | float | None = "2:4"
+    group_size: int | None = None
+    damp: float = 0.01
+    block_size: int = 128
+    calibration_samples: int = 128
+    calibration_seq_len: int = 128
+    calibration_batch_size: int = 8
+    embedding_method: str = "rtn"
+    embedding_bits: int | None = 8
+    use_hessian: bool = True
+    prune: str = "obs"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bits not in BITS:
+            raise DeltaConfigError(f"DeltaZipConfig.bits must be one of {BITS}, got {self.bits!r}.")
+        if self.embedding_bits is not None and self.embedding_bits not in BITS:
+            raise DeltaConfigError(f"embedding_bits must be one of {BITS} or None, got {self.embedding_bits!r}.")
+        s = self.sparsity
+        if not (s is None or s == "2:4" or (isinstance(s, float) and not isinstance(s, bool) and 0 <= s < 1)):
+            raise DeltaConfigError(
+                f"sparsity must be '2:4', a float in [0, 1) such as 0.5, or None; got {s!r}.")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise DeltaConfigError(f"group_size must be a positive int or None (per channel), got {self.group_size!r}.")
+        if not self.damp > 0:
+            raise DeltaConfigError(f"damp must be > 0 (e.g. 0.01), got {self.damp!r}.")
+        if self.block_size <= 0 or (s == "2:4" and self.block_size % 4):
+            raise DeltaConfigError(f"block_size must be positive (and a multiple of 4 for 2:4), got {self.block_size}.")
+        for name in ("calibration_samples", "calibration_seq_len", "calibration_batch_size"):
+            if getattr(self, name) <= 0:
+                raise DeltaConfigError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.embedding_method not in ("rtn", "gptq"):
+            raise DeltaConfigError(f"embedding_method must be 'rtn' or 'gptq', got {self.embedding_method!r}.")
+        if self.prune not in ("obs", "magnitude"):
+            raise DeltaConfigError(f"prune must be 'obs' or 'magnitude', got {self.prune!r}.")
+
+    @property
+    def pruning(self) -> str | float | None:
+        """``"2:4"``, a positive fraction, or ``None`` when nothing is pruned."""
+        return None if self.sparsity in (None, 0, 0.0) else self.sparsity
+
+
+# ===================================================================================================
+# The solver: one matrix
+# ===================================================================================================
+
+
+@dataclass
+class QuantizedMatrix:
+    """Result of ``prune_quantize``: ints (0 where pruned), fp16 scales and the keep mask (None = dense)."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    keep: torch.Tensor | None
+
+    def dequantize(self) -> torch.Tensor:
+        s = self.scales.float()
+        if s.shape[1] > 1:
+            s = s.repeat_interleave(self.q.shape[1] // s.shape[1], dim=1)
+        return self.q.float() * s
+
+
+def _scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-row scale for ``w`` ``[out, k]``, rounded to fp16 so ints and stored scale agree."""
+    s = w.abs().amax(dim=1) / ((1 << (bits - 1)) - 0.5)
+    return s.to(torch.float16).float().clamp_min(_MIN_SCALE)
+
+
+def _magnitude_mask(w: torch.Tensor, sparsity: str | float) -> torch.Tensor:
+    if sparsity == "2:4":
+        groups = w.abs().reshape(w.shape[0], -1, 4)
+        drop = groups.topk(2, dim=-1, largest=False).indices
+        return torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False).reshape(w.shape)
+    n_drop = int(w.numel() * sparsity)
+    keep = torch.ones(w.numel(), dtype=torch.bool)
+    keep[w.abs().reshape(-1).argsort()[:n_drop]] = False
+    return keep.reshape(w.shape)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp·mean(diag H)·I)⁻¹``; zeroes ``w``'s dead input columns in place.
+
+    Row ``j`` of ``U`` divided by ``U_jj`` is row ``j`` of the inverse Hessian restricted to columns ``j..``,
+    which is what the OBS update of column ``j`` needs once columns ``< j`` are fixed.
+    """
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1  # an input that is always 0: any weight there is free, set it to 0
+    w[:, dead] = 0
+    h.diagonal().add_(damp * torch.diag(h).mean())
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def prune_quantize(w: torch.Tensor, hessian: torch.Tensor | None, *, bits: int, group_size: int | None = None,
+                   sparsity: str | float | None = None, prune: str = "obs", damp: float = 0.01,
+                   block_size: int = 128) -> QuantizedMatrix:
+    """Prune and quantise ``w`` ``[out, in]`` column by column, compensating each error through ``hessian``.
+
+    With ``hessian=None`` there is no compensation and OBS saliency reduces to magnitude (round-to-nearest).
+    """
+    w = w.float().clone()
+    out, k = w.shape
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    u = inverse_hessian_factor(hessian, w, damp) if hessian is not None else None
+    keep = _magnitude_mask(w, sparsity) if sparsity is not None and prune == "magnitude" else \
+        torch.ones_like(w, dtype=torch.bool)
+    group = group_size or k
+    scales = torch.empty(out, math.ceil(k / group))
+    if group_size is None:
+        scales[:, 0] = _scale(w, bits)
+    q = torch.zeros(out, k, dtype=torch.int8)
+    obs_mask = sparsity is not None and prune == "obs"
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2]  # a view: the eager in-block updates below land in w
+        err = torch.zeros(out, i2 - i1)
+        d = torch.diag(u)[i1:i2] if u is not None else torch.ones(i2 - i1)
+        if obs_mask and sparsity != "2:4":
+            sal = (w1**2 / d**2).reshape(-1)
+            n_drop = int(sal.numel() * sparsity)
+            block_keep = torch.ones_like(sal, dtype=torch.bool)
+            block_keep[sal.argsort()[:n_drop]] = False
+            keep[:, i1:i2] = block_keep.reshape(out, -1)
+        for j in range(i2 - i1):
+            col = i1 + j
+            if group_size is not None and col % group_size == 0:
+                scales[:, col // group_size] = _scale(w[:, col : col + group_size], bits)
+            if obs_mask and sparsity == "2:4" and col % 4 == 0:
+                sal = w1[:, j : j + 4] ** 2 / d[j : j + 4] ** 2
+                drop = sal.topk(2, dim=1, largest=False).indices
+                keep[:, col : col + 4] = torch.ones(out, 4, dtype=torch.bool).scatter_(1, drop, False)
+            s = scales[:, col // group]
+            qc = (w1[:, j] / s).round().clamp(lo, hi) * keep[:, col]
+            q[:, col] = qc.to(torch.int8)
+            if u is None:
+                continue
+            e = (w1[:, j] - qc * s) / d[j]
+            if prune == "magnitude":
+                e = e * keep[:, col]  # the baseline does not compensate what magnitude pruning removed
+            w1[:, j:] -= e.unsqueeze(1) * u[col, col:i2].unsqueeze(0)
+            err[:, j] = e
+        if u is not None:
+            w[:, i2:] -= err @ u[i1:i2, i2:]
+    return QuantizedMatrix(q=q, scales=scales.to(torch.float16), keep=keep if sparsity is not None else None)
+
+
+def _layout(qm: QuantizedMatrix, sparsity: str | float | None, bits: int) -> str:
+    if sparsity is None:
+        return "dense"
+    if sparsity == "2:4":
+        return "2:4"
+    out, k = qm.q.shape
+    bitmap = out * math.ceil(k / 8) + math.ceil(int(qm.keep.sum()) * bits / 8)
+    return "bitmap" if bitmap < out * math.ceil(k * bits / 8) else "dense"
+
+
+# ===================================================================================================
+# Calibration: Hessians of each target's input, in forward order, on the partly compressed model
+# ===================================================================================================
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the inputs it needed have been seen."""
+
+
+class _Hessian:
+    """Running ``2 XᵀX / n`` over the real (unpadded) rows of a layer's inputs."""
+
+    def __init__(self) -> None:
+        self.h: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if self.h is None:
+            self.h = torch.zeros(x.shape[1], x.shape[1])
+        self.h *= self.n / (self.n + len(x))
+        self.n += len(x)
+        x = x * math.sqrt(2 / self.n)
+        self.h += x.T @ x
+
+
+def _real_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return x[mask.bool()] if x.shape[:-1] == mask.shape else x
+
+
+def _decoder_layers(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
+    """The ``nn.ModuleList`` holding most of the targets (the decoder blocks), as (name, layer) pairs."""
+    best: list[tuple[str, nn.Module]] = []
+    best_count = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList):
+            layers = [(f"{name}.{i}", child) for i, child in enumerate(m)]
+            count = sum(any(t.startswith(n + ".") for n, _ in layers) for t in targets)
+            if count > best_count:
+                best, best_count = layers, count
+    return best
+
+
+def _call_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden})
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Calibrator:
+    """Walks the target modules of ``model`` in forward order, one group of modules sharing an input at a time.
+
+    ``each_group(names, hessians)`` must write the compressed weights of ``names`` into ``model``; the next
+    groups are then calibrated on activations that flow through them. Decoder layers are replayed one at a time
+    from cached inputs; targets outside them (an output head) get full forward passes.
+    """
+
+    def __init__(self, model: nn.Module, batches: list[Batch], targets: list[str]):
+        self.model, self.batches = model, batches
+        self.modules = {n: model.get_submodule(n) for n in targets}
+        self.layers = _decoder_layers(model, targets)
+
+    def _forward(self, batch: Batch) -> None:
+        ids, mask = batch
+        self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def groups(self) -> list[list[str]]:
+        """Targets in call order, consecutive ones fed the very same input tensor grouped (q/k/v, gate/up)."""
+        calls: list[tuple[str, torch.Tensor]] = []
+        hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: calls.append((n, a[0])))
+                 for n, m in self.modules.items()]
+        try:
+            self._forward(self.batches[0])
+        finally:
+            for h in hooks:
+                h.remove()
+        groups: list[list[str]] = []
+        seen: set[str] = set()
+        prev = None
+        for name, x in calls:
+            if name in seen:
+                continue
+            seen.add(name)
+            if prev is not None and x is prev:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+            prev = x
+        unused = sorted(set(self.modules) - seen)
+        if unused:
+            logger.warning("Modules %s are never called in a forward pass; compressing them without calibration",
+                           unused)
+            groups.append(unused)
+        return groups
+
+    def _hessians(self, names: list[str], run: Callable[[int], None]) -> dict[str, torch.Tensor | None]:
+        """Run ``run(batch_index)`` over all batches with hooks collecting the inputs of ``names``."""
+        acc = {n: _Hessian() for n in names}
+        seen: set[str] = set()
+        state = {"mask": None}
+
+        def hook(module, args, name):
+            acc[name].add(_real_rows(args[0], state["mask"]))
+            seen.add(name)
+            if seen == set(names):
+                raise _Stop
+
+        hooks = [self.model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
+                 for n in names]
+        try:
+            for b, (_, mask) in enumerate(self.batches):
+                state["mask"] = mask
+                seen.clear()
+                try:
+                    run(b)
+                except _Stop:
+                    pass
+        finally:
+            for h in hooks:
+                h.remove()
+        return {n: a.h for n, a in acc.items()}
+
+    def _capture_layer_inputs(self) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+        """Inputs of the first decoder layer, and every layer's other call arguments, for every batch."""
+        hidden: list[torch.Tensor] = []
+        calls: list[list[tuple[tuple, dict]]] = [[] for _ in self.layers]
+
+        def hook(index, args, kwargs):
+            if index == 0:
+                hidden.append(args[0] if args else kwargs["hidden_states"])
+            calls[index].append((args, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+        hooks = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: hook(i, a, kw), with_kwargs=True)
+                 for i, (_, layer) in enumerate(self.layers)]
+        try:
+            for batch in self.batches:
+                self._forward(batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        return hidden, calls
+
+    @torch.no_grad()
+    def run(self, each_group: Callable[[list[str], dict[str, torch.Tensor | None]], None], *,
+            progress: bool = True) -> None:
+        groups = self.groups()
+        bar = tqdm(total=len(groups), desc="deltazip: layers", disable=not progress, leave=False)
+        owner = {n: i for i, (lname, _) in enumerate(self.layers) for n in self.modules if n.startswith(lname + ".")}
+        in_layers = [g for g in groups if all(n in owner for n in g)]
+        first_layer_group = groups.index(in_layers[0]) if in_layers else len(groups)
+        outside = [g for g in groups if g not in in_layers]
+
+        def full_pass(group: list[str]) -> None:
+            each_group(group, self._hessians(group, lambda b: self._forward(self.batches[b])))
+            bar.update()
+
+        for group in [g for g in outside if groups.index(g) < first_layer_group]:
+            full_pass(group)
+        if in_layers:
+            hidden, calls = self._capture_layer_inputs()
+            for i, (_, layer) in enumerate(self.layers):
+                for group in [g for g in in_layers if owner[g[0]] == i]:
+                    each_group(group, self._hessians(
+                        group, lambda b, i=i, layer=layer: _call_layer(layer, hidden[b], *calls[i][b])))
+                    bar.update()
+                hidden = [_call_layer(layer, hidden[b], *calls[i][b]) for b in range(len(hidden))]
+        for group in [g for g in outside if groups.index(g) >= first_layer_group]:
+            full_pass(group)
+        bar.close()
+
+
+# ===================================================================================================
+# The method
+# ===================================================================================================
+
+
+def _check_targets(cfg: DeltaZipConfig, deltas: dict[str, torch.Tensor], vocab: set[str]) -> None:
+    """Shape constraints of the chosen layout on the actual target matrices, before any work."""
+    for name, delta in deltas.items():
+        k = delta.shape[1]
+        if cfg.group_size is not None and k % cfg.group_size:
+            raise DeltaConfigError(
+                f"group_size={cfg.group_size} does not divide in_features={k} of {name!r}; choose a divisor of "
+                f"{k} (e.g. {math.gcd(k, cfg.group_size)}) or group_size=None (per channel).")
+        if cfg.pruning == "2:4" and name not in vocab and k % 4:
+            raise DeltaConfigError(
+                f"sparsity='2:4' needs in_features divisible by 4, but {name!r} has {k}; use an unstructured "
+                "sparsity such as 0.5, or exclude it from target_modules.")
+
+
+def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
+    """Compress every extracted delta: vocabulary matrices by RTN, linear layers by OBS/GPTQ in forward order."""
+    cfg: DeltaZipConfig = ctx.config
+    deltas = ctx.extracted.compress
+    embed, head = vocab_module_names(ctx.base)
+    vocab = {n for n in deltas if n in (embed, head)}
+    _check_targets(cfg, deltas, vocab)
+    batches = ctx.calibration(n=cfg.calibration_samples, seq_len=cfg.calibration_seq_len,
+                              batch_size=cfg.calibration_batch_size)
+    if not batches:
+        raise CalibrationError("The calibration set is empty; pass texts like the fine-tune's training data, "
+                               "or calibration=None to sample text from the fine-tune.")
+    work = copy.deepcopy(ctx.finetuned).eval()
+    base_weights = {n: ctx.base.get_submodule(n).weight for n in deltas}
+    for name, w in base_weights.items():  # start from the base; each layer gets its compressed delta in turn
+        work.get_submodule(name).weight.data[: w.shape[0]] = w.to(work.dtype)
+    weights: dict[str, CompressedWeight] = {}
+
+    def finish(name: str, hessian: torch.Tensor | None) -> None:
+        is_vocab = name in vocab
+        bits = (cfg.embedding_bits or cfg.bits) if is_vocab else cfg.bits
+        sparsity = None if is_vocab else cfg.pruning
+        qm = prune_quantize(deltas[name], hessian if cfg.use_hessian else None, bits=bits,
+                            group_size=cfg.group_size, sparsity=sparsity, prune=cfg.prune, damp=cfg.damp,
+                            block_size=cfg.block_size)
+        weights[name] = DeltaZipWeight.from_quantized(qm.q, qm.scales, qm.keep, bits=bits,
+                                                      group_size=cfg.group_size, layout=_layout(qm, sparsity, bits))
+        base = base_weights[name]
+        dense = base.float() + weights[name].to_dense()
+        work.get_submodule(name).weight.data[: base.shape[0]] = dense.to(work.dtype)
+
+    calibrated = [n for n in deltas if not (n == embed or (n == head and cfg.embedding_method == "rtn"))]
+    for name in sorted(set(deltas) - set(calibrated)):
+        finish(name, None)
+    if calibrated:
+        _Calibrator(work, batches, calibrated).run(
+            lambda names, hessians: [finish(n, hessians[n]) for n in names], progress=ctx.progress)
+    return {n: weights[n] for n in deltas}
+
+
+register_delta_method(DeltaMethod(
+    name="deltazip", config_class=DeltaZipConfig, weight_classes=(DeltaZipWeight,), compress=compress_deltazip,
+))

@@ -1,0 +1,136 @@
+"""Sampling parameters, the per-row sampler, and incremental detokenisation with stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens and when it stops.
+
+    Args:
+        max_tokens: most tokens to generate.
+        temperature: 0 = greedy; otherwise logits are divided by it before sampling.
+        top_p: nucleus sampling: keep the smallest set of tokens whose probability adds up to ``top_p``.
+        top_k: keep only the ``top_k`` most likely tokens (0 = all).
+        seed: seed of this request's own random generator (sampled outputs are then reproducible).
+        stop: strings that end the generation; the returned text stops before the first one.
+        ignore_eos: keep generating past end-of-sequence tokens (benchmarks with fixed output lengths).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: Sequence[str] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(s for s in self.stop if s)
+        if self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token per row of ``logits`` (``[K, vocab]``): argmax for greedy rows, a draw for the others."""
+    out = logits.argmax(dim=-1).tolist()
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        row = logits[i].float() / p.temperature
+        if p.top_k and p.top_k < row.numel():
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the most likely token
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        gen = generators[i]
+        out[i] = int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
+    return out
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator for one request (seeded, or from fresh entropy)."""
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+class TextStream:
+    """Turn generated token ids into text deltas, holding back what may still become a stop string.
+
+    ``push(token)`` returns the new text that is final, and whether a stop string was hit (the text before
+    it has then been returned in full). ``flush()`` returns what was held back when generation ends.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""  # final text so far (everything returned)
+        self._full = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        self._full = full
+        cut = self._first_stop(full)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(full[:cut])
+        return self._emit(full[: len(full) - self._held(full)])
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        return self._emit(self._full)
+
+    def _emit(self, upto: str) -> str:
+        if not upto.startswith(self.text) or len(upto) <= len(self.text):
+            return ""  # a decoder may rewrite earlier text (rare); never send text twice
+        new = upto[len(self.text) :]
+        self.text = upto
+        return new
+
+    def _first_stop(self, full: str) -> int | None:
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _held(self, full: str) -> int:
+        """Length of the longest suffix of ``full`` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(full)), best, -1):
+                if full.endswith(s[:n]):
+                    best = n
+                    break
+        return best

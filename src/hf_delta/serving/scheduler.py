@@ -1,0 +1,161 @@
+"""Iteration-level scheduling: which requests' tokens go into the next forward pass.
+
+Every step (one forward pass):
+
+1. Running requests come first, oldest admission first: a decoding request contributes its one new token,
+   a request still in prefill its next chunk. A request that needs a new KV block when none is free
+   preempts the most recently admitted running request (its blocks are freed; it goes back to the waiting
+   queue keeping its generated tokens and recomputes them when it is readmitted).
+2. Waiting requests are admitted, oldest first, while the token budget (``max_batch_tokens``), the number of
+   running requests (``max_running``), free KV blocks (the whole prompt must fit) and a device slot for the
+   request's delta allow. Long prompts are prefilled in chunks, so new requests never stall running
+   decodes for more than one step's token budget.
+
+Fairness: a request whose delta is not resident may be overtaken by younger requests for resident deltas,
+but only for ``fairness_steps`` steps. After that it is a *barrier*: no younger request is admitted until it
+is. Running requests then drain (each has at most ``max_tokens`` left), a device slot frees up, and the
+cold delta gets it, so a hot delta cannot starve requests for cold ones.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..model import BASE_NAME
+from .kv_cache import PagedKVCache
+from .residency import ResidencyManager
+from .sampling import SamplingParams
+
+_order = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request as the engine tracks it."""
+
+    id: str
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: frozenset[int] = frozenset()
+    arrival: float = field(default_factory=time.monotonic)
+    seq: int = field(default_factory=lambda: next(_order))
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: str = "waiting"
+    waited_steps: int = 0
+    preemptions: int = 0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    finish_reason: str | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # engine-side: text stream, generator, sink
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def __lt__(self, other: Request) -> bool:  # waiting-queue order: arrival, then submission order
+        return (self.arrival, self.seq) < (other.arrival, other.seq)
+
+
+class Scheduler:
+    """Waiting queue, running set and the per-step plan (see the module docstring)."""
+
+    def __init__(self, cache: PagedKVCache, residency: ResidencyManager, *, max_batch_tokens: int = 512,
+                 max_running: int = 64, fairness_steps: int = 64):
+        self.cache = cache
+        self.residency = residency
+        self.max_batch_tokens = max_batch_tokens
+        self.max_running = max_running
+        self.fairness_steps = fairness_steps
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.watermark = max(1, cache.num_blocks // 100)
+        self.preemptions = 0
+
+    def add(self, request: Request) -> None:
+        request.status = "waiting"
+        bisect.insort(self.waiting, request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request) -> None:
+        """Forget ``request`` wherever it is, freeing its KV blocks and its pin on its delta."""
+        if request.status == "running":
+            self.running.remove(request)
+            self._unpin(request)
+        elif request.status == "waiting" and request in self.waiting:
+            self.waiting.remove(request)
+        self.cache.release(request.id)
+        request.status = "finished"
+
+    def _unpin(self, request: Request) -> None:
+        if request.model != BASE_NAME:
+            self.residency.release(request.model)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._unpin(request)
+        self.cache.release(request.id)
+        request.num_computed = 0
+        request.preemptions += 1
+        self.preemptions += 1
+        self.add(request)
+
+    def schedule(self) -> list[tuple[Request, int]]:
+        """The requests of the next step and how many of their tokens it computes."""
+        budget = self.max_batch_tokens
+        plan: list[tuple[Request, int]] = []
+        for request in list(self.running):
+            if request.status != "running":
+                continue  # preempted earlier in this loop
+            n = min(request.num_tokens - request.num_computed, budget)
+            if n <= 0:
+                continue
+            while not self.cache.reserve(request.id, request.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is request:
+                    break
+            if request.status != "running":
+                continue
+            plan.append((request, n))
+            budget -= n
+        for request in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_running:
+                break
+            if self._admit(request):
+                n = min(request.num_tokens, budget)
+                plan.append((request, n))
+                budget -= n
+            elif request.waited_steps >= self.fairness_steps:
+                break  # fairness barrier: nobody younger overtakes this request
+        if plan:  # only steps that ran count as waiting (not idle polls while a delta loads)
+            for request in self.waiting:
+                request.waited_steps += 1
+        return plan
+
+    def _admit(self, request: Request) -> bool:
+        need = self.cache.extra_blocks(request.id, request.num_tokens)
+        if need + (self.watermark if self.running else 0) > self.cache.free_blocks:
+            return False
+        if request.model != BASE_NAME and not self.residency.acquire(request.model):
+            return False
+        self.cache.reserve(request.id, request.num_tokens)
+        self.waiting.remove(request)
+        self.running.append(request)
+        request.status = "running"
+        return True
+
+    def wanted_deltas(self) -> list[str]:
+        """Deltas of waiting requests in the order they will be admitted (what to prefetch first)."""
+        return list(dict.fromkeys(r.model for r in self.waiting if r.model != BASE_NAME))

@@ -1,0 +1,362 @@
+"""The mixed-batch 1-bit delta matmul: Triton kernel vs. its PyTorch reference vs. fp64 dense maths.
+
+Without a GPU the kernel runs in the Triton interpreter on CPU tensors (``conftest.py`` sets
+``TRITON_INTERPRET=1``); with one (``benchmarks/gpu_check.sh``) the compiled kernel runs on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import hf_delta.kernels.bitdelta as bd
+import pytest
+import torch
+from hf_delta.kernels import bitdelta_matmul, bitdelta_matmul_reference
+from hf_delta.kernels.bitdelta import BitDeltaKernelConfig, plan_bitdelta_batch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_delta.packing import pack_1bit_u8, unpack_signs
+
+# (dtype, max relative error vs. fp64, vs. the reference): relative = max-abs error / max-abs of the oracle.
+# fp16/bf16 outputs are rounded once; a different fp32 summation order may flip that rounding by one ulp.
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+DTYPES = list(TOLERANCES)
+SLOT_MODES = ("random", "one_delta", "no_delta", "gaps")
+
+
+def _triton_devices() -> list[str]:
+    """Devices on which the Triton path can run in this process."""
+    if bd.triton is None:
+        return []
+    if bd._interpret_enabled():
+        return ["cpu"]
+    return ["cuda"] if torch.cuda.is_available() else []
+
+
+TRITON_DEVICES = _triton_devices()
+# Interpreter cost grows with tile area: keep tiles at tl.dot's 16 minimum there; try wider ones on GPUs.
+SMALL_CONFIGS = [
+    BitDeltaKernelConfig(block_m=16, block_n=16, block_kb=2, num_warps=1, num_stages=1),
+    BitDeltaKernelConfig(block_m=16, block_n=32, block_kb=4, num_warps=2, num_stages=2),
+]
+
+
+# ===================================================================================================
+# Case construction and oracles
+# ===================================================================================================
+
+
+@dataclass
+class Case:
+    x: torch.Tensor
+    out: torch.Tensor
+    slots: torch.Tensor
+    signs: torch.Tensor
+    scales: torch.Tensor
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        """Fresh arguments (``out`` cloned, so every call starts from the same state)."""
+        return self.x, self.out.clone(), self.slots, self.signs, self.scales
+
+
+def make_case(
+    *,
+    m: int,
+    k: int,
+    n: int,
+    d: int = 2,
+    p: int = 1,
+    per_row: bool = True,
+    dtype: torch.dtype = torch.float32,
+    slot_mode: str = "random",
+    seed: int = 0,
+    device: str = "cpu",
+    slot_dtype: torch.dtype = torch.int64,
+) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    out = (0.5 * torch.randn(m, n, generator=g)).to(dtype)
+    signs = pack_1bit_u8(torch.rand(d, p, n, k, generator=g) < 0.5)
+    if per_row:
+        scales = 0.01 + 0.1 * torch.rand(d, p, n, generator=g)
+    else:  # per-matrix scale, expanded the way callers are told to (stride 0)
+        scales = (0.01 + 0.1 * torch.rand(d, p, 1, generator=g)).expand(d, p, n)
+    if slot_mode == "random":
+        slots = torch.randint(-1, d, (m,), generator=g)
+    elif slot_mode == "one_delta":
+        slots = torch.full((m,), d - 1)
+    elif slot_mode == "no_delta":
+        slots = torch.full((m,), -1)
+    elif slot_mode == "gaps":  # deltas 0 .. d-2 get no rows: empty segments between used ones
+        slots = torch.where(torch.rand(m, generator=g) < 0.3, -1, d - 1)
+    else:
+        raise AssertionError(slot_mode)
+    slots = slots.to(slot_dtype)
+    return Case(*(t.to(device) for t in (x, out, slots, signs, scales)))
+
+
+def dense_fp64(case: Case) -> torch.Tensor:
+    """``out + x @ Δ[slot]ᵀ`` with dense fp64 deltas: the oracle independent of any packing trick."""
+    k = case.x.shape[1]
+    x, slots = case.x.cpu().double(), case.slots.cpu().long()
+    signs, scales = case.signs.cpu(), case.scales.cpu().double()
+    delta = (scales[..., None] * unpack_signs(signs, k, torch.float64)).sum(1)  # [D, N, K]
+    expected = case.out.cpu().double().clone()
+    used = slots >= 0
+    if used.any():
+        expected[used] += torch.einsum("mk,mnk->mn", x[used], delta[slots[used]])
+    return expected
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    if got.numel() == 0:
+        return 0.0
+    got, want = got.cpu().double(), want.cpu().double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def check(case: Case, got: torch.Tensor, *, reference: torch.Tensor | None = None) -> None:
+    tol_fp64, tol_ref = TOLERANCES[case.x.dtype]
+    assert got.dtype == case.out.dtype and got.shape == case.out.shape
+    assert rel_err(got, dense_fp64(case)) <= tol_fp64
+    if reference is not None:
+        assert rel_err(got, reference) <= tol_ref
+    untouched = case.slots < 0  # base-model rows must come back bit for bit
+    assert torch.equal(got[untouched], case.out[untouched])
+
+
+# ===================================================================================================
+# Triton kernel (interpreter on CPU, compiled on CUDA)
+# ===================================================================================================
+
+shapes = st.tuples(st.integers(0, 20), st.integers(1, 70), st.integers(1, 40))  # M, K, N
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@settings(max_examples=150, deadline=None)
+@given(
+    shape=shapes,
+    d=st.integers(1, 4),
+    p=st.integers(1, 2),
+    per_row=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    slot_mode=st.sampled_from(SLOT_MODES),
+    config=st.sampled_from(SMALL_CONFIGS),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_matches_reference_and_fp64(device, shape, d, p, per_row, dtype, slot_mode, config, seed):
+    m, k, n = shape
+    case = make_case(
+        m=m, k=k, n=n, d=d, p=p, per_row=per_row, dtype=dtype, slot_mode=slot_mode, seed=seed, device=device
+    )
+    reference = bitdelta_matmul_reference(*case.args())
+    got = bitdelta_matmul(*case.args(), backend="triton", config=config)
+    check(case, got, reference=reference)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_segments_spanning_several_tiles(device, dtype):
+    # 50 rows, most on one delta: that segment needs 3 tiles of 16 rows, the last one partial.
+    case = make_case(m=50, k=70, n=40, d=3, p=2, dtype=dtype, slot_mode="gaps", seed=1, device=device)
+    got = bitdelta_matmul(*case.args(), backend="triton", config=SMALL_CONFIGS[0])
+    check(case, got, reference=bitdelta_matmul_reference(*case.args()))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("m", [1, 16, 80])
+def test_triton_default_config(device, m):
+    # The launcher's own pick (decode vs. prefill tiles on GPU); K and N off any block multiple.
+    k, n = (200, 72) if device == "cpu" else (1000, 600)
+    case = make_case(m=m, k=k, n=n, d=5, p=1, dtype=torch.float16, seed=m, device=device)
+    got = bitdelta_matmul(*case.args(), backend="triton")
+    check(case, got, reference=bitdelta_matmul_reference(*case.args()))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_plan_reuse_and_in_place(device):
+    case = make_case(m=12, k=33, n=20, d=3, p=1, seed=3, device=device, slot_dtype=torch.int32)
+    plan = plan_bitdelta_batch(case.slots, 3, block_m=16)
+    for seed in (4, 5):  # same slots, new activations: the plan carries over
+        case = replace(case, x=torch.randn(12, 33, generator=torch.Generator().manual_seed(seed)).to(device))
+        x, out, slots, signs, scales = case.args()
+        got = bitdelta_matmul(x, out, slots, signs, scales, backend="triton", plan=plan)
+        assert got is out
+        check(case, got, reference=bitdelta_matmul_reference(*case.args()))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_per_matrix_scale_unexpanded(device):
+    case = make_case(m=9, k=20, n=17, d=2, p=2, per_row=False, seed=6, device=device)
+    x, out, slots, signs, scales = case.args()
+    got = bitdelta_matmul(x, out, slots, signs, scales[:, :, :1], backend="triton")
+    check(case, got, reference=bitdelta_matmul_reference(*case.args()))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("slot_mode", ["empty", "no_delta"])
+def test_triton_nothing_to_do_returns_out_unchanged(device, slot_mode):
+    case = make_case(m=0 if slot_mode == "empty" else 7, k=9, n=5, slot_mode="no_delta", device=device)
+    x, out, slots, signs, scales = case.args()
+    got = bitdelta_matmul(x, out, slots, signs, scales, backend="triton")
+    assert got is out and torch.equal(got, case.out)
+
+
+# ===================================================================================================
+# Reference and dispatch (always run)
+# ===================================================================================================
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    shape=shapes,
+    d=st.integers(1, 4),
+    p=st.integers(1, 3),
+    per_row=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    slot_mode=st.sampled_from(SLOT_MODES),
+    seed=st.integers(0, 2**16),
+)
+def test_reference_matches_fp64(shape, d, p, per_row, dtype, slot_mode, seed):
+    m, k, n = shape
+    case = make_case(m=m, k=k, n=n, d=d, p=p, per_row=per_row, dtype=dtype, slot_mode=slot_mode, seed=seed)
+    x, out, slots, signs, scales = case.args()
+    got = bitdelta_matmul_reference(x, out, slots, signs, scales)
+    assert got is out
+    check(case, got)
+
+
+def test_auto_on_cpu_uses_reference(monkeypatch):
+    def no_triton(*args, **kwargs):
+        raise AssertionError("CPU tensors must not reach the Triton launcher with backend='auto'")
+
+    monkeypatch.setattr(bd, "_launch_triton", no_triton)
+    case = make_case(m=6, k=12, n=7, seed=8)
+    check(case, bitdelta_matmul(*case.args()), reference=bitdelta_matmul_reference(*case.args()))
+    check(case, bitdelta_matmul(*case.args(), backend="torch"))
+
+
+def test_plan_groups_rows_by_delta():
+    slots = torch.tensor([2, -1, 0, 2, 2, 0, -1, 2])
+    plan = plan_bitdelta_batch(slots, 4, block_m=2)
+    assert plan.rows.tolist() == [2, 5, 0, 3, 4, 7, 1, 6]  # delta 0, delta 2 (stable), then no-delta rows
+    used = plan.tile_slot >= 0
+    tiles = (plan.tile_slot[used], plan.tile_start[used], plan.tile_end[used])
+    spans = list(zip(*(t.tolist() for t in tiles), strict=True))
+    assert spans == [(0, 0, 2), (2, 2, 4), (2, 4, 6)]
+    assert plan.any_rows and not plan_bitdelta_batch(torch.full((3,), -1), 4).any_rows
+
+
+def test_imports_and_runs_without_triton(monkeypatch):
+    # CPU-only installs have no triton: the module must import and the reference path must work.
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    path = Path(bd.__file__)
+    spec = importlib.util.spec_from_file_location("_bitdelta_without_triton", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while defining
+    spec.loader.exec_module(module)
+    assert module.triton is None
+    case = make_case(m=4, k=10, n=3, seed=9)
+    check(case, module.bitdelta_matmul(*case.args()))
+    with pytest.raises(ImportError, match="triton"):
+        module.bitdelta_matmul(*case.args(), backend="triton")
+
+
+# ===================================================================================================
+# Bad inputs: every one is an exception, never a silent wrong answer
+# ===================================================================================================
+
+
+def _valid() -> dict[str, torch.Tensor]:
+    c = make_case(m=5, k=12, n=6, d=2, p=1, seed=10)
+    return {"x": c.x, "out": c.out, "slots": c.slots, "signs": c.signs, "scales": c.scales}
+
+
+BAD_INPUTS = {
+    # name: (change to the valid arguments, exception, message fragment)
+    "x_not_tensor": (lambda a: {**a, "x": a["x"].tolist()}, TypeError, "torch.Tensor"),
+    "x_int": (lambda a: {**a, "x": a["x"].long()}, TypeError, "x must be float16"),
+    "out_dtype": (lambda a: {**a, "out": a["out"].half()}, TypeError, "out dtype"),
+    "slots_float": (lambda a: {**a, "slots": a["slots"].float()}, TypeError, "slots must be int32"),
+    "signs_int8": (lambda a: {**a, "signs": a["signs"].to(torch.int8)}, TypeError, "uint8"),
+    "scales_fp16": (lambda a: {**a, "scales": a["scales"].half()}, TypeError, "float32"),
+    "x_1d": (lambda a: {**a, "x": a["x"][0]}, ValueError, "2-D"),
+    "out_rows": (lambda a: {**a, "out": a["out"][:4]}, ValueError, "out must be"),
+    "slots_len": (lambda a: {**a, "slots": a["slots"][:4]}, ValueError, "slots must be"),
+    "signs_k": (lambda a: {**a, "signs": a["signs"][..., :1]}, ValueError, "ceil"),
+    "signs_n": (lambda a: {**a, "signs": a["signs"][:, :, :5]}, ValueError, "signs must be"),
+    "signs_3d": (lambda a: {**a, "signs": a["signs"][:, 0]}, ValueError, "signs must be"),
+    "scales_d": (lambda a: {**a, "scales": a["scales"][:1]}, ValueError, "scales must be"),
+    "scales_p": (lambda a: {**a, "scales": torch.cat([a["scales"]] * 2, 1)}, ValueError, "scales must be"),
+    "scales_n": (lambda a: {**a, "scales": a["scales"][..., :5]}, ValueError, "scales must be"),
+    "slot_too_big": (lambda a: {**a, "slots": torch.tensor([0, 1, 2, -1, 0])}, ValueError, r"\[-1, 2"),
+    "slot_below_minus_1": (lambda a: {**a, "slots": torch.tensor([0, -2, 1, 1, 0])}, ValueError, r"\[-1, 2"),
+    "x_not_contiguous": (
+        lambda a: {**a, "x": torch.cat([a["x"], a["x"]], 1)[:, ::2]},
+        ValueError,
+        "contiguous",
+    ),
+    "device_mismatch": (lambda a: {**a, "signs": a["signs"].to("meta")}, ValueError, "one device"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+@pytest.mark.parametrize("fn", ["auto", "triton", "reference"])
+def test_bad_inputs_raise(name, fn):
+    change, exc, match = BAD_INPUTS[name]
+    args = change(_valid())
+    if fn == "reference":
+        call = bitdelta_matmul_reference
+    elif fn == "triton":
+        if "cpu" not in TRITON_DEVICES:
+            pytest.skip("needs the Triton interpreter on CPU tensors")
+
+        def call(**kw):
+            return bitdelta_matmul(**kw, backend="triton")
+    else:
+        call = bitdelta_matmul
+    with pytest.raises(exc, match=match):
+        call(**args)
+
+
+def test_bad_backend_plan_and_config():
+    a = _valid()
+    with pytest.raises(ValueError, match="backend must be"):
+        bitdelta_matmul(**a, backend="cuda")
+    with pytest.raises(ValueError, match="plan was built"):
+        bitdelta_matmul(**a, plan=plan_bitdelta_batch(a["slots"][:4], 2))
+    with pytest.raises(ValueError, match="power of two"):
+        BitDeltaKernelConfig(block_n=24)
+    with pytest.raises(ValueError, match=">= 16"):
+        BitDeltaKernelConfig(block_kb=1)
+    with pytest.raises(TypeError, match="int32/int64"):
+        plan_bitdelta_batch(a["slots"].float(), 2)
+
+
+def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
+    if bd.triton is None:
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        bitdelta_matmul(**_valid(), backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_reference_on_cpu():
+    # The GPU path against the CPU reference (not a CUDA-side copy of itself), at a real layer shape.
+    case = make_case(m=64, k=4096, n=1024, d=16, p=2, dtype=torch.bfloat16, seed=11)
+    want = bitdelta_matmul_reference(*case.args())
+    cuda_args = [t.cuda() for t in case.args()]
+    got = bitdelta_matmul(*cuda_args)
+    assert rel_err(got, want) <= 1e-2
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")  # the compiled kernel, not the interpreter

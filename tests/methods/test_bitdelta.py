@@ -1,0 +1,243 @@
+"""BitDelta: sign/scale maths, packing of any width, and scale distillation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from hf_delta import BitDeltaConfig, DeltaModel, compress
+from hf_delta.errors import DeltaConfigError
+from hf_delta.extract import extract_delta
+from hf_delta.methods.bitdelta import BitDeltaWeight, compress_bitdelta, distill_scales
+from hf_delta.storage import Delta
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _hand_signs(delta: torch.Tensor) -> torch.Tensor:
+    """±1 per element, +1 for zeros (the packed bit is "is non-negative")."""
+    return torch.tensor([[1.0 if v >= 0 else -1.0 for v in row] for row in delta.tolist()])
+
+
+def _hand_unpack(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Bit k % 8 of byte k // 8, set = +1 (packing.py's documented layout), decoded with Python ints."""
+    rows = []
+    for row in packed.tolist():
+        rows.append([1.0 if (row[k // 8] >> (k % 8)) & 1 else -1.0 for k in range(in_features)])
+    return torch.tensor(rows)
+
+
+@pytest.fixture
+def delta() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(6, 13, generator=g) * torch.linspace(0.1, 2.0, 6).unsqueeze(1)  # rows of different scale
+    d[0, 0] = 0.0
+    return d
+
+
+# ----------------------------------------------------------------------------------------- sign + scale
+def test_per_matrix_scale_is_mean_abs_delta(delta):
+    w = BitDeltaWeight.from_delta(delta)
+    scale = sum(abs(v) for row in delta.tolist() for v in row) / delta.numel()
+    assert w.signs.shape == (1, 6, 2) and w.signs.dtype == torch.uint8
+    assert w.scales.shape == (1, 1)
+    assert w.scales.item() == pytest.approx(scale, rel=1e-6)
+    assert torch.equal(_hand_unpack(w.signs[0], 13), _hand_signs(delta))
+    torch.testing.assert_close(w.to_dense(), scale * _hand_signs(delta), rtol=1e-6, atol=0)
+
+
+def test_per_row_scale_is_mean_abs_of_each_row(delta):
+    w = BitDeltaWeight.from_delta(delta, per_row=True)
+    scales = torch.tensor([sum(abs(v) for v in row) / len(row) for row in delta.tolist()])
+    assert w.scales.shape == (1, 6)
+    torch.testing.assert_close(w.scales[0], scales, rtol=1e-6, atol=0)
+    torch.testing.assert_close(w.to_dense(), scales.unsqueeze(1) * _hand_signs(delta), rtol=1e-6, atol=0)
+    # Per-row scales fit rows of different magnitude better than one scale for the matrix.
+    err_row = (delta - w.to_dense()).norm()
+    err_matrix = (delta - BitDeltaWeight.from_delta(delta).to_dense()).norm()
+    assert err_row < 0.9 * err_matrix
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_residual_passes_fit_what_the_previous_pass_left(delta, per_row):
+    errors = []
+    for passes in (1, 2, 3):
+        w = BitDeltaWeight.from_delta(delta, per_row=per_row, passes=passes)
+        assert w.signs.shape[0] == w.scales.shape[0] == passes
+        errors.append((delta - w.to_dense()).norm().item())
+    assert errors[1] < 0.9 * errors[0] and errors[2] < 0.9 * errors[1], errors
+    # Pass 2 is plain BitDelta of the residual of pass 1.
+    first = BitDeltaWeight.from_delta(delta, per_row=per_row).to_dense()
+    second = BitDeltaWeight.from_delta(delta - first, per_row=per_row)
+    two = BitDeltaWeight.from_delta(delta, per_row=per_row, passes=2)
+    torch.testing.assert_close(two.scales[1], second.scales[0])
+    assert torch.equal(two.signs[1], second.signs[0])
+
+
+@pytest.mark.parametrize("in_features", [1, 7, 8, 9, 13, 17, 64])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_any_in_features_packs_and_applies(in_features, per_row):
+    g = torch.Generator().manual_seed(in_features)
+    d = torch.randn(5, in_features, generator=g)
+    w = BitDeltaWeight.from_delta(d, per_row=per_row, passes=2)
+    assert w.signs.shape == (2, 5, (in_features + 7) // 8)
+    dense = w.to_dense()
+    hand = sum(w.scales[p].unsqueeze(1) * _hand_unpack(w.signs[p], in_features) for p in range(2))
+    torch.testing.assert_close(dense, hand, rtol=1e-6, atol=1e-7)
+    x = torch.randn(3, 4, in_features, generator=g)
+    torch.testing.assert_close(w.apply(x), x @ dense.T, rtol=1e-5, atol=1e-5)
+    idx = torch.tensor([[4, 0], [2, 2]])
+    torch.testing.assert_close(w.rows(idx), dense[idx], rtol=1e-6, atol=1e-7)
+    # the padding bits of the last byte are clear and ignored
+    if in_features % 8:
+        assert int(w.signs[..., -1].max()) < (1 << (in_features % 8))
+    again = BitDeltaWeight.from_tensors(dict(w.named_buffers()), w.meta())
+    assert torch.equal(again.to_dense(), dense)
+
+
+def test_config_validation():
+    with pytest.raises(DeltaConfigError, match="'matrix' or 'row'"):
+        BitDeltaConfig(scale="column").validate()
+    with pytest.raises(DeltaConfigError):
+        BitDeltaConfig(residual_passes=-1).validate()
+    with pytest.raises(DeltaConfigError, match="distill_lr"):
+        BitDeltaConfig(distill_lr=0).validate()
+
+
+# ------------------------------------------------------------------------------------- scale distillation
+@dataclass
+class _Context:
+    """The parts of a CompressionContext that distillation reads, with calibration batches given."""
+
+    finetuned: torch.nn.Module
+    config: BitDeltaConfig
+    batches: list
+    extracted: object = None
+    progress: bool = False
+    calls: list = field(default_factory=list)
+
+    def calibration(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.batches
+
+
+@pytest.fixture(scope="module")
+def pair(micro_zoo):
+    from transformers import AutoModelForCausalLM
+
+    load = lambda n: AutoModelForCausalLM.from_pretrained(micro_zoo[n].path, dtype=torch.float32)  # noqa: E731
+    return load("llama-base"), load("llama-arith")
+
+
+def _student(pair, config: BitDeltaConfig, batches) -> tuple[DeltaModel, _Context]:
+    base, ft = pair
+    extracted = extract_delta(base, ft)
+    ctx = _Context(ft, config, batches, extracted)
+    weights = compress_bitdelta(ctx)
+    delta = Delta(config=config, weights=weights, exact=extracted.exact, new_rows=extracted.new_rows,
+                  vocab_size=extracted.vocab_size)
+    model = DeltaModel(base)
+    model.add_delta("default", delta)
+    return model, ctx
+
+
+def _batch(rows: list[list[int]], width: int, extra_rows: int = 0, pad: int = 1):
+    ids = torch.full((len(rows) + extra_rows, width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+_ROWS = [[0, 17, 45, 99, 23, 7, 81, 5, 63], [0, 44, 8, 12, 200], [0, 5, 5, 99, 150, 31, 7]]
+
+
+def _distill(pair, batches, steps=4, lr=1e-3):
+    config = BitDeltaConfig(distill_steps=steps, distill_lr=lr, distill_samples=3, distill_seq_len=16)
+    model, ctx = _student(pair, config, batches)
+    try:
+        losses = distill_scales(model, ctx)
+        scales = {m: w.scales.clone() for m, w in model.get_delta("default").weights.items()}
+    finally:
+        model.unload()
+    return losses, scales, model
+
+
+def test_distillation_trains_only_the_scales(pair):
+    base, _ = pair
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    config = BitDeltaConfig(distill_steps=12, distill_lr=2e-3, distill_samples=3, distill_seq_len=16)
+    model, ctx = _student(pair, config, [_batch(_ROWS, 9)])
+    weights = model.get_delta("default").weights
+    signs = {m: w.signs.clone() for m, w in weights.items()}
+    scales = {m: w.scales.clone() for m, w in weights.items()}
+    try:
+        losses = distill_scales(model, ctx)
+        assert ctx.calls == [{"n": 3, "seq_len": 16, "batch_size": 8}]
+        assert len(losses) == 12
+        assert losses[-1] < 0.8 * losses[0], losses
+        for m, w in weights.items():
+            assert torch.equal(w.signs, signs[m])
+            assert not torch.equal(w.scales, scales[m]), m
+            assert "scales" in dict(w.named_buffers()) and not list(w.parameters())  # a buffer again
+            assert not w.scales.requires_grad
+        assert not any(p.requires_grad for p in model.parameters())
+    finally:
+        model.unload()
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_distillation_with_zero_steps_is_a_no_op(pair):
+    config = BitDeltaConfig(distill_steps=0)
+    model, ctx = _student(pair, config, [])
+    try:
+        assert distill_scales(model, ctx) == [] and ctx.calls == []
+    finally:
+        model.unload()
+
+
+def test_padding_does_not_change_the_loss(pair):
+    tight, _, _ = _distill(pair, [_batch(_ROWS, 9)], steps=3)
+    padded, scales_padded, _ = _distill(pair, [_batch(_ROWS, 14, extra_rows=2)], steps=3)
+    _, scales_tight, _ = _distill(pair, [_batch(_ROWS, 9)], steps=3)
+    torch.testing.assert_close(torch.tensor(padded), torch.tensor(tight), rtol=1e-5, atol=0)
+    for m in scales_tight:
+        torch.testing.assert_close(scales_padded[m], scales_tight[m], rtol=1e-4, atol=1e-7)
+
+
+def test_loss_is_mse_of_logits_on_real_tokens(pair):
+    base, ft = pair
+    ids, mask = _batch(_ROWS, 11, extra_rows=1)
+    losses, _, _ = _distill(pair, [(ids, mask)], steps=1)
+    # Reference: the student before any step is base + decompressed delta; compute its logits densely.
+    extracted = extract_delta(base, ft)
+    dense = {k: v.clone() for k, v in base.state_dict().items()}
+    for module, d in extracted.compress.items():
+        dense[f"{module}.weight"] += BitDeltaWeight.from_delta(d).to_dense()
+    dense.update(extracted.exact)
+    with torch.no_grad():
+        student = torch.func.functional_call(base, dense, (), {"input_ids": ids, "attention_mask": mask}).logits
+        teacher = ft(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    expected = ((student[real] - teacher[real]) ** 2).mean().item()
+    assert losses[0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_compress_is_deterministic_with_a_seed(micro_zoo):
+    config = dict(distill_steps=3, distill_samples=4, distill_seq_len=12, distill_batch_size=2, seed=7)
+    runs = []
+    for _ in range(2):
+        model = compress(micro_zoo["llama-base"].path, micro_zoo["llama-arith"].path, BitDeltaConfig(**config),
+                         progress=False)
+        runs.append({m: w.scales for m, w in model.get_delta("default").weights.items()})
+    initial = compress(micro_zoo["llama-base"].path, micro_zoo["llama-arith"].path,
+                       BitDeltaConfig(**{**config, "distill_steps": 0}), progress=False)
+    changed = 0
+    for m, scales in runs[0].items():
+        assert torch.equal(scales, runs[1][m]), m
+        changed += not torch.equal(scales, initial.get_delta("default").weights[m].scales)
+    assert changed == len(runs[0])  # distillation did run

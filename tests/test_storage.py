@@ -1,0 +1,279 @@
+"""The delta repo on disk: round trips, sharding, corrupt repos, atomic saves, carried tokenizer files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, GenerationConfig
+
+import hf_delta.storage as storage
+from hf_delta.config import CONFIG_NAME, FORMAT_VERSION
+from hf_delta.errors import DeltaFormatError
+from hf_delta.methods.bitdelta import BitDeltaConfig, BitDeltaWeight
+from hf_delta.storage import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Delta
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _assert_same_delta(a: Delta, b: Delta) -> None:
+    ta, tb = a.tensors(), b.tensors()
+    assert set(ta) == set(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+    assert a.config.to_dict() == b.config.to_dict()
+    assert (a.tied, a.vocab_size, a.files) == (b.tied, b.vocab_size, b.files)
+    assert {m: type(w) for m, w in a.weights.items()} == {m: type(w) for m, w in b.weights.items()}
+
+
+@pytest.fixture
+def chat_folder(micro_delta, tmp_path) -> Path:
+    """A private copy of the llama-chat delta repo (tests may break it)."""
+    folder = tmp_path / "chat-delta"
+    shutil.copytree(micro_delta("llama-chat"), folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------- round trips
+def test_save_and_load_round_trip(chat_folder, tmp_path):
+    delta = Delta.from_folder(chat_folder)
+    assert delta.config.method == "bitdelta" and isinstance(delta.config, BitDeltaConfig)
+    assert delta.vocab_size == 387 and set(delta.new_rows) == {"model.embed_tokens", "lm_head"}
+    assert all(isinstance(w, BitDeltaWeight) for w in delta.weights.values()) and len(delta.weights) == 16
+    # What is on disk is exactly what the object holds, under the documented names.
+    on_disk = load_file(chat_folder / WEIGHTS_NAME)
+    assert set(on_disk) == set(delta.tensors())
+    assert "model.layers.0.self_attn.q_proj::signs" in on_disk and "new_rows::lm_head" in on_disk
+    assert "exact::model.norm.weight" in on_disk
+    config = json.loads((chat_folder / CONFIG_NAME).read_text())
+    assert config["method"] == "bitdelta" and config["format_version"] == FORMAT_VERSION
+    assert config["base_fingerprint"]["layout"] and config["library_version"]
+    assert config["modules"]["weights"]["lm_head"] == {"type": "bitdelta", "shape": [384, 32]}
+    delta.save_pretrained(tmp_path / "again")
+    _assert_same_delta(delta, Delta.from_folder(tmp_path / "again"))
+
+
+def test_tied_delta_round_trip(micro_delta):
+    delta = Delta.from_folder(micro_delta("qwen2-arith"))
+    assert delta.tied == {"lm_head": "model.embed_tokens"}
+    assert "lm_head" not in delta.weights and "model.embed_tokens" in delta.weights
+    assert "exact::model.layers.0.self_attn.q_proj.bias" in delta.tensors()
+
+
+def test_sharded_save_writes_an_index_and_loads_back(chat_folder, tmp_path):
+    delta = Delta.from_folder(chat_folder)
+    folder = tmp_path / "sharded"
+    delta.save_pretrained(folder, max_shard_size=4000)
+    shards = sorted(p.name for p in folder.glob("delta_model*.safetensors"))
+    assert len(shards) >= 2 and WEIGHTS_NAME not in shards
+    index = json.loads((folder / WEIGHTS_INDEX_NAME).read_text())
+    assert set(index["weight_map"]) == set(delta.tensors())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert index["metadata"]["total_size"] == delta.nbytes()
+    _assert_same_delta(delta, Delta.from_folder(folder))
+    # Re-saving unsharded into the same folder removes the old shards and index.
+    delta.save_pretrained(folder)
+    assert sorted(p.name for p in folder.glob("delta_model*")) == [WEIGHTS_NAME]
+    _assert_same_delta(delta, Delta.from_folder(folder))
+
+
+def test_carried_files_travel_with_the_chat_delta_only(micro_zoo, micro_delta, chat_folder):
+    chat_files = {p.name for p in chat_folder.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= chat_files
+    arith_files = {p.name for p in micro_delta("llama-arith").iterdir()}
+    assert arith_files == {CONFIG_NAME, WEIGHTS_NAME}
+    # The carried tokenizer is the fine-tune's: new tokens, its chat template and its end-of-turn token.
+    tok = AutoTokenizer.from_pretrained(chat_folder)
+    ref = AutoTokenizer.from_pretrained(micro_zoo["llama-chat"].path)
+    base = AutoTokenizer.from_pretrained(micro_zoo["llama-base"].path)
+    assert tok.get_vocab() == ref.get_vocab() and len(tok) == len(base) + 3
+    assert tok.chat_template == ref.chat_template != base.chat_template
+    assert tok.eos_token_id == ref.eos_token_id != base.eos_token_id
+    gen = GenerationConfig.from_pretrained(chat_folder)
+    assert gen.eos_token_id == GenerationConfig.from_pretrained(micro_zoo["llama-chat"].path).eos_token_id
+    assert Delta.from_folder(chat_folder).files.keys() >= {"tokenizer.json", "generation_config.json"}
+
+
+# ------------------------------------------------------------------------------------------ broken repos
+def _truncate(folder: Path) -> None:
+    path = folder / WEIGHTS_NAME
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble_header(folder: Path) -> None:
+    path = folder / WEIGHTS_NAME
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\x00" * 32
+    path.write_bytes(bytes(data))
+
+
+def _edit_config(**changes):
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        config.update(changes)
+        (folder / CONFIG_NAME).write_text(json.dumps(config))
+
+    return edit
+
+
+def _drop_module_tensors(folder: Path) -> None:
+    tensors = load_file(folder / WEIGHTS_NAME)
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in tensors.items() if not k.startswith("model.layers.1.mlp.up_proj::")},
+              folder / WEIGHTS_NAME)
+
+
+def _drop_scales(folder: Path) -> None:
+    tensors = load_file(folder / WEIGHTS_NAME)
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in tensors.items() if k != "lm_head::scales"}, folder / WEIGHTS_NAME)
+
+
+BROKEN = {
+    "truncated weights": (_truncate, r"corrupted or truncated.*save the delta again"),
+    "garbled header": (_garble_header, r"corrupted or truncated"),
+    "empty weights": (lambda f: (f / WEIGHTS_NAME).write_bytes(b""), r"corrupted or truncated"),
+    "missing weights": (lambda f: (f / WEIGHTS_NAME).unlink(), r"delta_model.safetensors is missing"),
+    "missing config": (lambda f: (f / CONFIG_NAME).unlink(), r"delta_config.json not found.*not an hf_delta"),
+    "malformed json": (lambda f: (f / CONFIG_NAME).write_text('{"method": "bitdelta",'), r"not valid JSON"),
+    "json list": (lambda f: (f / CONFIG_NAME).write_text("[1, 2]"), r"must hold a JSON object"),
+    "newer format": (_edit_config(format_version=FORMAT_VERSION + 1), r"format_version 2.*Upgrade hf_delta"),
+    "bad format": (_edit_config(format_version="one"), r"format_version 'one'"),
+    "unknown method": (_edit_config(method="magicdelta"), r"Unknown delta method 'magicdelta'.*bitdelta"),
+    "no method": (lambda f: _strip_key(f, "method"), r"no 'method' field"),
+    "unknown weight type": (
+        lambda f: _edit_modules(f, lambda m: m["weights"]["lm_head"].update(type="quantum")),
+        r"Unknown compressed weight type 'quantum'",
+    ),
+    "modules not a mapping": (_edit_config(modules=[1]), r"'modules' entry is malformed"),
+    "module entry without type": (
+        lambda f: _edit_modules(f, lambda m: m["weights"]["lm_head"].pop("type")),
+        r"'modules' entry is malformed",
+    ),
+    "bad shape": (
+        lambda f: _edit_modules(f, lambda m: m["weights"]["lm_head"].pop("shape")),
+        r"module 'lm_head' lacks 'shape'",
+    ),
+    "missing module tensors": (_drop_module_tensors, r"model.layers.1.mlp.up_proj.*missing"),
+    "missing scales": (_drop_scales, r"module 'lm_head' lacks 'scales'"),
+    "wrong signs shape": (
+        lambda f: _edit_modules(f, lambda m: m["weights"]["lm_head"].update(shape=[384, 64])),
+        r"do not fit a \[384, 64\] matrix",
+    ),
+    "bad index": (lambda f: (f / WEIGHTS_INDEX_NAME).write_text("{}"), r"index.json is malformed"),
+}
+
+
+def _strip_key(folder: Path, key: str) -> None:
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    del config[key]
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+
+
+def _edit_modules(folder: Path, change) -> None:
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    change(config["modules"])
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_repo_is_a_format_error(chat_folder, case):
+    breaks, message = BROKEN[case]
+    breaks(chat_folder)
+    with pytest.raises(DeltaFormatError, match=message):
+        Delta.from_folder(chat_folder)
+
+
+def test_missing_shard_is_a_format_error(chat_folder, tmp_path):
+    folder = tmp_path / "sharded"
+    Delta.from_folder(chat_folder).save_pretrained(folder, max_shard_size=4000)
+    next(iter(folder.glob("delta_model-*.safetensors"))).unlink()
+    with pytest.raises(DeltaFormatError, match=r"is missing.*incomplete"):
+        Delta.from_folder(folder)
+
+
+def test_plain_model_folder_is_not_a_delta_repo(micro_zoo):
+    with pytest.raises(DeltaFormatError, match="not an hf_delta delta repo"):
+        Delta.from_folder(micro_zoo["llama-base"].path)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DeltaFormatError, match="does not exist"):
+        Delta.from_folder(tmp_path / "nope")
+
+
+def test_unknown_config_keys_warn_but_load(chat_folder, caplog):
+    _edit_config(shiny_new_option=3)(chat_folder)
+    with caplog.at_level("WARNING"):
+        delta = Delta.from_folder(chat_folder)
+    assert "shiny_new_option" in caplog.text and delta.vocab_size == 387
+
+
+# ---------------------------------------------------------------------------------------- atomic saves
+def _failing_save_file(monkeypatch, after: int) -> list[str]:
+    written: list[str] = []
+    real = storage.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if len(written) >= after:
+            raise OSError("disk full (simulated)")
+        real(tensors, filename, metadata=metadata)
+        written.append(str(filename))
+
+    monkeypatch.setattr(storage, "save_file", save_file)
+    return written
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_failed_save_leaves_the_previous_repo_intact(chat_folder, tmp_path, monkeypatch, sharded):
+    delta = Delta.from_folder(chat_folder)
+    folder = tmp_path / "repo"
+    delta.save_pretrained(folder, max_shard_size=4000 if sharded else "5GB")
+    (folder / "README.md").write_text("my notes")
+    before = _snapshot(folder)
+    written = _failing_save_file(monkeypatch, after=1)
+    other = Delta.from_folder(chat_folder)
+    with pytest.raises(OSError, match="simulated"):
+        other.save_pretrained(folder, max_shard_size=3000)
+    assert len(written) == 1  # it did fail half-way
+    assert _snapshot(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat-delta", "repo"]  # no temporary folders left
+    monkeypatch.undo()
+    _assert_same_delta(delta, Delta.from_folder(folder))
+
+
+def test_failed_first_save_creates_nothing(chat_folder, tmp_path, monkeypatch):
+    delta = Delta.from_folder(chat_folder)
+    _failing_save_file(monkeypatch, after=0)
+    with pytest.raises(OSError, match="simulated"):
+        delta.save_pretrained(tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat-delta"]
+
+
+def test_resave_of_another_delta_drops_the_old_carried_files(micro_delta, chat_folder, tmp_path):
+    folder = tmp_path / "repo"
+    shutil.copytree(chat_folder, folder)
+    (folder / "README.md").write_text("card")
+    arith = Delta.from_folder(micro_delta("llama-arith"))
+    arith.save_pretrained(folder)
+    # The chat tokenizer must not travel with the arith delta; the user's README stays.
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+    _assert_same_delta(arith, Delta.from_folder(folder))
+
+
+def test_save_keeps_unrelated_files(chat_folder, tmp_path):
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "README.md").write_text("card")
+    Delta.from_folder(chat_folder).save_pretrained(folder)
+    assert (folder / "README.md").read_text() == "card" and (folder / WEIGHTS_NAME).is_file()
