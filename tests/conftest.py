@@ -204,10 +204,10 @@ def micro_delta(micro_zoo, tmp_path_factory: pytest.TempPathFactory) -> Callable
     """
     from hf_delta import BitDeltaConfig, compress
 
-    made: dict[tuple, Path] = {}
+    made: dict[tuple[str, str], Path] = {}
 
     def make(name: str, **config: Any) -> Path:
-        key = (name, *sorted(config.items()))
+        key = (name, repr(sorted(config.items())))
         if key not in made:
             entry = micro_zoo[name]
             with _one_torch_thread():

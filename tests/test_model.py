@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_delta import DeltaModel
-from hf_delta.errors import DeltaNotFoundError
+from hf_delta.errors import ArchitectureMismatchError, DeltaNotFoundError
 from hf_delta.layers import _DeltaWrapper
 from hf_delta.storage import Delta
 
@@ -77,11 +77,6 @@ def _greedy(model, enc, **kwargs):
                          return_dict_in_generate=True, pad_token_id=1, **kwargs)
     n = enc["input_ids"].shape[1]
     return out.sequences[:, n:], torch.stack(out.scores, 1)
-
-
-def _last_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits of every real position of a left-padded batch, row by row."""
-    return [logits[i, mask[i].bool()] for i in range(len(mask))]
 
 
 def _buffer_bytes(module: nn.Module) -> int:
@@ -311,8 +306,8 @@ def test_merge_in_bf16_is_within_rounding(micro_zoo, micro_delta):
     base = _base(micro_zoo).state_dict()
     for key, value in merged.state_dict().items():
         assert value.dtype == torch.bfloat16
-        # bf16 rounding of the base and of the sum: half an ulp (2^-9 relative) each, of the operands' size.
-        bound = 2**-8 * (base[key].abs() + (expected[key] - base[key]).abs()) + 1e-30
+        # bf16 rounds the base, then the sum: each within its unit roundoff 2^-8 (8 significant bits).
+        bound = 2**-8 * (2 * base[key].abs() + (expected[key] - base[key]).abs()) + 1e-30
         error = (value.float() - expected[key]).abs()
         assert bool((error <= bound).all()), (key, float((error / bound).max()))
 
@@ -334,6 +329,12 @@ def test_unload_returns_the_untouched_base(micro_zoo, micro_delta):
         assert torch.equal(plain.state_dict()[key], value), key
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    # The emptied DeltaModel starts over: a delta loaded now is the active one.
+    model.load_delta(micro_delta("llama-arith"), "again")
+    assert model.list_deltas() == ["again"] and model.active_delta == "again"
+    with torch.no_grad():
+        expected = _dense(micro_zoo, micro_delta("llama-arith"))(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_save_pretrained_of_a_loaded_delta_round_trips(micro_zoo, micro_delta, tmp_path):
@@ -346,3 +347,40 @@ def test_save_pretrained_of_a_loaded_delta_round_trips(micro_zoo, micro_delta, t
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids, delta_names=["llama-chat"]).logits,
                                    rtol=0, atol=0)
+
+
+def test_partial_targets_and_exact_embeddings_in_bf16(micro_zoo, micro_delta):
+    """Untargeted linears (with biases) and uncompressed embeddings are stored exact; they work in any dtype."""
+    folder = micro_delta("qwen2-arith", target_modules=["q_proj"], compress_embeddings=False)
+    delta = Delta.from_folder(folder)
+    assert "model.layers.0.self_attn.k_proj.weight" in delta.exact and "model.embed_tokens.weight" in delta.exact
+    ids = torch.tensor([[5, 60, 7, 80, 9], [3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        expected = _dense(micro_zoo, folder, "qwen2")(input_ids=ids).logits
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
+            model = DeltaModel(_base(micro_zoo, "qwen2", dtype=dtype))
+            model.load_delta(folder, "partial")
+            got = model(input_ids=ids, delta_names=["partial", "partial"]).logits.float()
+            torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+            merged = model.merge_and_unload("partial")
+            torch.testing.assert_close(merged(input_ids=ids).logits.float(), expected, rtol=tol, atol=tol)
+
+
+def test_delta_that_does_not_fit_the_model_is_rejected_whole(micro_zoo, micro_delta):
+    model = _model(micro_zoo, micro_delta, ["llama-arith"])
+    modules = dict(model.named_modules())
+    bad = Delta.from_folder(micro_delta("llama-cipher"))
+    bad.config.base_fingerprint = None
+    bad.weights["model.layers.7.mlp.up_proj"] = bad.weights["model.layers.1.mlp.up_proj"]
+    with pytest.raises(ArchitectureMismatchError, match=r"model.layers.7.mlp.up_proj"):
+        model.add_delta("bad", bad)
+    bad = Delta.from_folder(micro_delta("llama-cipher"))
+    bad.exact["model.norm.weight"] = torch.ones(48)
+    with pytest.raises(ArchitectureMismatchError, match=r"model.norm.weight.*\(48,\).*\(32,\)"):
+        model.add_delta("bad", bad)
+    bad = Delta.from_folder(micro_delta("llama-cipher"))
+    bad.weights["model.layers.0.mlp.up_proj"] = bad.weights["model.layers.0.mlp.down_proj"]
+    with pytest.raises(ArchitectureMismatchError, match=r"model.layers.0.mlp.up_proj.*\(32, 64\).*\(64, 32\)"):
+        model.add_delta("bad", bad)
+    assert dict(model.named_modules()).keys() == modules.keys() and model.list_deltas() == ["llama-arith"]
+    assert all("bad" not in getattr(m, "deltas", {}) for m in model.modules())

@@ -15,7 +15,9 @@ from .errors import BaseModelMismatchError
 
 _SAMPLES_PER_TENSOR = 4
 _MAX_TENSORS = 64
-_RTOL = 2e-2
+# Twice bf16's unit roundoff (2^-8): a base saved or loaded in bf16/fp16 still matches its fp32 fingerprint,
+# while a checkpoint whose weights moved by 1% (further training, another seed) does not.
+_RTOL = 8e-3
 
 
 def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -9,10 +9,12 @@ from pathlib import Path
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 
 from .config import CONFIG_NAME
 from .errors import DeltaFormatError
@@ -39,8 +41,14 @@ def resolve_delta_folder(
     path = Path(delta_id).expanduser()
     if path.is_dir():
         return path
-    if str(delta_id).startswith((".", "/", "~")):
+    if isinstance(delta_id, Path) or str(delta_id).startswith((".", "/", "~")):
         raise DeltaFormatError(f"Delta folder {str(delta_id)!r} does not exist.")
+    try:
+        validate_repo_id(str(delta_id))
+    except HFValidationError as err:
+        raise DeltaFormatError(
+            f"{str(delta_id)!r} is neither an existing folder nor a valid Hub repo id ({err})."
+        ) from err
     try:
         folder = snapshot_download(str(delta_id), revision=revision, token=token, cache_dir=cache_dir,
                                    local_files_only=local_files_only, allow_patterns=_ALLOW)
@@ -48,7 +56,8 @@ def resolve_delta_folder(
         raise DeltaFormatError(f"Revision {revision!r} of delta repo {delta_id!r} does not exist.") from err
     except RepositoryNotFoundError as err:
         raise DeltaFormatError(
-            f"Delta repo {delta_id!r} was not found on the Hub (or you lack access: pass token=...)."
+            f"Delta repo {delta_id!r} is not a local folder and was not found on the Hub (or you lack access: "
+            "pass token=...)."
         ) from err
     except (LocalEntryNotFoundError, EntryNotFoundError) as err:
         raise DeltaFormatError(
@@ -63,15 +72,28 @@ def resolve_delta_folder(
     return Path(folder)
 
 
-def model_card(delta: Delta) -> str:
-    """A Hub model card with the metadata that makes the repo findable (library, base, tags)."""
+def _is_repo_id(name: str | None) -> bool:
+    if not name or Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def model_card(delta: Delta, *, repo_id: str | None = None) -> str:
+    """A Hub model card with the metadata that makes the repo findable (library, base, tags).
+
+    ``base_model`` is only set when the base was given as a Hub id: the Hub rejects local paths there.
+    """
     c = delta.config
     base = c.base_model_name_or_path or "unknown"
+    base_line = f"base_model: {base}\n" if _is_repo_id(c.base_model_name_or_path) else ""
     size_mb = delta.nbytes() / 1e6
     return f"""---
 library_name: hf_delta
-base_model: {base}
-pipeline_tag: text-generation
+{base_line}pipeline_tag: text-generation
 tags:
 - hf_delta
 - delta-compression
@@ -87,7 +109,7 @@ This repo holds only the *difference* between a fine-tuned model and its base, c
 ```python
 from hf_delta import DeltaModel
 
-model = DeltaModel.from_pretrained("{base}", "<this repo id>")
+model = DeltaModel.from_pretrained("{base}", "{repo_id or "<this repo id>"}")
 ```
 
 Base revision: `{c.base_model_revision or "main"}` · format version {c.format_version} ·
@@ -111,7 +133,7 @@ def push_delta_to_hub(
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         delta.save_pretrained(Path(tmp) / "delta")
-        (Path(tmp) / "delta" / "README.md").write_text(model_card(delta))
+        (Path(tmp) / "delta" / "README.md").write_text(model_card(delta, repo_id=repo_id))
         info = api.upload_folder(folder_path=Path(tmp) / "delta", repo_id=repo_id, revision=revision,
                                  commit_message=commit_message)
     return info.oid

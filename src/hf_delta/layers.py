@@ -131,7 +131,8 @@ class DeltaLinear(_DeltaWrapper):
             exact = parts.exact()
             if "weight" in exact:
                 w = exact["weight"].to(x.dtype)
-                out = F.linear(xr, w, exact.get("bias", base.bias))
+                bias = exact.get("bias", base.bias)
+                out = F.linear(xr, w, None if bias is None else bias.to(x.dtype))
                 target = slice(None) if rows is None else rows
                 yf[target, : w.shape[0]] = out
                 continue

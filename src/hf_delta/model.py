@@ -14,7 +14,8 @@ from transformers import PreTrainedModel
 
 from . import __version__
 from ._loading import load_model
-from .errors import DeltaNotFoundError
+from .errors import ArchitectureMismatchError, DeltaNotFoundError
+from .extract import vocab_module_names
 from .fingerprint import check_base
 from .layers import BASE_SLOT, DeltaParts, DeltaRouting, _DeltaWrapper, wrapper_for
 from .storage import Delta
@@ -115,6 +116,7 @@ class DeltaModel(nn.Module):
                              "another name.")
         check_base(delta.config.base_fingerprint, self._base_state_model(), delta=source or delta_name,
                    base_name=delta.config.base_model_name_or_path, ignore_mismatch=ignore_base_mismatch)
+        self._check_fits(delta, source or delta_name)  # before anything is wrapped: all or nothing
         device = next(self.base_model.parameters()).device
         per_module: dict[str, dict[str, Any]] = {}
         for module, weight in delta.weights.items():
@@ -135,6 +137,32 @@ class DeltaModel(nn.Module):
         self.routing.add(delta_name)
         if self.routing.active is None:
             self.routing.active = delta_name
+
+    def _check_fits(self, delta: Delta, name: str) -> None:
+        """Raise ``ArchitectureMismatchError`` if a tensor of ``delta`` has no counterpart of its shape here."""
+
+        def expect(key: str, shape: tuple[int | None, ...], *, more_rows: bool = False) -> None:
+            base = self._base_state.get(key)
+            if base is None:
+                raise ArchitectureMismatchError(
+                    f"Delta {name!r} has a tensor for {key!r}, which this base model does not have: the delta was "
+                    "made for another architecture."
+                )
+            # Vocabulary tables of a grown vocabulary may have more rows than the base's (None: any number).
+            rows_ok = shape[0] is None or (shape[0] >= base.shape[0] if more_rows else shape[0] == base.shape[0])
+            if len(shape) != base.dim() or shape[1:] != base.shape[1:] or not rows_ok:
+                raise ArchitectureMismatchError(
+                    f"Delta {name!r} holds {key!r} with shape {shape}, but the base model's is "
+                    f"{tuple(base.shape)}: the delta was made for another architecture."
+                )
+
+        vocab = {f"{m}.weight" for m in vocab_module_names(self.base_model) if m is not None}
+        for module, weight in delta.weights.items():
+            expect(f"{module}.weight", tuple(weight.shape))
+        for module, rows in delta.new_rows.items():
+            expect(f"{module}.weight", (None, *rows.shape[1:]))
+        for key, value in delta.exact.items():
+            expect(key, tuple(value.shape), more_rows=key in vocab)
 
     def _base_state_model(self) -> nn.Module:
         holder = nn.Module()
@@ -250,6 +278,8 @@ class DeltaModel(nn.Module):
             setattr(parent, leaf, wrapper.base_layer)
         self._wrapped.clear()
         self.deltas.clear()
+        self.routing.slots.clear()
+        self.routing.active = None
         return self.base_model
 
     @torch.no_grad()

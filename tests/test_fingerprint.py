@@ -1,0 +1,99 @@
+"""Base fingerprints: the same base in any float dtype matches, a different base is a clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_delta import DeltaModel
+from hf_delta.errors import BaseModelMismatchError
+from hf_delta.fingerprint import base_fingerprint, fingerprint_mismatch
+from hf_delta.storage import Delta
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _load(micro_zoo, name: str, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(micro_zoo[name].path, dtype=dtype)
+
+
+def test_fingerprint_is_small_deterministic_and_recorded(micro_zoo, micro_delta):
+    fp = base_fingerprint(_load(micro_zoo, "llama-base"))
+    assert fp == base_fingerprint(_load(micro_zoo, "llama-base"))
+    assert len(json.dumps(fp)) < 4000
+    assert len(fp["samples"]) == len(_load(micro_zoo, "llama-base").state_dict())  # 21 tensors: all sampled
+    recorded = Delta.from_folder(micro_delta("llama-arith")).config.base_fingerprint
+    assert recorded == json.loads(json.dumps(fp))
+
+
+@pytest.mark.parametrize("recorded", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loaded", [torch.float32, torch.bfloat16, torch.float16])
+def test_same_base_in_any_dtype_matches(micro_zoo, recorded, loaded):
+    for arch in ("llama", "qwen2"):
+        fp = base_fingerprint(_load(micro_zoo, f"{arch}-base", recorded))
+        assert fingerprint_mismatch(fp, _load(micro_zoo, f"{arch}-base", loaded)) is None
+
+
+def test_delta_loads_on_a_bf16_base(micro_zoo, micro_delta):
+    folder = micro_delta("llama-arith")
+    model = DeltaModel.from_pretrained(micro_zoo["llama-base"].path, folder, dtype=torch.bfloat16)
+    ref = DeltaModel.from_pretrained(micro_zoo["llama-base"].path, folder)
+    assert model.base_model.dtype == torch.bfloat16
+    ids = torch.tensor([[5, 60, 7, 80, 9]])
+    with torch.no_grad():
+        low, high = model(input_ids=ids).logits.float(), ref(input_ids=ids).logits
+    assert (low - high).abs().max() < 0.05 * high.abs().max()
+
+
+def _perturbed(micro_zoo, scale: float):
+    model = _load(micro_zoo, "llama-base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("make_base", "reason"),
+    [
+        (lambda z: _load(z, "qwen2-base"), "its parameter names or shapes differ"),
+        (lambda z: _load(z, "llama-cipher"), "its weights differ"),  # a fine-tune is not its base
+        (lambda z: _perturbed(z, 1.015), "its weights differ"),
+        (lambda z: _perturbed(z, 0.985), "its weights differ"),
+    ],
+    ids=["other-architecture", "a-fine-tune", "scaled-up", "scaled-down"],
+)
+def test_different_base_is_a_clear_error(micro_zoo, micro_delta, make_base, reason):
+    folder = micro_delta("llama-arith")
+    base = make_base(micro_zoo)
+    with pytest.raises(BaseModelMismatchError) as err:
+        DeltaModel.from_pretrained(base, folder)
+    message = str(err.value)
+    assert reason in message and "ignore_base_mismatch=True" in message, message
+    assert str(micro_zoo["llama-base"].path) in message  # names the base the delta was made for
+    # The override applies it anyway.
+    model = DeltaModel.from_pretrained(base, folder, ignore_base_mismatch=True)
+    assert model.list_deltas() == ["default"]
+
+
+def test_load_delta_on_the_wrong_base_changes_nothing(micro_zoo, micro_delta):
+    model = DeltaModel(_load(micro_zoo, "qwen2-base"))
+    model.load_delta(micro_delta("qwen2-arith"), "ok")
+    wrapped = dict(model.named_modules())
+    with pytest.raises(BaseModelMismatchError):
+        model.load_delta(micro_delta("llama-arith"), "wrong")
+    assert model.list_deltas() == ["ok"] and dict(model.named_modules()).keys() == wrapped.keys()
+    assert all("wrong" not in getattr(m, "deltas", {}) for m in model.modules())
+    model.load_delta(micro_delta("llama-arith"), "forced", ignore_base_mismatch=True)
+    assert model.list_deltas() == ["ok", "forced"]
+
+
+def test_delta_without_fingerprint_is_not_checked(micro_zoo, micro_delta, tmp_path):
+    delta = Delta.from_folder(micro_delta("llama-arith"))
+    delta.config.base_fingerprint = None
+    delta.save_pretrained(tmp_path / "d")
+    model = DeltaModel.from_pretrained(_load(micro_zoo, "llama-cipher"), tmp_path / "d")
+    assert model.list_deltas() == ["default"]
