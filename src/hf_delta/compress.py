@@ -118,8 +118,9 @@ def compress(
     config.base_fingerprint = base_fingerprint(base_model)
     config.library_version = __version__
     ctx = CompressionContext(base_model, ft_model, tokenizer, extracted, config, calibration, progress)
-    torch.manual_seed(config.seed)
-    weights = method.compress(ctx)
+    with torch.random.fork_rng(devices=[]):  # seed compression without touching the caller's RNG state
+        torch.manual_seed(config.seed)
+        weights = method.compress(ctx)
     delta = Delta(config=config, weights=weights, exact=extracted.exact, new_rows=extracted.new_rows,
                   tied=extracted.tied, vocab_size=extracted.vocab_size,
                   files=_carried_files(base_tok, tokenizer, base_model, ft_model))

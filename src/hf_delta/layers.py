@@ -69,28 +69,50 @@ class DeltaRouting:
                 yield self.slots[slot], (flat == slot).nonzero().squeeze(1)
 
 
-class DeltaParts(nn.Module):
-    """What one delta holds for one module: a compressed weight and/or exact tensors and new vocab rows."""
+class DeltaParts:
+    """What one delta holds for one module: a compressed weight and/or exact tensors and new vocab rows.
+
+    A plain slotted object, not an ``nn.Module``: a model with hundreds of resident deltas would otherwise
+    carry thousands of modules, whose Python bookkeeping outweighs a small delta's tensors.
+    """
+
+    __slots__ = ("_exact", "new_rows", "weight")
 
     def __init__(self, weight: CompressedWeight | None = None, exact: dict[str, torch.Tensor] | None = None,
                  new_rows: torch.Tensor | None = None):
-        super().__init__()
         self.weight = weight
-        self.exact_names = sorted(exact or {})
-        for k, v in (exact or {}).items():
-            self.register_buffer(f"exact_{k}", v)
-        self.register_buffer("new_rows", new_rows)
+        self._exact = dict(exact or {})
+        self.new_rows = new_rows
+
+    @property
+    def exact_names(self) -> list[str]:
+        return sorted(self._exact)
 
     def exact(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, f"exact_{k}") for k in self.exact_names}
+        return self._exact
+
+    def apply_(self, fn) -> DeltaParts:
+        """Apply a tensor function (``.to(device)``, casts) to every tensor held, in place."""
+        if self.weight is not None:
+            self.weight._apply(fn)
+        self._exact = {k: fn(v) for k, v in self._exact.items()}
+        if self.new_rows is not None:
+            self.new_rows = fn(self.new_rows)
+        return self
 
 
 class _DeltaWrapper(nn.Module):
     def __init__(self, base_layer: nn.Module, routing: DeltaRouting):
         super().__init__()
         self.base_layer = base_layer
-        self.deltas = nn.ModuleDict()
+        self.deltas: dict[str, DeltaParts] = {}
         object.__setattr__(self, "routing", routing)  # shared state, not a submodule
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for parts in self.deltas.values():  # model.to(device) moves resident deltas too
+            parts.apply_(fn)
+        return self
 
     @property
     def weight(self) -> torch.Tensor:  # transformers reads .weight of embeddings and heads

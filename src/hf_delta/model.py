@@ -128,7 +128,7 @@ class DeltaModel(nn.Module):
             per_module.setdefault(module, {})["new_rows"] = rows
         made: dict[str, DeltaParts] = {}
         for module, kw in per_module.items():
-            made[module] = DeltaParts(**kw).to(device)
+            made[module] = DeltaParts(**kw).apply_(lambda t: t.to(device))
             self._wrap(module).deltas[delta_name] = made[module]
         for head, embed in delta.tied.items():
             if embed in made:

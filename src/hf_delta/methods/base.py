@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import nn
 
 from ..errors import DeltaConfigError, DeltaFormatError
 
@@ -16,18 +15,51 @@ if TYPE_CHECKING:
     from ..config import DeltaConfig
 
 
-class CompressedWeight(nn.Module, metaclass=abc.ABCMeta):
+class CompressedWeight(abc.ABC):
     """One compressed delta matrix ``Δ`` of shape ``[out_features, in_features]``.
 
-    Subclasses keep only their packed tensors as buffers (so ``.to(device)`` moves them and memory stays
-    at the compressed size) and implement ``to_dense`` plus, where it pays, a faster ``apply``.
+    Subclasses keep only their packed tensors, registered with ``register_buffer`` (so ``.to(device)``
+    moves them and memory stays at the compressed size), and implement ``to_dense`` plus, where it pays, a
+    faster ``apply``. Deliberately not an ``nn.Module``: a served model holds thousands of these, and a
+    module's bookkeeping (a dozen dicts each) would outweigh a small delta's packed bits.
     """
 
     method: ClassVar[str] = ""
 
     def __init__(self, shape: tuple[int, int]):
-        super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None) -> None:
+        """Register a tensor that is saved, moved by ``.to`` and counted by ``nbytes`` (``None`` = absent)."""
+        if tensor is not None:
+            self._buffers[name] = tensor
+
+    def __getattr__(self, name: str) -> Any:
+        buffers = self.__dict__.get("_buffers", {})
+        if name in buffers:
+            return buffers[name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("_buffers", {}):
+            self._buffers[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def named_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self._buffers.items())
+
+    def buffers(self) -> list[torch.Tensor]:
+        return list(self._buffers.values())
+
+    def _apply(self, fn) -> CompressedWeight:
+        self._buffers = {k: fn(v) for k, v in self._buffers.items()}
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> CompressedWeight:
+        """Move/cast the buffers like ``Tensor.to`` (in place; returns self)."""
+        return self._apply(lambda t: t.to(*args, **kwargs))
 
     @abc.abstractmethod
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -53,8 +85,8 @@ class CompressedWeight(nn.Module, metaclass=abc.ABCMeta):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}, bytes={self.nbytes()}"
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, bytes={self.nbytes()})"
 
 
 @dataclass(frozen=True)

@@ -102,18 +102,21 @@ class BitDeltaConfig(DeltaConfig):
     """BitDelta: 1-bit signs and scales, then scale distillation.
 
     Args:
-        scale: ``"matrix"`` (one scale per matrix, as the paper) or ``"row"`` (one per output row).
+        scale: ``"row"`` (one scale per output row, the default) or ``"matrix"`` (one per matrix, as the paper).
+            Per-row scales cost 4 bytes a row and matter on small models: rows a fine-tune never touched
+            (unused vocabulary) get a zero scale instead of ±scale noise.
         residual_passes: extra sign masks fitted to what the previous passes left (0 = plain BitDelta);
             each pass adds one bit per weight and recovers more of the fine-tune.
         distill_steps: Adam steps of scale distillation (0 skips it: "BitDelta-initial").
-        distill_lr: learning rate of scale distillation.
+        distill_lr: Adam step size of scale distillation, relative to each matrix's mean scale (so the same
+            value suits deltas of any magnitude; 0.1 ≈ the paper's 1e-4 on 7B-model deltas).
         distill_samples / distill_seq_len / distill_batch_size: calibration set size and shape.
     """
 
-    scale: str = "matrix"
+    scale: str = "row"
     residual_passes: int = 0
     distill_steps: int = 200
-    distill_lr: float = 1e-4
+    distill_lr: float = 0.1
     distill_samples: int = 64
     distill_seq_len: int = 128
     distill_batch_size: int = 8
@@ -157,7 +160,9 @@ def distill_scales(model: DeltaModel, ctx: CompressionContext) -> list[float]:
     before = _checksum(frozen)
     for w in weights:
         w.scales = nn.Parameter(w.scales.detach().clone())
-    opt = torch.optim.Adam([w.scales for w in weights], lr=cfg.distill_lr)
+    groups = [{"params": [w.scales], "lr": cfg.distill_lr * float(w.scales.detach().abs().mean()) or cfg.distill_lr}
+              for w in weights]
+    opt = torch.optim.Adam(groups)
     teacher = ctx.finetuned.eval()
     order = torch.Generator().manual_seed(cfg.seed)
     losses = []
@@ -176,9 +181,7 @@ def distill_scales(model: DeltaModel, ctx: CompressionContext) -> list[float]:
             losses.append(loss.item())
     finally:
         for w in weights:
-            scales = w.scales.detach()
-            del w.scales
-            w.register_buffer("scales", scales)
+            w.scales = w.scales.detach()
     if _checksum(frozen) != before:
         raise RuntimeError("Scale distillation changed weights other than the scales; this is a bug in hf_delta.")
     return losses
