@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .zoo.report import evaluate_zoo, write_results
 
     rows = evaluate_zoo(args.size, args.dir, build=args.build)
-    md = write_results(rows, args.out, name=f"zoo-eval-{args.size}", command=" ".join(["hf-delta", *sys.argv[1:]]))
+    md = write_results(rows, args.out, name=f"zoo-eval-{args.size}", command=args.command_line)
     print(md)
     return 0
 
@@ -129,13 +130,15 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
 
     print(bench_fidelity(args.size, args.dir, args.out, settings=args.settings.split(","),
                          finetunes=args.finetunes.split(",") if args.finetunes else None,
-                         calibration=args.calibration, command=" ".join(["hf-delta", *sys.argv[1:]])))
+                         calibration=args.calibration, command=args.command_line))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["hf-delta", *argv])  # recorded beside every result it writes
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from .errors import HfDeltaError

@@ -1,0 +1,39 @@
+"""The hf-delta command line, end to end on the micro zoo."""
+
+from __future__ import annotations
+
+import json
+
+from hf_delta.cli import main
+from hf_delta.storage import Delta
+
+
+def test_compress_command_writes_a_loadable_delta(micro_zoo, tmp_path, capsys, torch_one_thread):
+    out = tmp_path / "delta"
+    code = main(["compress", str(micro_zoo["llama-base"].path), str(micro_zoo["llama-arith"].path), str(out),
+                 "--method", "bitdelta", "--options", json.dumps({"distill_steps": 0, "scale": "matrix"})])
+    assert code == 0 and "Saved bitdelta delta" in capsys.readouterr().out
+    delta = Delta.from_folder(out)
+    assert delta.config.method == "bitdelta" and delta.config.scale == "matrix"
+    assert all(w.scales.shape[1] == 1 for w in delta.weights.values())
+
+
+def test_zoo_list_and_bad_size(micro_zoo, capsys):
+    assert main(["zoo", "list", "--dir", str(micro_zoo.root.parent)]) == 0
+    assert "llama-arith" in capsys.readouterr().out
+    assert main(["zoo", "build", "--size", "huge", "--dir", str(micro_zoo.root.parent)]) == 2
+    assert "Unknown zoo size 'huge'" in capsys.readouterr().err
+
+
+def test_eval_command_writes_json_and_markdown(micro_zoo, tmp_path, capsys, torch_one_thread):
+    assert main(["eval", "--size", "micro", "--dir", str(micro_zoo.root.parent), "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "zoo-eval-micro.json").read_text())["rows"]
+    assert {r["fine-tune"] for r in rows} == {e.name for e in micro_zoo.finetunes}
+    assert all(r["linear_layers_changed"].split("/")[0] == r["linear_layers_changed"].split("/")[1] for r in rows)
+    assert (tmp_path / "zoo-eval-micro.md").read_text().startswith("`hf-delta eval")
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
+    code = main(["compress", str(tmp_path / "nope"), str(tmp_path / "nope2"), str(tmp_path / "out")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
