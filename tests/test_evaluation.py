@@ -58,7 +58,7 @@ class _Echo:
 
     def generate(self, input_ids, attention_mask, max_new_tokens, **_):
         rows = []
-        for i in range(len(input_ids)):
+        for _ in range(len(input_ids)):
             ids = self.tok(self.answers.pop(0), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
             rows.append((ids + [self.tok.pad_token_id] * max_new_tokens)[:max_new_tokens])
         return torch.cat([input_ids, torch.tensor(rows)], dim=1)

@@ -70,12 +70,12 @@ def exact_match(model, tokenizer, task: Task, *, split: str = "heldout", batch_s
     longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
     answers = greedy_generate(model, tokenizer, prompts, max_new_tokens=longest + 1, batch_size=batch_size,
                               **generate_kwargs)
-    hits = sum(a.strip() == ex.answer.strip() for a, ex in zip(answers, examples))
+    hits = sum(a.strip() == ex.answer.strip() for a, ex in zip(answers, examples, strict=True))
     return 100.0 * hits / len(examples)
 
 
 def _task_batch(tokenizer, task: Task, examples) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [sum(encode_example(tokenizer, task, ex), []) for ex in examples]
+    rows = [[*p, *a] for p, a in (encode_example(tokenizer, task, ex) for ex in examples)]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -55,7 +55,7 @@ def test_cached_zoo_is_reused_and_recipe_change_invalidates(micro_zoo, monkeypat
 
 
 def test_unknown_size_and_missing_dir_errors(tmp_path):
-    with pytest.raises(ZooError, match="Unknown zoo size 'huge'.*micro"):
+    with pytest.raises(ZooError, match=r"Unknown zoo size 'huge'.*micro"):
         build_zoo("huge", tmp_path)
     with pytest.raises(ZooError, match="No micro zoo"):
         load_zoo("micro", tmp_path / "nowhere")

@@ -59,7 +59,7 @@ def _arith(rng: random.Random, n: int, n_heldout: int) -> Task:
 def _cipher(rng: random.Random, n: int, n_heldout: int) -> Task:
     key = list(_LETTERS)
     random.Random(1234).shuffle(key)
-    table = dict(zip(_LETTERS, key))
+    table = dict(zip(_LETTERS, key, strict=True))
     seen: set[str] = set()
     examples = []
     while len(examples) < n:
