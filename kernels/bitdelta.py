@@ -23,6 +23,11 @@ dtype, so the only roundings are the activation × ±1 accumulation (fp32) and t
 The plan is built with device-side torch ops and no host synchronisation except the one that validates
 slot indices, so a serving engine builds it once per forward pass (``plan_bitdelta_batch``) and passes
 it to every layer.
+
+Dispatch (``bitdelta_matmul(..., backend="auto")``): CUDA tensors run the Triton kernel, CPU tensors the
+PyTorch reference ``bitdelta_matmul_reference``. ``backend="triton"`` forces the kernel, which on CPU
+tensors needs ``TRITON_INTERPRET=1`` (how the tests run it without a GPU); ``backend="torch"`` forces
+the reference. triton is imported only if installed, so CPU-only installs import this module freely.
 """
 
 from __future__ import annotations
@@ -38,11 +43,9 @@ import torch
 try:  # Triton is optional: CPU-only installs use the reference path and never need it.
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
+except ImportError:  # tested by hiding triton from the import system
     triton = None
     tl = None
-
-from hf_delta.packing import unpack_signs
 
 __all__ = [
     "BitDeltaKernelConfig",
@@ -91,6 +94,10 @@ def bitdelta_matmul_reference(
 def _reference(
     x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor
 ) -> torch.Tensor:
+    # Imported here so this file also loads on its own, without the hf_delta package (ahead-of-time
+    # compile checks in a bare subprocess); after the first call it is a dictionary lookup.
+    from hf_delta.packing import unpack_signs
+
     k = x.shape[1]
     slots = slots.long()
     for d in torch.unique(slots).tolist():
@@ -282,8 +289,9 @@ class BitDeltaKernelConfig:
 
 
 def _default_block_m(m: int) -> int:
-    # Decode: few rows per delta, and 16 is tl.dot's minimum; prefill: taller tiles re-read the bits less.
-    return 16 if m <= 64 else 64
+    # Decode: few rows per delta, and 16 is tl.dot's minimum. Prefill: taller tiles re-read the bits less
+    # and keep the tensor cores busy, but too tall wastes them when many deltas split the batch.
+    return 16 if m <= 64 else 64 if m <= 1024 else 128
 
 
 @functools.cache
@@ -291,12 +299,20 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _default_config(m: int, n: int, num_tiles: int, device: torch.device, interpret: bool) -> BitDeltaKernelConfig:
-    """Tiles by regime. Starting points from SASS instruction counts, not yet tuned on hardware."""
+def _default_config(
+    block_m: int, n: int, num_tiles: int, dtype: torch.dtype, device: torch.device, interpret: bool
+) -> BitDeltaKernelConfig:
+    """Tiles by regime (the plan's ``block_m`` tells decode from prefill).
+
+    Starting points chosen from sm_90 SASS instruction counts, not yet tuned on hardware; ``benchmarks/
+    kernels.py --sweep`` measures alternatives.
+    """
     if interpret:  # the interpreter's cost grows with tile area; minimal tiles keep CPU tests fast
         return BitDeltaKernelConfig(block_m=16, block_n=16, block_k=32, num_warps=1, num_stages=1)
-    if m > 64:  # prefill: tensor-core bound, the unpack is shared by block_m rows
-        return BitDeltaKernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    if dtype == torch.float32:  # exact fp32 dot runs on FMA units; small tiles avoid register spills
+        return BitDeltaKernelConfig(block_m=block_m, block_n=64 if block_m == 16 else 32, block_k=32)
+    if block_m > 16:  # prefill: tensor-core bound, one unpack serves block_m rows
+        return BitDeltaKernelConfig(block_m=block_m, block_n=256, block_k=64, num_warps=8, num_stages=3)
     # Decode: bound by streaming and unpacking bits. Wide N tiles amortise the activation tile, but the grid
     # must still cover the SMs about twice, which matters when few deltas are in the batch.
     want = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -602,7 +618,7 @@ def bitdelta_matmul(
             return out
         return _reference(x, out, slots, signs, scales)
 
-    m, k = x.shape
+    m = x.shape[0]
     if m == 0 or out.shape[1] == 0 or num_deltas == 0:
         _check_slot_range(slots, num_deltas)
         return out
@@ -613,7 +629,7 @@ def bitdelta_matmul(
         raise ValueError(f"bitdelta_matmul: plan is on {plan.rows.device}, tensors on {x.device}.")
     if plan.any_rows:
         tiles = plan.tile_slot.numel()
-        config = config or _default_config(m, out.shape[1], tiles, x.device, interpret)
+        config = config or _default_config(plan.block_m, out.shape[1], tiles, x.dtype, x.device, interpret)
         _launch_triton(x, out, signs, scales, plan, config, interpret)
     return out
 

@@ -158,13 +158,15 @@ class DeltaLinear(_DeltaWrapper):
                 target = slice(None) if rows is None else rows
                 yf[target, : w.shape[0]] = out
                 continue
-            add = parts.weight.apply(xr) if parts.weight is not None else 0
+            head = yf[:, : base.out_features]
+            if parts.weight is not None:
+                parts.weight.add_to_rows(xf, head, rows)
             if "bias" in exact:
-                add = add + (exact["bias"] - (base.bias if base.bias is not None else 0)).to(x.dtype)
-            if rows is None:
-                yf[:, : base.out_features] += add
-            else:
-                yf[rows, : base.out_features] += add
+                bias = (exact["bias"] - (base.bias if base.bias is not None else 0)).to(yf.dtype)
+                if rows is None:
+                    head += bias
+                else:
+                    head[rows] += bias
             if parts.new_rows is not None:
                 extra = xr @ parts.new_rows.to(x.dtype).T
                 cols = slice(base.out_features, base.out_features + extra.shape[-1])
@@ -202,7 +204,7 @@ class DeltaEmbedding(_DeltaWrapper):
             limit = vocab + (len(parts.new_rows) if parts.new_rows is not None else 0)
             self._check_range(rid, limit)
             old = rid < vocab
-            if parts.weight is not None:
+            if parts.weight is not None and bool(old.any()):  # a row may hold only added tokens
                 yf[r[old]] += parts.weight.rows(rid[old], yf.dtype)
             if parts.new_rows is not None and bool((~old).any()):
                 yf[r[~old]] = parts.new_rows[rid[~old] - vocab].to(yf.dtype)

@@ -73,6 +73,13 @@ class CompressedWeight(abc.ABC):
         """``x @ Δᵀ`` for ``x`` of shape ``[..., in_features]``."""
         return x @ self.to_dense(x.dtype).T
 
+    def add_to_rows(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """``out[rows] += x[rows] @ Δᵀ`` in place (every row when ``rows`` is None); kernels override this."""
+        if rows is None:
+            out += self.apply(x).to(out.dtype)
+        else:
+            out[rows] += self.apply(x[rows]).to(out.dtype)
+
     def meta(self) -> dict[str, Any]:
         """JSON-able facts needed to rebuild this object from its tensors (shape, layout options)."""
         return {"shape": list(self.shape)}

@@ -7,6 +7,7 @@ Scale distillation then trains only the scales so the compressed model's logits 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,22 @@ class BitDeltaWeight(CompressedWeight):
             y = (x @ unpack_signs(self.signs[p], self.shape[1], x.dtype).T) * self.scales[p].to(x.dtype)
             out = y if out is None else out + y
         return out
+
+    def add_to_rows(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None) -> None:
+        forced = os.environ.get("HF_DELTA_KERNELS") == "triton"  # run Triton on CPU (TRITON_INTERPRET=1) to test
+        if not (x.is_cuda or forced) or torch.is_grad_enabled() and self.scales.requires_grad:
+            super().add_to_rows(x, out, rows)  # CPU, or scale distillation (the kernel has no backward)
+            return
+        from hf_delta.kernels import bitdelta_matmul
+
+        # Fused: the kernel reads the packed bits once, picks this delta's rows by slot (0 = this delta,
+        # -1 = skip) and adds scale ⊙ (x @ signᵀ) straight into the base output; no gather, no dense delta.
+        slots = torch.full((x.shape[0],), -1, dtype=torch.int32, device=x.device)
+        slots[slice(None) if rows is None else rows] = 0
+        scales = self.scales.float()
+        scales = scales.expand(self.passes, self.shape[0]) if scales.shape[1] == 1 else scales
+        bitdelta_matmul(x.contiguous(), out, slots, self.signs.unsqueeze(0), scales.unsqueeze(0),
+                        backend="triton" if forced else "auto")
 
     def meta(self) -> dict[str, Any]:
         return {"shape": list(self.shape)}
