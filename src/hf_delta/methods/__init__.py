@@ -10,6 +10,7 @@ from .base import (
 )
 from .bitdelta import BitDeltaConfig, BitDeltaWeight
 from .deltazip import DeltaZipConfig, DeltaZipWeight
+from .lowrank import LowRankConfig, LowRankWeight, export_peft_lora
 
 __all__ = [
     "BitDeltaConfig",
@@ -18,6 +19,9 @@ __all__ = [
     "DeltaMethod",
     "DeltaZipConfig",
     "DeltaZipWeight",
+    "LowRankConfig",
+    "LowRankWeight",
+    "export_peft_lora",
     "get_method",
     "register_delta_method",
     "registered_methods",

@@ -76,7 +76,7 @@ class BitDeltaWeight(CompressedWeight):
 
     def add_to_rows(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None) -> None:
         forced = os.environ.get("HF_DELTA_KERNELS") == "triton"  # run Triton on CPU (TRITON_INTERPRET=1) to test
-        if not (x.is_cuda or forced) or torch.is_grad_enabled() and self.scales.requires_grad:
+        if not (x.is_cuda or forced) or (torch.is_grad_enabled() and self.scales.requires_grad):
             super().add_to_rows(x, out, rows)  # CPU, or scale distillation (the kernel has no backward)
             return
         from hf_delta.kernels import bitdelta_matmul

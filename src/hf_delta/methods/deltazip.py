@@ -56,19 +56,23 @@ _MIN_SCALE = 2.0**-24  # smallest positive fp16: a zero scale would divide by ze
 class DeltaZipWeight(CompressedWeight):
     """Symmetric low-bit ints times fp16 scales, stored in one of three layouts.
 
-    * ``dense``: ``qweight`` = every value, ``[out, packed(in)]``.
-    * ``2:4``: ``qweight`` = the 2 kept values of each group of 4 columns, ``[out, packed(in / 2)]``, and
-      ``mask`` = their 2-bit in-group positions, ``[out, in / 8]`` (``packing.pack_2of4_u8``).
-    * ``bitmap`` (unstructured sparsity): ``mask`` = 1 bit per value (kept or not), ``[out, ceil(in / 8)]``,
+    * ``dense``: ``qweight`` = every value, ``[rows, packed(in)]``.
+    * ``2:4``: ``qweight`` = the 2 kept values of each group of 4 columns, ``[rows, packed(in / 2)]``, and
+      ``mask`` = their 2-bit in-group positions, ``[rows, in / 8]`` (``packing.pack_2of4_u8``).
+    * ``bitmap`` (unstructured sparsity): ``mask`` = 1 bit per value (kept or not), ``[rows, ceil(in / 8)]``,
       and ``qweight`` = the kept values of all rows in row-major order, packed as one flat row.
 
-    ``scales`` is ``[out, in / group_size]`` (or ``[out, 1]`` per output channel); ``Δ̂ = q · scale``.
+    ``scales`` is ``[rows, in / group_size]`` (or ``[rows, 1]`` per output channel); ``Δ̂ = q · scale``.
+    ``rows = out`` unless ``row_index`` (int32) is present: then only those rows are stored and every other row
+    is zero. Embedding deltas need it: a token that never occurs in the fine-tuning data gets no gradient,
+    so most of their rows are exactly zero.
     """
 
     method = "deltazip"
 
     def __init__(self, shape: tuple[int, int], *, bits: int, group_size: int | None, layout: str,
-                 qweight: torch.Tensor, scales: torch.Tensor, mask: torch.Tensor | None = None):
+                 qweight: torch.Tensor, scales: torch.Tensor, mask: torch.Tensor | None = None,
+                 row_index: torch.Tensor | None = None):
         super().__init__(shape)
         self.bits = int(bits)
         self.group_size = group_size
@@ -77,24 +81,39 @@ class DeltaZipWeight(CompressedWeight):
         self.register_buffer("scales", scales)
         if layout != "dense":
             self.register_buffer("mask", mask)
+        if row_index is not None:
+            self.register_buffer("row_index", row_index)
 
     @classmethod
     def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, keep: torch.Tensor | None, *, bits: int,
                        group_size: int | None, layout: str) -> DeltaZipWeight:
         """Pack ints ``q`` ``[out, in]`` (zero where ``keep`` is False) with fp16 ``scales``."""
         shape = tuple(q.shape)
+        nonzero = (q != 0).any(dim=1)
+        nonzero[0] = True  # store at least one row: the packers need a non-empty tensor
+        row_index = None
+        # Bytes of a stored row (values, fp16 scales, 2:4 or bitmap metadata) vs 4 bytes per index entry.
+        values = shape[1] // 2 if layout == "2:4" else shape[1]
+        row_bytes = math.ceil(values * bits / 8) + 2 * scales.shape[1] + (math.ceil(shape[1] / 8) if keep is not None
+                                                                          else 0)
+        if 4 * int(nonzero.sum()) < row_bytes * int((~nonzero).sum()):
+            row_index = nonzero.nonzero().squeeze(1).to(torch.int32)
+            q, scales = q[nonzero], scales[nonzero]
+            keep = keep[nonzero] if keep is not None else None
+        extra = {"bits": bits, "group_size": group_size, "layout": layout, "scales": scales, "row_index": row_index}
         if layout == "dense":
-            return cls(shape, bits=bits, group_size=group_size, layout=layout, qweight=pack_lowbit_u8(q, bits),
-                       scales=scales)
+            return cls(shape, qweight=pack_lowbit_u8(q, bits), **extra)
         if layout == "2:4":
-            kept = q[keep].reshape(shape[0], shape[1] // 2)
-            return cls(shape, bits=bits, group_size=group_size, layout=layout,
-                       qweight=pack_lowbit_u8(kept, bits), scales=scales, mask=pack_2of4_u8(keep))
-        return cls(shape, bits=bits, group_size=group_size, layout=layout, qweight=pack_lowbit_u8(q[keep], bits),
-                   scales=scales, mask=pack_1bit_u8(keep))
+            kept = q[keep].reshape(q.shape[0], shape[1] // 2)
+            return cls(shape, qweight=pack_lowbit_u8(kept, bits), mask=pack_2of4_u8(keep), **extra)
+        return cls(shape, qweight=pack_lowbit_u8(q[keep], bits), mask=pack_1bit_u8(keep), **extra)
+
+    @property
+    def _row_index(self) -> torch.Tensor | None:
+        return getattr(self, "row_index", None)
 
     def _ints(self, qweight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Dense int values ``[rows, in]`` of (a row selection of) the packed tensors."""
+        """Dense int values ``[rows, in]`` of (a selection of) the stored rows."""
         k = self.shape[1]
         if self.layout == "dense":
             return unpack_lowbit_u8(qweight, self.bits, k)
@@ -110,33 +129,57 @@ class DeltaZipWeight(CompressedWeight):
             return scales.float()
         return scales.float().repeat_interleave(self.group_size, dim=1)
 
+    def _stored(self) -> torch.Tensor:
+        """The stored rows, dequantised (fp32)."""
+        return self._ints(self.qweight, getattr(self, "mask", None)).float() * self._expand(self.scales)
+
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        ints = self._ints(self.qweight, getattr(self, "mask", None))
-        return (ints.float() * self._expand(self.scales)).to(dtype)
+        stored = self._stored()
+        if self._row_index is None:
+            return stored.to(dtype)
+        out = torch.zeros(self.shape, dtype=dtype, device=stored.device)
+        out[self._row_index.long()] = stored.to(dtype)
+        return out
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.layout == "bitmap":  # rows start at data-dependent offsets: decode the whole matrix
             return self.to_dense(dtype)[index]
         flat = index.reshape(-1)
-        mask = self.mask[flat] if self.layout == "2:4" else None
-        out = self._ints(self.qweight[flat], mask).float() * self._expand(self.scales[flat])
+        out = torch.zeros(len(flat), self.shape[1], dtype=torch.float32, device=self.qweight.device)
+        if self._row_index is None:
+            pos, found = flat, slice(None)
+        else:  # stored position of each requested row, -1 for the all-zero rows that are not stored
+            where = torch.full((self.shape[0],), -1, dtype=torch.long, device=flat.device)
+            where[self._row_index.long()] = torch.arange(len(self._row_index), device=flat.device)
+            pos = where[flat]
+            found = pos >= 0
+            pos = pos[found]
+        mask = self.mask[pos] if self.layout == "2:4" else None
+        out[found] = self._ints(self.qweight[pos], mask).float() * self._expand(self.scales[pos])
         return out.reshape(*index.shape, self.shape[1]).to(dtype)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scales.shape[1] == 1:  # per-channel: scale after the matmul, on [.., out] instead of [out, in]
+        if self.scales.shape[1] == 1:  # per-channel: scale after the matmul, on [.., rows] instead of [rows, in]
             ints = self._ints(self.qweight, getattr(self, "mask", None)).to(x.dtype)
-            return (x @ ints.T) * self.scales[:, 0].to(x.dtype)
-        return x @ self.to_dense(x.dtype).T
+            y = (x @ ints.T) * self.scales[:, 0].to(x.dtype)
+        else:
+            y = x @ self._stored().to(x.dtype).T
+        if self._row_index is None:
+            return y
+        out = torch.zeros((*x.shape[:-1], self.shape[0]), dtype=y.dtype, device=y.device)
+        return out.index_copy_(-1, self._row_index.long(), y)
 
     def meta(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size, "layout": self.layout}
+        return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size, "layout": self.layout,
+                "row_index": self._row_index is not None}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> DeltaZipWeight:
         layout = meta.get("layout", "dense")
         return cls(tuple(meta["shape"]), bits=meta["bits"], group_size=meta.get("group_size"), layout=layout,
                    qweight=tensors["qweight"], scales=tensors["scales"],
-                   mask=tensors["mask"] if layout != "dense" else None)
+                   mask=tensors["mask"] if layout != "dense" else None,
+                   row_index=tensors["row_index"] if meta.get("row_index") else None)
 
 
 # ===================================================================================================
@@ -189,7 +232,7 @@ class DeltaZipConfig(DeltaConfig):
         if self.embedding_bits is not None and self.embedding_bits not in BITS:
             raise DeltaConfigError(f"embedding_bits must be one of {BITS} or None, got {self.embedding_bits!r}.")
         s = self.sparsity
-        if not (s is None or s == "2:4" or (isinstance(s, float) and not isinstance(s, bool) and 0 <= s < 1)):
+        if not (s is None or s == "2:4" or (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s < 1)):
             raise DeltaConfigError(
                 f"sparsity must be '2:4', a float in [0, 1) such as 0.5, or None; got {s!r}.")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
@@ -244,7 +287,7 @@ def _magnitude_mask(w: torch.Tensor, sparsity: str | float) -> torch.Tensor:
         drop = groups.topk(2, dim=-1, largest=False).indices
         return torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False).reshape(w.shape)
     n_drop = int(w.numel() * sparsity)
-    keep = torch.ones(w.numel(), dtype=torch.bool)
+    keep = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
     keep[w.abs().reshape(-1).argsort()[:n_drop]] = False
     return keep.reshape(w.shape)
 
@@ -277,16 +320,16 @@ def prune_quantize(w: torch.Tensor, hessian: torch.Tensor | None, *, bits: int, 
     keep = _magnitude_mask(w, sparsity) if sparsity is not None and prune == "magnitude" else \
         torch.ones_like(w, dtype=torch.bool)
     group = group_size or k
-    scales = torch.empty(out, math.ceil(k / group))
+    scales = torch.empty(out, math.ceil(k / group), device=w.device)
     if group_size is None:
         scales[:, 0] = _scale(w, bits)
-    q = torch.zeros(out, k, dtype=torch.int8)
+    q = torch.zeros(out, k, dtype=torch.int8, device=w.device)
     obs_mask = sparsity is not None and prune == "obs"
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2]  # a view: the eager in-block updates below land in w
-        err = torch.zeros(out, i2 - i1)
-        d = torch.diag(u)[i1:i2] if u is not None else torch.ones(i2 - i1)
+        err = torch.zeros(out, i2 - i1, device=w.device)
+        d = torch.diag(u)[i1:i2] if u is not None else torch.ones(i2 - i1, device=w.device)
         if obs_mask and sparsity != "2:4":
             sal = (w1**2 / d**2).reshape(-1)
             n_drop = int(sal.numel() * sparsity)
@@ -300,7 +343,7 @@ def prune_quantize(w: torch.Tensor, hessian: torch.Tensor | None, *, bits: int, 
             if obs_mask and sparsity == "2:4" and col % 4 == 0:
                 sal = w1[:, j : j + 4] ** 2 / d[j : j + 4] ** 2
                 drop = sal.topk(2, dim=1, largest=False).indices
-                keep[:, col : col + 4] = torch.ones(out, 4, dtype=torch.bool).scatter_(1, drop, False)
+                keep[:, col : col + 4] = torch.ones(out, 4, dtype=torch.bool, device=w.device).scatter_(1, drop, False)
             s = scales[:, col // group]
             qc = (w1[:, j] / s).round().clamp(lo, hi) * keep[:, col]
             q[:, col] = qc.to(torch.int8)
@@ -345,7 +388,7 @@ class _Hessian:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         if self.h is None:
-            self.h = torch.zeros(x.shape[1], x.shape[1])
+            self.h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
         self.h *= self.n / (self.n + len(x))
         self.n += len(x)
         x = x * math.sqrt(2 / self.n)
@@ -369,8 +412,9 @@ def _decoder_layers(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.
     return best
 
 
-def _call_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden})
+def _call_layer(layer: nn.Module, hidden: torch.Tensor, rest: tuple | None, kwargs: dict) -> torch.Tensor:
+    """Replay a decoder layer on ``hidden`` with its recorded other arguments (``rest`` None: hidden by keyword)."""
+    out = layer(hidden, *rest, **kwargs) if rest is not None else layer(hidden_states=hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -447,15 +491,20 @@ class _Calibrator:
                 h.remove()
         return {n: a.h for n, a in acc.items()}
 
-    def _capture_layer_inputs(self) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
-        """Inputs of the first decoder layer, and every layer's other call arguments, for every batch."""
+    def _capture_layer_inputs(self) -> tuple[list[torch.Tensor], list[list[tuple[tuple | None, dict]]]]:
+        """Inputs of the first decoder layer, and every layer's other call arguments, for every batch.
+
+        Masks and position embeddings depend on the token ids only, so one pass records them for all layers;
+        hidden states are kept for the first layer only (later ones are recomputed from compressed layers).
+        """
         hidden: list[torch.Tensor] = []
-        calls: list[list[tuple[tuple, dict]]] = [[] for _ in self.layers]
+        calls: list[list[tuple[tuple | None, dict]]] = [[] for _ in self.layers]
 
         def hook(index, args, kwargs):
             if index == 0:
                 hidden.append(args[0] if args else kwargs["hidden_states"])
-            calls[index].append((args, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            calls[index].append((args[1:] if args else None,
+                                 {k: v for k, v in kwargs.items() if k != "hidden_states"}))
 
         hooks = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: hook(i, a, kw), with_kwargs=True)
                  for i, (_, layer) in enumerate(self.layers)]
@@ -488,7 +537,7 @@ class _Calibrator:
             for i, (_, layer) in enumerate(self.layers):
                 for group in [g for g in in_layers if owner[g[0]] == i]:
                     each_group(group, self._hessians(
-                        group, lambda b, i=i, layer=layer: _call_layer(layer, hidden[b], *calls[i][b])))
+                        group, lambda b, i=i, layer=layer, xs=hidden: _call_layer(layer, xs[b], *calls[i][b])))
                     bar.update()
                 hidden = [_call_layer(layer, hidden[b], *calls[i][b]) for b in range(len(hidden))]
         for group in [g for g in outside if groups.index(g) >= first_layer_group]:

@@ -225,11 +225,14 @@ def export_peft_lora(delta_model_or_delta: DeltaModel | Delta, base_model: PreTr
             for p_leaf, _ in module(owner).named_parameters(recurse=False):
                 full = f"{owner}.{p_leaf}"
                 tensors[f"{prefix}{full}"] = delta.exact.get(full, state[full])
+    for head, embed in delta.tied.items():
+        if embed in saved_modules:  # PEFT ties the head's saved copy to the embedding's and loads both
+            tensors[f"{prefix}{head}.weight"] = tensors[f"{prefix}{embed}.weight"]
     default_rank = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     pattern = {n: r for n, r in ranks.items() if r != default_rank}
     targets = _target_names(model, list(delta.weights))
     options: dict[str, Any] = {}
-    if tied_heads:
+    if tied_heads or any(e in saved_modules for e in delta.tied.values()):
         if "ensure_weight_tying" not in LoraConfig.__dataclass_fields__:
             raise DeltaConfigError("Exporting an embedding delta of a tied-embedding base needs peft >= 0.18 "
                                    "(ensure_weight_tying); run pip install -U peft.")
@@ -243,8 +246,9 @@ def export_peft_lora(delta_model_or_delta: DeltaModel | Delta, base_model: PreTr
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, folder / "adapter_model.safetensors",
-              metadata={"format": "pt"})
+    # clone: a rank-1 factor and its transpose share memory, which safetensors refuses to write
+    save_file({k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()},
+              folder / "adapter_model.safetensors", metadata={"format": "pt"})
     logger.info("Wrote a PEFT LoRA adapter (%d modules, r=%d) to %s", len(ranks), default_rank, folder)
     return folder
 

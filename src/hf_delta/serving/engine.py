@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .._loading import load_model, load_tokenizer
@@ -146,7 +147,8 @@ class Engine:
         """Names a request may use: the base's, then every registered delta."""
         return [self.base_name, *self.residency.names()]
 
-    def _canonical(self, model: str) -> str:
+    def resolve_model(self, model: str) -> str:
+        """``"__base__"`` for the base's names, else the delta name; raises ``DeltaNotFoundError`` if unknown."""
         if model in (self.base_name, BASE_NAME):
             return BASE_NAME
         if model not in self.residency:
@@ -155,7 +157,7 @@ class Engine:
 
     def tokenizer_for(self, model: str) -> PreTrainedTokenizerBase:
         """The tokenizer (and chat template) of ``model``: the delta's own when it carries one, else the base's."""
-        name = self._canonical(model)
+        name = self.resolve_model(model)
         with self._meta_lock:
             if name in self._tokenizers:
                 return self._tokenizers[name]
@@ -214,7 +216,7 @@ class Engine:
             DeltaLoadError: the delta's repo cannot be fetched (its tokenizer is needed here).
         """
         params = params or SamplingParams()
-        name = self._canonical(model)
+        name = self.resolve_model(model)
         ids = self.encode(model, prompt, add_special_tokens=add_special_tokens)
         self.check_length(len(ids), params.max_tokens)
         request = Request(id=request_id or f"req-{uuid.uuid4().hex[:16]}", model=name, prompt_ids=ids,
@@ -278,6 +280,11 @@ class Engine:
             thread.join()
         for request in list(self._requests.values()):
             self._finish(request, "abort", error=RuntimeError("The engine was stopped."))
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the background stepping thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
 
     def close(self) -> None:
         self.stop()
@@ -352,7 +359,8 @@ class Engine:
             if len(plan) == 1:
                 return {plan[0][0].id: err}
             self.counters["failed_steps"] += 1
-            logger.warning("A packed step failed (%s); retrying its %d requests one by one", err, len(plan))
+            logger.warning("A packed step failed (%s); retrying its %d requests one by one", err, len(plan),
+                           exc_info=True)
         result: dict[str, torch.Tensor | BaseException] = {}
         for item in plan:
             result.update(self._forward([item]))
@@ -372,7 +380,9 @@ class Engine:
                 sampling.append((request, outcome))
         if not sampling:
             return
-        logits = torch.stack([row for _, row in sampling])
+        width = max(row.shape[-1] for _, row in sampling)  # rows retried alone may differ (grown vocabularies)
+        logits = torch.stack([F.pad(row, (0, width - row.shape[-1]), value=torch.finfo(row.dtype).min)
+                              for _, row in sampling])
         picked = sample_rows(logits, [r.params for r, _ in sampling], [r.state["generator"] for r, _ in sampling])
         now = time.monotonic()
         for (request, _), token in zip(sampling, picked):

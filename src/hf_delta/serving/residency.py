@@ -55,7 +55,8 @@ class ResidencyManager:
     Args:
         model: the ``DeltaModel`` deltas are attached to.
         device_slots: most deltas attached to the model at once.
-        cpu_slots: most deltas held in host memory outside the model (including loads in flight).
+        cpu_slots: most deltas held in host memory outside the model (including loads in flight); at least
+            one is always used, as the staging area of a load.
         loader_threads: background threads reading deltas from disk.
         token, cache_dir, local_files_only: for Hub downloads.
         ignore_base_mismatch: attach deltas whose base fingerprint differs (not recommended).
@@ -71,7 +72,7 @@ class ResidencyManager:
                                     f"{device_slots}, {cpu_slots}, {loader_threads}.")
         self.model = model
         self.device_slots = device_slots
-        self.cpu_slots = cpu_slots
+        self.cpu_slots = max(1, cpu_slots)
         self._hub = {"token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
         self.ignore_base_mismatch = ignore_base_mismatch
         self.retry_failed_after = retry_failed_after
@@ -176,7 +177,7 @@ class ResidencyManager:
         CPU entries not among the first ``cpu_slots`` wanted names are evicted (least recently used first)
         to make room; loads in flight are never cancelled.
         """
-        wanted = list(dict.fromkeys(n for n in names if n in self._entries))[: max(self.cpu_slots, 0)]
+        wanted = list(dict.fromkeys(n for n in names if n in self._entries))[: self.cpu_slots]
         for name in wanted:
             e = self._entries[name]
             if e.on_device or e.delta is not None or e.future is not None or self.error(name) is not None:

@@ -6,15 +6,18 @@ Every step (one forward pass):
    a request still in prefill its next chunk. A request that needs a new KV block when none is free
    preempts the most recently admitted running request (its blocks are freed; it goes back to the waiting
    queue keeping its generated tokens and recomputes them when it is readmitted).
-2. Waiting requests are admitted, oldest first, while the token budget (``max_batch_tokens``), the number of
-   running requests (``max_running``), free KV blocks (the whole prompt must fit) and a device slot for the
-   request's delta allow. Long prompts are prefilled in chunks, so new requests never stall running
-   decodes for more than one step's token budget.
+2. Waiting requests are admitted while the token budget (``max_batch_tokens``), the number of running
+   requests (``max_running``), free KV blocks (the whole prompt must fit) and a device slot for the
+   request's delta allow. Requests whose delta is already in the batch go first (oldest first), then the
+   others in arrival order: a step's cost grows with the number of distinct deltas in it (each delta's
+   compressed weights are read once per step), so batches are kept dense in few deltas. Long prompts are
+   prefilled in chunks, so new requests never stall running decodes for more than one step's budget.
 
-Fairness: a request whose delta is not resident may be overtaken by younger requests for resident deltas,
-but only for ``fairness_steps`` steps. After that it is a *barrier*: no younger request is admitted until it
-is. Running requests then drain (each has at most ``max_tokens`` left), a device slot frees up, and the
-cold delta gets it, so a hot delta cannot starve requests for cold ones.
+Fairness: a request may be overtaken by younger ones (for deltas already running, or because its own
+delta is not resident yet), but only in ``fairness_steps`` steps. After that it is a *barrier*: requests
+are admitted strictly in arrival order up to it, and nobody younger is admitted until it is. Running
+requests then drain (each has at most ``max_tokens`` left), a device slot frees up and the cold delta gets
+it, so a hot delta cannot starve requests for cold ones.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: str = "waiting"
-    waited_steps: int = 0
+    overtaken: int = 0
     preemptions: int = 0
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -130,18 +133,24 @@ class Scheduler:
                 continue
             plan.append((request, n))
             budget -= n
-        for request in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.max_running:
-                break
-            if self._admit(request):
-                n = min(request.num_tokens, budget)
-                plan.append((request, n))
-                budget -= n
-            elif request.waited_steps >= self.fairness_steps:
-                break  # fairness barrier: nobody younger overtakes this request
-        if plan:  # only steps that ran count as waiting (not idle polls while a delta loads)
+        barrier = next((r for r in self.waiting if r.overtaken >= self.fairness_steps), None)
+        pool = self.waiting[: self.waiting.index(barrier) + 1] if barrier is not None else list(self.waiting)
+        hot = {r.model for r in self.running}
+        youngest: Request | None = None
+        while pool and budget > 0 and len(self.running) < self.max_running:
+            pick = pool[0] if barrier is not None else next((r for r in pool if r.model in hot), pool[0])
+            pool.remove(pick)
+            if not self._admit(pick):
+                continue
+            n = min(pick.num_tokens, budget)
+            plan.append((pick, n))
+            budget -= n
+            hot.add(pick.model)
+            youngest = pick if youngest is None or youngest < pick else youngest
+        if youngest is not None:
             for request in self.waiting:
-                request.waited_steps += 1
+                if request < youngest:
+                    request.overtaken += 1
         return plan
 
     def _admit(self, request: Request) -> bool:

@@ -228,11 +228,15 @@ def forward_step(model, batch: StepBatch, cache: PagedKVCache | None) -> StepOut
             hidden = base.get_decoder()(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
                                         use_cache=False, hf_delta_plan=plan).last_hidden_state[0]
         index = batch.logits_index
-        routing.row_slots = batch.slots[index]
-        logits = base.get_output_embeddings()(hidden[index])
-        softcap = getattr(base.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        head = base.get_output_embeddings()
+        if index.numel() == 0:  # only prefill chunks that do not reach their prompt's end
+            logits = hidden.new_zeros((0, head.weight.shape[0]))
+        else:
+            routing.row_slots = batch.slots[index]
+            logits = head(hidden[index])
+            softcap = getattr(base.config, "final_logit_softcapping", None)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
     finally:
         routing.row_slots = previous
     return StepOutput(hidden=hidden, logits=logits)
