@@ -102,6 +102,10 @@ def plot_fidelity(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
         pts = [r for r in rows if r["setting"] == setting]
         ax.scatter([r["ratio"] for r in pts], [r["retention"] for r in pts], label=setting, s=30)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("size ratio (bf16 fine-tune / delta weight files)")
     ax.set_ylabel("task retention")
     ax.axhline(1.0, color="grey", lw=0.5)
