@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .compress import compress
 from .config import DeltaConfig
-from .methods import BitDeltaConfig, register_delta_method
+from .methods import BitDeltaConfig, DeltaZipConfig, LowRankConfig, export_peft_lora, register_delta_method
 from .model import DeltaModel
 from .storage import Delta
 
@@ -13,7 +13,10 @@ __all__ = [
     "Delta",
     "DeltaConfig",
     "DeltaModel",
+    "DeltaZipConfig",
+    "LowRankConfig",
     "__version__",
     "compress",
+    "export_peft_lora",
     "register_delta_method",
 ]

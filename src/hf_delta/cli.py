@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--finetunes", default=None, help="comma-separated zoo fine-tunes (default: all)")
     fid.add_argument("--calibration", choices=["task", "sampled"], default="task",
                      help="calibration texts: the fine-tune's training split, or sampled from it (data-free)")
+    fid.add_argument("--merge", action="store_true",
+                     help="keep rows of other settings already in the results file (run a long grid in parts)")
     fid.set_defaults(func=_bench_fidelity)
     return parser
 
@@ -130,7 +132,7 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
 
     print(bench_fidelity(args.size, args.dir, args.out, settings=args.settings.split(","),
                          finetunes=args.finetunes.split(",") if args.finetunes else None,
-                         calibration=args.calibration, command=args.command_line))
+                         calibration=args.calibration, command=args.command_line, merge=args.merge))
     return 0
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -16,7 +17,7 @@ from ._loading import load_model_and_tokenizer
 from .compress import compress
 from .config import DeltaConfig
 from .evaluation import bf16_weight_bytes, exact_match, folder_bytes, mean_kl, perplexity, retention
-from .methods import BitDeltaConfig
+from .methods import BitDeltaConfig, DeltaZipConfig, LowRankConfig
 from .zoo.build import load_zoo, task_prompt
 from .zoo.report import write_results
 from .zoo.tasks import Task
@@ -28,6 +29,14 @@ SETTINGS: dict[str, Callable[[], DeltaConfig]] = {
     "bitdelta-initial": lambda: BitDeltaConfig(distill_steps=0),
     "bitdelta": lambda: BitDeltaConfig(),
     "bitdelta-residual": lambda: BitDeltaConfig(residual_passes=1),
+    # The output head is pruned/quantised like the other linear layers (GPTQ on its inputs), at the same bits.
+    "deltazip-4bit": lambda: DeltaZipConfig(bits=4, sparsity=None, embedding_method="gptq", embedding_bits=None),
+    "deltazip-4bit-2:4": lambda: DeltaZipConfig(bits=4, sparsity="2:4", embedding_method="gptq",
+                                                embedding_bits=None),
+    "deltazip-2bit-2:4": lambda: DeltaZipConfig(bits=2, sparsity="2:4", embedding_method="gptq",
+                                                embedding_bits=None),
+    "lowrank-r8": lambda: LowRankConfig(rank=8),
+    "lowrank-r32": lambda: LowRankConfig(rank=32),
 }
 
 
@@ -116,10 +125,23 @@ def plot_fidelity(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
 
 
 def bench_fidelity(size: str, directory: str | Path | None, out: str | Path, *, settings: Sequence[str],
-                   command: str, calibration: str = "task", finetunes: Sequence[str] | None = None) -> str:
-    """Run, write JSON + Markdown + plot under ``out``; return the Markdown."""
+                   command: str, calibration: str = "task", finetunes: Sequence[str] | None = None,
+                   merge: bool = False) -> str:
+    """Run, write JSON + Markdown + plot under ``out``; return the Markdown.
+
+    With ``merge``, rows already in ``fidelity-<size>.json`` for other (fine-tune, setting) pairs are kept,
+    so a long grid can be run in parts; the commands of every part are recorded.
+    """
     rows = run_fidelity(size, directory, settings=settings, calibration=calibration, finetunes=finetunes)
     name = f"fidelity-{size}"
+    previous = Path(out) / f"{name}.json"
+    if merge and previous.is_file():
+        old = json.loads(previous.read_text())
+        done = {(r["fine-tune"], r["setting"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["fine-tune"], r["setting"]) not in done] + rows
+        order = {s: i for i, s in enumerate(SETTINGS)}
+        rows.sort(key=lambda r: (r["fine-tune"], order.get(r["setting"], len(order))))
+        command = f"{old['meta']['command']} && {command}"
     md = write_results(rows, out, name=name, command=command, extra={"calibration": calibration})
     try:
         plot_fidelity(rows, Path(out) / f"{name}.png")

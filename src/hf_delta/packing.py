@@ -31,7 +31,9 @@ def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
     k = values.shape[-1]
     pad = packed_width(k, bits) * per - k
-    v = torch.nn.functional.pad(values.to(torch.int32), (0, pad)).reshape(*values.shape[:-1], -1, per)
+    # Explicit sizes (not -1): a tensor with zero rows must pack too.
+    padded = torch.nn.functional.pad(values.to(torch.int32), (0, pad))
+    v = padded.reshape(*values.shape[:-1], packed_width(k, bits), per)
     shifts = torch.arange(per, dtype=torch.int32, device=values.device) * bits
     return (v << shifts).sum(-1).to(torch.uint8)
 
@@ -40,7 +42,7 @@ def _unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     per = 8 // bits
     shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
     v = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return v.reshape(*packed.shape[:-1], -1)[..., :in_features]
+    return v.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :in_features]
 
 
 def pack_1bit_u8(positive: torch.Tensor) -> torch.Tensor:

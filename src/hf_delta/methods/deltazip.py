@@ -154,8 +154,9 @@ class DeltaZipWeight(CompressedWeight):
             pos = where[flat]
             found = pos >= 0
             pos = pos[found]
-        mask = self.mask[pos] if self.layout == "2:4" else None
-        out[found] = self._ints(self.qweight[pos], mask).float() * self._expand(self.scales[pos])
+        if len(pos):  # the unpackers cannot take zero rows (all requested rows may be unstored zeros)
+            mask = self.mask[pos] if self.layout == "2:4" else None
+            out[found] = self._ints(self.qweight[pos], mask).float() * self._expand(self.scales[pos])
         return out.reshape(*index.shape, self.shape[1]).to(dtype)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,8 +205,11 @@ class DeltaZipConfig(DeltaConfig):
         embedding_method: vocabulary matrices (embedding, output head) when ``compress_embeddings``:
             ``"rtn"`` = round-to-nearest per row at ``embedding_bits``, never pruned (the embedding has no input
             activations to calibrate on); ``"gptq"`` = as ``"rtn"`` for the embedding, but an untied output head
-            is quantised with GPTQ on its input Hessian.
-        embedding_bits: bits for the vocabulary matrices (``None`` = ``bits``).
+            is pruned and quantised like any linear layer (OBS/GPTQ on its input Hessian, ``bits``/``sparsity``).
+        embedding_bits: bits for the vocabulary matrices (``None`` = ``bits``). 8 by default: the output head is
+            as large as a few decoder layers and its errors reach the logits directly (small zoo, 2:4 + 4-bit:
+            KL 0.019 at 8 bits vs 0.033 at 4 bits, for a 4.6x vs 5.7x size ratio). Embedding rows of tokens the
+            fine-tune never saw are exactly zero and are not stored at all.
         use_hessian: ``False`` turns off the error feedback (plain round-to-nearest with magnitude pruning):
             the baseline that shows what the Hessian buys.
         prune: ``"obs"`` chooses the pruning mask during the sweep by OBS saliency and compensates its error;
@@ -430,10 +434,11 @@ class _Calibrator:
         self.model, self.batches = model, batches
         self.modules = {n: model.get_submodule(n) for n in targets}
         self.layers = _decoder_layers(model, targets)
+        self.device = next(model.parameters()).device  # calibration batches are tokenized on the CPU
 
     def _forward(self, batch: Batch) -> None:
         ids, mask = batch
-        self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
 
     def groups(self) -> list[list[str]]:
         """Targets in call order, consecutive ones fed the very same input tensor grouped (q/k/v, gate/up)."""
@@ -480,7 +485,7 @@ class _Calibrator:
                  for n in names]
         try:
             for b, (_, mask) in enumerate(self.batches):
-                state["mask"] = mask
+                state["mask"] = mask.to(self.device)
                 seen.clear()
                 try:
                     run(b)
@@ -571,36 +576,43 @@ def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     embed, head = vocab_module_names(ctx.base)
     vocab = {n for n in deltas if n in (embed, head)}
     _check_targets(cfg, deltas, vocab)
-    batches = ctx.calibration(n=cfg.calibration_samples, seq_len=cfg.calibration_seq_len,
-                              batch_size=cfg.calibration_batch_size)
-    if not batches:
-        raise CalibrationError("The calibration set is empty; pass texts like the fine-tune's training data, "
-                               "or calibration=None to sample text from the fine-tune.")
-    work = copy.deepcopy(ctx.finetuned).eval()
+    by_rtn = {embed} | ({head} if cfg.embedding_method == "rtn" else set())  # no calibration for these
+    calibrated = [n for n in deltas if cfg.use_hessian and n not in by_rtn]
+    batches: list[Batch] = []
+    if calibrated:
+        batches = ctx.calibration(n=cfg.calibration_samples, seq_len=cfg.calibration_seq_len,
+                                  batch_size=cfg.calibration_batch_size)
+        if not batches:
+            raise CalibrationError("The calibration set is empty; pass texts like the fine-tune's training data, "
+                                   "or calibration=None to sample text from the fine-tune.")
+    work = copy.deepcopy(ctx.finetuned).eval() if calibrated else None
     base_weights = {n: ctx.base.get_submodule(n).weight for n in deltas}
-    for name, w in base_weights.items():  # start from the base; each layer gets its compressed delta in turn
-        work.get_submodule(name).weight.data[: w.shape[0]] = w.to(work.dtype)
+    if work is not None:
+        for name, w in base_weights.items():  # start from the base; each layer gets its compressed delta in turn
+            work.get_submodule(name).weight.data[: w.shape[0]] = w.to(work.dtype)
     weights: dict[str, CompressedWeight] = {}
 
     def finish(name: str, hessian: torch.Tensor | None) -> None:
         is_vocab = name in vocab
         bits = (cfg.embedding_bits or cfg.bits) if is_vocab else cfg.bits
-        sparsity = None if is_vocab else cfg.pruning
-        qm = prune_quantize(deltas[name], hessian if cfg.use_hessian else None, bits=bits,
-                            group_size=cfg.group_size, sparsity=sparsity, prune=cfg.prune, damp=cfg.damp,
-                            block_size=cfg.block_size)
+        # A calibrated output head is an ordinary linear layer to GPTQ/OBS, so it is pruned like one.
+        sparsity = None if name in by_rtn else cfg.pruning
+        qm = prune_quantize(deltas[name], hessian, bits=bits, group_size=cfg.group_size, sparsity=sparsity,
+                            prune=cfg.prune, damp=cfg.damp, block_size=cfg.block_size)
         weights[name] = DeltaZipWeight.from_quantized(qm.q, qm.scales, qm.keep, bits=bits,
                                                       group_size=cfg.group_size, layout=_layout(qm, sparsity, bits))
-        base = base_weights[name]
-        dense = base.float() + weights[name].to_dense()
-        work.get_submodule(name).weight.data[: base.shape[0]] = dense.to(work.dtype)
+        if work is not None:
+            base = base_weights[name]
+            work.get_submodule(name).weight.data[: base.shape[0]] = (base.float() + qm.dequantize()).to(work.dtype)
 
-    calibrated = [n for n in deltas if not (n == embed or (n == head and cfg.embedding_method == "rtn"))]
-    for name in sorted(set(deltas) - set(calibrated)):
+    def finish_group(names: list[str], hessians: dict[str, torch.Tensor | None]) -> None:
+        for name in names:
+            finish(name, hessians[name])
+
+    for name in [n for n in deltas if n not in calibrated]:
         finish(name, None)
     if calibrated:
-        _Calibrator(work, batches, calibrated).run(
-            lambda names, hessians: [finish(n, hessians[n]) for n in names], progress=ctx.progress)
+        _Calibrator(work, batches, calibrated).run(finish_group, progress=ctx.progress)
     return {n: weights[n] for n in deltas}
 
 

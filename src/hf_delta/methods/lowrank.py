@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from .._loading import load_model
 from ..config import DeltaConfig
 from ..errors import DeltaConfigError
+from ..fingerprint import check_base
 from .base import CompressedWeight, DeltaMethod, register_delta_method
 
 if TYPE_CHECKING:
@@ -132,17 +133,23 @@ register_delta_method(DeltaMethod(
 # ===================================================================================================
 
 
-def _base_view(source: DeltaModel | None, base_model) -> tuple[dict[str, torch.Tensor], Any, PreTrainedModel]:
+def _base_view(source: DeltaModel | None, base_model: PreTrainedModel | str | Path | None,
+               delta: Delta) -> tuple[dict[str, torch.Tensor], Any, PreTrainedModel]:
     """Unwrapped base state dict, a module-by-name lookup that sees through delta wrappers, and the model."""
     from ..layers import _DeltaWrapper
 
     if base_model is None:
         if source is None:
             raise DeltaConfigError("export_peft_lora needs base_model=... when given a Delta (not a DeltaModel).")
-        model, state = source.base_model, source._base_state
+        model, state = source.base_model, source._base_state  # checked against the delta when it was added
     else:
         model = load_model(base_model)
-        state = model.state_dict()
+        # A base already wrapped by a DeltaModel names its weights "<module>.base_layer.<leaf>".
+        state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()}
+        holder = nn.Module()
+        holder.state_dict = lambda: state  # the fingerprint reads plain parameter names
+        check_base(delta.config.base_fingerprint, holder, delta="the exported delta",
+                   base_name=delta.config.base_model_name_or_path)
 
     def module(name: str) -> nn.Module:
         m = model.get_submodule(name)
@@ -172,6 +179,7 @@ def export_peft_lora(delta_model_or_delta: DeltaModel | Delta, base_model: PreTr
         The folder.
 
     Raises:
+        BaseModelMismatchError: ``base_model`` is not the base the delta was compressed against.
         DeltaConfigError: the delta holds parts LoRA cannot express: non-low-rank weights (BitDelta,
             DeltaZip), or rows of a grown vocabulary (PEFT cannot resize the base's embeddings).
 
@@ -195,7 +203,7 @@ def export_peft_lora(delta_model_or_delta: DeltaModel | Delta, base_model: PreTr
             f"This delta adds {next(iter(delta.new_rows.values())).shape[0]} vocabulary rows (to "
             f"{sorted(delta.new_rows)}); a PEFT adapter cannot grow the base's embeddings. Serve it with "
             "DeltaModel, or export a fine-tune that keeps the base tokenizer.")
-    state, module, model = _base_view(source, base_model)
+    state, module, model = _base_view(source, base_model, delta)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     prefix = "base_model.model."

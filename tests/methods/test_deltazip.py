@@ -1,0 +1,233 @@
+"""DeltaZip: the OBS/GPTQ solver against a plain reference, storage layouts, compression on the micro zoo."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_delta import DeltaModel, compress
+from hf_delta._loading import load_model
+from hf_delta.errors import CalibrationError, DeltaConfigError
+from hf_delta.evaluation import bf16_weight_bytes, folder_bytes, mean_kl
+from hf_delta.methods import DeltaZipConfig, DeltaZipWeight
+from hf_delta.methods.deltazip import _Calibrator, inverse_hessian_factor, prune_quantize
+from hf_delta.storage import Delta
+
+
+def _problem(out: int = 8, k: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight, correlated inputs (so the Hessian matters) and their Hessian 2XᵀX/n."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, k, generator=g)
+    x = torch.randn(256, k, generator=g) @ (torch.eye(k) + 0.6 * torch.randn(k, k, generator=g))
+    return w, x, 2 * x.T @ x / len(x)
+
+
+def _output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    return float(((x @ (w - w_hat).T) ** 2).sum())
+
+
+# ===================================================================================================
+# The solver
+# ===================================================================================================
+
+
+def _reference(w, h, *, bits, group_size, two_four, damp):
+    """OBS one column at a time with the exact inverse of the remaining Hessian, no blocks, no Cholesky."""
+    w = w.double().clone()
+    h = h.double().clone()
+    k = w.shape[1]
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    q = torch.zeros_like(w)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    group = group_size or k
+    scale = None
+    for j in range(k):
+        hinv = torch.linalg.inv(h[j:, j:])  # inverse Hessian of the columns not yet fixed
+        if j % group == 0:
+            s = w[:, j : j + group].abs().amax(1) / (hi + 0.5)
+            scale = s.to(torch.float16).double()
+        if two_four and j % 4 == 0:
+            # SparseGPT's saliency: column i's OBS diagonal once the columns before it are fixed.
+            d = torch.stack([torch.linalg.inv(h[i:, i:])[0, 0] for i in range(j, j + 4)])
+            sal = w[:, j : j + 4] ** 2 / d
+            drop = sal.topk(2, dim=1, largest=False).indices
+            keep[:, j : j + 4] = torch.ones(w.shape[0], 4, dtype=torch.bool).scatter_(1, drop, False)
+        q[:, j] = (w[:, j] / scale).round().clamp(lo, hi) * keep[:, j]
+        err = (w[:, j] - q[:, j] * scale) / hinv[0, 0]
+        w[:, j:] -= err.unsqueeze(1) * hinv[0].unsqueeze(0)
+    return q
+
+
+@pytest.mark.parametrize(("bits", "group_size", "sparsity"), [(4, None, None), (3, 4, None), (4, None, "2:4"),
+                                                              (2, 8, "2:4")])
+def test_blocked_solver_matches_per_column_reference(bits, group_size, sparsity):
+    w, _, h = _problem()
+    want = _reference(w, h, bits=bits, group_size=group_size, two_four=sparsity == "2:4", damp=0.01)
+    for block in (4, 8, 128):  # lazy block updates must not change the result
+        got = prune_quantize(w, h, bits=bits, group_size=group_size, sparsity=sparsity, block_size=block)
+        assert torch.equal(got.q.double(), want), f"block_size={block}"
+
+
+def test_obs_error_formula_is_the_least_squares_compensation():
+    """Fixing column 0 at q0, the update e·U[0, 1:] equals the best re-fit of the other columns."""
+    w, x, h = _problem(out=1, k=6)
+    u = inverse_hessian_factor(h, w.clone(), damp=1e-9)
+    q0 = torch.round(w[0, 0] * 2) / 2
+    e = (w[0, 0] - q0) / u[0, 0]
+    update = -e * u[0, 1:]
+    # argmin_r ||X[:, 0] q0 + X[:, 1:] r - X w|| over the remaining columns r, solved directly:
+    target = x @ w[0] - x[:, 0] * q0
+    best = torch.linalg.lstsq(x[:, 1:].double(), target.double().unsqueeze(1)).solution.squeeze(1)
+    torch.testing.assert_close(w[0, 1:] + update, best.float(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("sparsity", [None, "2:4", 0.5])
+def test_compensation_beats_round_to_nearest(sparsity):
+    w, x, h = _problem(out=32, k=64)
+    gptq = prune_quantize(w, h, bits=4, sparsity=sparsity, block_size=16)
+    rtn = prune_quantize(w, None, bits=4, sparsity=sparsity)
+    assert _output_error(x, w, gptq.dequantize()) < 0.7 * _output_error(x, w, rtn.dequantize())
+    if sparsity is not None:
+        assert gptq.keep.float().mean() == pytest.approx(0.5)
+        magnitude = prune_quantize(w, h, bits=4, sparsity=sparsity, prune="magnitude", block_size=16)
+        assert _output_error(x, w, gptq.dequantize()) < _output_error(x, w, magnitude.dequantize())
+
+
+# ===================================================================================================
+# Storage layouts
+# ===================================================================================================
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize(("sparsity", "group_size", "zero_rows"), [(None, None, False), ("2:4", None, True),
+                                                                   ("2:4", 8, False), (0.7, 16, True)])
+def test_weight_layouts_round_trip(bits, sparsity, group_size, zero_rows):
+    w, _, h = _problem(out=12, k=32, seed=bits)
+    if zero_rows:  # like an embedding delta: rows of tokens the fine-tune never saw are exactly zero
+        w[[0, 2, 3, 7, 8, 9, 11]] = 0
+    qm = prune_quantize(w, h, bits=bits, group_size=group_size, sparsity=sparsity, block_size=16)
+    layout = {None: "dense", "2:4": "2:4"}.get(sparsity, "bitmap")
+    weight = DeltaZipWeight.from_quantized(qm.q, qm.scales, qm.keep, bits=bits, group_size=group_size, layout=layout)
+    assert weight.meta()["row_index"] == zero_rows
+    dense = qm.dequantize()
+    assert torch.equal(weight.to_dense(), dense)
+    for idx in (torch.tensor([[3, 0], [11, 3]]), torch.tensor([0, 2]), torch.tensor([], dtype=torch.long)):
+        assert torch.equal(weight.rows(idx), dense[idx])
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(weight.apply(x), x @ dense.T, rtol=1e-5, atol=1e-5)
+    again = DeltaZipWeight.from_tensors(dict(weight.named_buffers()), weight.meta())
+    assert torch.equal(again.to_dense(), dense)
+    assert weight.scales.dtype == torch.float16
+
+
+def test_two_of_four_keeps_exactly_two_per_group_and_halves_the_values():
+    g = torch.Generator().manual_seed(1)
+    # |values| in [0.5, 1]: a kept value never rounds to 0 at 8 bits, so nonzeros = kept positions.
+    w = (torch.rand(16, 64, generator=g) * 0.5 + 0.5) * torch.randn(16, 64, generator=g).sign()
+    _, _, h = _problem(out=16, k=64)
+    qm = prune_quantize(w, h, bits=8, sparsity="2:4", block_size=32)
+    weight = DeltaZipWeight.from_quantized(qm.q, qm.scales, qm.keep, bits=8, group_size=None, layout="2:4")
+    nonzero = (weight.to_dense() != 0).reshape(16, 16, 4).sum(-1)
+    assert bool((nonzero == 2).all())
+    assert weight.qweight.shape == (16, 32)  # 8 bits x half the columns
+    assert weight.mask.shape == (16, 8)  # 2 bits x 2 positions per group of 4
+    dense = DeltaZipWeight.from_quantized(qm.q, qm.scales, None, bits=8, group_size=None, layout="dense")
+    assert weight.nbytes() < 0.7 * dense.nbytes()
+
+
+# ===================================================================================================
+# Layer-by-layer calibration
+# ===================================================================================================
+
+
+def _full_forward_hessian(model, name, batches):
+    """2XᵀX/n of the real tokens reaching ``name``, from plain forward passes of the whole model."""
+    rows = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, args: rows.append(args[0]))
+    try:
+        for ids, mask in batches:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        handle.remove()
+    x = torch.cat([r[mask.bool()] for r, (_, mask) in zip(rows, batches, strict=True)])
+    return 2 * x.T @ x / len(x)
+
+
+def test_calibrator_replays_layers_like_full_forwards(micro_zoo):
+    """Hessians from cached layer inputs equal full forward passes of the partly modified model."""
+    base = load_model(micro_zoo["llama-base"].path).eval()
+    ids = torch.randint(0, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    batches = [(ids, mask), (ids[:, :5], mask[:, :5])]
+    targets = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    calibrator = _Calibrator(base, batches, [*targets, "lm_head"])
+    groups = calibrator.groups()
+    assert groups[:4] == [[f"model.layers.0.self_attn.{p}_proj" for p in "qkv"], ["model.layers.0.self_attn.o_proj"],
+                          ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
+                          ["model.layers.0.mlp.down_proj"]]
+    assert groups[-1] == ["lm_head"]
+    seen = []
+
+    def each_group(names, hessians):
+        for name in names:
+            torch.testing.assert_close(hessians[name], _full_forward_hessian(base, name, batches), rtol=1e-4, atol=1e-5)
+            base.get_submodule(name).weight.data.mul_(0.5)  # later groups must see this change
+            seen.append(name)
+
+    with torch.no_grad():
+        calibrator.run(each_group, progress=False)
+    assert seen == [n for g in groups for n in g]
+
+
+# ===================================================================================================
+# Compression on the micro zoo
+# ===================================================================================================
+
+
+@pytest.mark.parametrize(("name", "options"), [("llama-arith", {"bits": 4}),
+                                               ("qwen2-arith", {"bits": 3, "group_size": 16, "sparsity": 0.6})])
+def test_compress_save_load_round_trip(micro_zoo, zoo_models, zoo_texts, tmp_path, name, options):
+    base, ft, tok = zoo_models(name)
+    entry = micro_zoo[name]
+    config = DeltaZipConfig(**options)
+    model = compress(micro_zoo[entry.base].path, entry.path, config, zoo_texts(name, 32), progress=False)
+    model.save_pretrained(tmp_path)
+    loaded = Delta.from_folder(tmp_path)
+    assert loaded.config.bits == options["bits"] and loaded.config.sparsity == config.sparsity
+    for module, w in model.get_delta("default").weights.items():
+        assert torch.equal(loaded.weights[module].to_dense(), w.to_dense()), module
+    again = DeltaModel.from_pretrained(micro_zoo[entry.base].path, tmp_path)
+    task = micro_zoo.task(name)
+    kl_compressed = mean_kl(ft, again, tok, task)
+    assert kl_compressed < 0.1 * mean_kl(ft, base, tok, task)
+    assert folder_bytes(tmp_path)["weights"] < bf16_weight_bytes(ft) / 2
+
+
+def test_bad_inputs_fail_before_any_work(micro_zoo, monkeypatch):
+    for bad in ({"bits": 5}, {"damp": 0}, {"damp": -0.1}, {"sparsity": 1.0}, {"sparsity": "3:4"},
+                {"sparsity": True}, {"group_size": 0}, {"block_size": 6}, {"embedding_method": "svd"},
+                {"prune": "random"}, {"calibration_samples": 0}):
+        with pytest.raises(DeltaConfigError):
+            DeltaZipConfig(**bad).validate()
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("calibration started before the config was checked")
+
+    monkeypatch.setattr(importlib.import_module("hf_delta.compress"), "sample_calibration", no_sampling)
+    entry = micro_zoo["llama-arith"]
+    base_path = micro_zoo[entry.base].path
+    with pytest.raises(DeltaConfigError, match="group_size=5 does not divide"):
+        compress(base_path, entry.path, DeltaZipConfig(group_size=5), progress=False)
+    with pytest.raises(CalibrationError):
+        compress(base_path, entry.path, DeltaZipConfig(), [], progress=False)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=42, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    odd_base, odd_ft = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    with pytest.raises(DeltaConfigError, match="in_features divisible by 4"):
+        compress(odd_base, odd_ft, DeltaZipConfig(sparsity="2:4"), progress=False)
