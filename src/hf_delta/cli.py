@@ -121,10 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--finetunes", default=None, help="comma-separated zoo fine-tunes (default: all)")
     fid.add_argument("--calibration", choices=["task", "sampled"], default="task",
                      help="calibration texts: the fine-tune's training split, or sampled from it (data-free)")
+    demo = sub.add_parser("demo", help="Gradio demo: chat, side-by-side compare, models panel (the main job)")
+    _add_demo_arguments(demo)
+    demo.set_defaults(func=_demo)
+
     fid.add_argument("--merge", action="store_true",
                      help="keep rows of other settings already in the results file (run a long grid in parts)")
     fid.set_defaults(func=_bench_fidelity)
     return parser
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    try:
+        from .demo import add_demo_arguments
+    except ImportError as err:  # gradio is an extra: say how to get it when the demo is asked for
+        parser.set_defaults(demo_import_error=err)
+        return
+    add_demo_arguments(parser)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if getattr(args, "demo_import_error", None):
+        print(f"error: the demo needs gradio ({args.demo_import_error}): pip install 'hf_delta[demo]'",
+              file=sys.stderr)
+        return 2
+    from .demo import demo_main
+
+    return demo_main(args)
 
 
 def _bench_fidelity(args: argparse.Namespace) -> int:

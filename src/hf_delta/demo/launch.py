@@ -1,0 +1,84 @@
+"""Start the demo: pick the models (the zoo by default, or a real base and Hub deltas), start the engine, warm
+the deltas, build the app and launch it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..serving.engine import Engine, EngineConfig
+from ..serving.sampling import SamplingParams
+from .options import DemoSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoModels:
+    """What to serve: a base, deltas, and what the app may show about them."""
+
+    base: str | Path
+    deltas: dict[str, str | Path]
+    finetunes: dict[str, Path] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+
+def resolve_models(settings: DemoSettings) -> DemoModels:
+    """The real base and deltas of ``settings``, or else the zoo (built and compressed on first use)."""
+    if settings.base:
+        return DemoModels(base=settings.base, deltas=dict(settings.deltas))
+    from .zoo_deltas import prepare_zoo_demo
+
+    zoo = prepare_zoo_demo(settings.size, zoo_dir=settings.zoo_dir, cache_dir=settings.cache_dir,
+                           base=settings.zoo_base)
+    return DemoModels(base=zoo.base, deltas=dict(zoo.deltas), finetunes=zoo.finetunes, examples=zoo.examples)
+
+
+def start_engine(models: DemoModels, *, config: EngineConfig | None = None, warm: bool = True, **engine_kwargs: Any
+                 ) -> Engine:
+    """An ``Engine`` over ``models`` with its loop running; ``warm`` loads every delta that fits a device slot
+    (one 1-token request each), so the first chat or compare does not wait for a load."""
+    engine = Engine(models.base, deltas=models.deltas, config=config or EngineConfig(), **engine_kwargs)
+    engine.start()
+    if warm:
+        warm_up(engine)
+    return engine
+
+
+def warm_up(engine: Engine) -> None:
+    """Load the deltas (up to the engine's device slots) with one 1-token request each; failures are logged."""
+    names = engine.model_names()[1 : 1 + engine.config.device_slots]
+    handles = []
+    for name in names:
+        try:
+            handles.append((name, engine.submit(name, [engine.tokenizer_for(name).eos_token_id or 0],
+                                                params=SamplingParams(max_tokens=1))))
+        except Exception as err:  # a broken delta is shown in the models panel; it does not stop the demo
+            logger.warning("Delta %s could not be warmed up: %s", name, err)
+    for name, handle in handles:
+        try:
+            handle.result()
+        except Exception as err:
+            logger.warning("Delta %s could not be warmed up: %s", name, err)
+
+
+def run_demo(settings: DemoSettings) -> Any:
+    """Prepare the models and, unless ``settings.launch`` is false, serve the app (blocks until interrupted).
+
+    Returns the ``gr.Blocks`` (launched or not), or ``None`` with ``launch=False``.
+    """
+    models = resolve_models(settings)
+    if not settings.launch:
+        logger.info("Models ready: base %s, deltas %s (not launching)", models.base, sorted(models.deltas))
+        return None
+    from .app import build_demo
+
+    engine = start_engine(models)
+    demo = build_demo(engine, finetunes=models.finetunes, examples=models.examples, max_tokens=settings.max_tokens)
+    try:
+        demo.launch(server_name=settings.host, server_port=settings.port)
+    finally:
+        engine.close()
+    return demo

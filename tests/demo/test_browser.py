@@ -1,0 +1,32 @@
+"""The page in headless Chromium (Debian's package, driven by Playwright): load it, chat, see a bad-input
+message, and save a screenshot. Fails, never skips, when Chromium or Playwright is missing: CI installs them
+(apt-get install -y chromium; pip install playwright)."""
+
+from __future__ import annotations
+
+from demo_constants import DELTAS
+
+
+def test_page_chats_and_shows_bad_input_in_chromium(running_demo, greedy, tmp_path):
+    from hf_delta.demo.browser import open_page, pick_model, screenshot, send_message
+
+    prompt = running_demo.examples["llama-chat"][0]
+    with open_page(running_demo.url) as page:
+        assert page.get_by_role("tab", name="Compare").is_visible()
+        pick_model(page, "llama-chat")
+        send_message(page, prompt, expect=greedy("llama-chat", prompt))
+        bots = page.locator("#chatbot [data-testid='bot']")
+        assert bots.count() == 1
+        assert page.locator("#chatbot [data-testid='user']").first.inner_text().strip() == prompt
+
+        send_message(page, "   ")  # bad input: shown on the textbox, the conversation stays
+        page.get_by_text("The message is empty").first.wait_for()
+        assert bots.count() == 1
+
+        path = screenshot(page, tmp_path / "page.png")
+        # After the bad input, the page still serves: a raw-prompt fine-tune answers.
+        pick_model(page, DELTAS[0])
+        send_message(page, running_demo.examples[DELTAS[0]][0])
+        assert bots.count() == 2
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 10_000
