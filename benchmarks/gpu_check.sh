@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU session: versions, the kernel tests on the real GPU (compiled Triton, not the
-# interpreter), then the kernel benchmark. Extra arguments go to benchmarks/kernels.py (e.g. --quick).
+# interpreter: BitDelta 1-bit and DeltaZip 2/4/8-bit dense and 2:4, unit and layer-level), then the kernel
+# benchmark (every format in one table). Extra arguments go to benchmarks/kernels.py (e.g. --quick,
+# --formats deltazip-4bit-2:4, --group-size 128).
 # If $OUT is set, the logs and this run's benchmark results are copied there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,18 +19,19 @@ start_marker=$(mktemp)
 } 2>&1 | tee "$LOG_DIR/gpu_env.txt"
 
 # hf_delta.kernels maps to kernels/ only in an installed package (see pyproject.toml).
-if ! "$PY" -c 'import hf_delta.kernels.bitdelta' 2>/dev/null; then
+if ! "$PY" -c 'import hf_delta.kernels.bitdelta, hf_delta.kernels.deltazip' 2>/dev/null; then
     echo "hf_delta not importable here; trying an editable install without dependencies" | tee -a "$LOG_DIR/gpu_env.txt"
     "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$LOG_DIR/gpu_env.txt"
-    if ! "$PY" -c 'import hf_delta.kernels.bitdelta' 2>&1 | tee -a "$LOG_DIR/gpu_env.txt"; then
-        echo "gpu_check: cannot import hf_delta.kernels.bitdelta (missing dependencies above)"
+    if ! "$PY" -c 'import hf_delta.kernels.bitdelta, hf_delta.kernels.deltazip' 2>&1 | tee -a "$LOG_DIR/gpu_env.txt"; then
+        echo "gpu_check: cannot import hf_delta.kernels (missing dependencies above)"
         exit 2
     fi
 fi
 
 status=0
-# --confcutdir: the kernel tests need none of the repo-wide fixtures (local Hub server and its deps).
-"$PY" -m pytest tests/kernels -q -p no:cacheprovider -ra --confcutdir tests/kernels 2>&1 | tee "$LOG_DIR/gpu_pytest.txt"
+# No --confcutdir: the layer-level tests (test_layer_dispatch.py, the DeltaZip layer test) need the repo-wide
+# micro_zoo fixture from tests/conftest.py (stdlib + hf_delta's own dependencies; builds the zoo in ~20 s).
+"$PY" -m pytest tests/kernels -q -p no:cacheprovider -ra 2>&1 | tee "$LOG_DIR/gpu_pytest.txt"
 test_status=${PIPESTATUS[0]}
 [ "$test_status" -ne 0 ] && status=$test_status
 

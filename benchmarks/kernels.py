@@ -1,21 +1,27 @@
-"""Benchmark the mixed-batch 1-bit delta matmul against dense and per-delta baselines.
+"""Benchmark the mixed-batch delta matmuls (BitDelta 1-bit, DeltaZip low-bit) against dense and per-delta baselines.
 
     python benchmarks/kernels.py            # full table on the current CUDA device
     python benchmarks/kernels.py --quick    # fewer shapes and repetitions
     python benchmarks/kernels.py --sweep    # also try several tile configs on decode cases, keep the best
-    python benchmarks/kernels.py --cpu-smoke  # tiny CPU run through the reference: proves the script works
+    python benchmarks/kernels.py --formats deltazip-4bit-2:4   # only some delta formats
+    python benchmarks/kernels.py --cpu-smoke  # tiny CPU run through the references: proves the script works
 
 For Llama-7B layer shapes (N x K), decode and prefill batch sizes and 1-32 distinct deltas per batch (rows
-spread over the deltas), it times:
+spread over the deltas), and each delta format (``bitdelta-1bit``: signs + per-row scales, ``--passes``
+sign passes; ``deltazip-4bit``: dense 4-bit; ``deltazip-4bit-2:4`` and ``deltazip-2bit-2:4``: 2:4 sparse;
+DeltaZip scales per output channel, or per ``--group-size`` columns), it times:
 
-* ``kernel``: ``bitdelta_matmul`` with a plan built once per batch (as a serving engine does per step);
+* ``kernel``: the format's mixed-batch kernel with a plan built once per batch (as a serving engine does
+  per step; one plan serves every format);
 * ``base``:   one shared dense bf16 matmul ``x @ W.T`` (what the base model costs anyway);
-* ``unpack``: per delta, unpack signs to a dense bf16 matrix, then a torch matmul on that delta's rows;
+* ``unpack``: per delta, decode it to a dense bf16 matrix (the library's own decoder), then a torch matmul
+  on that delta's rows;
 * ``peft``:   a PEFT-style Python loop over deltas with dense delta weights already in memory.
 
-and a device-to-device copy in the same run. The kernel's bandwidth counts the bytes it must move (packed
-bits + scales of the distinct deltas, x, out read and written). The "decode layer" figure is base matmul +
-kernel against its floor: (dense base weight + packed bits of the distinct deltas + activations) / copy
+and a device-to-device copy in the same run. ``base`` and ``peft`` do not depend on the format and are
+timed once per case. The kernel's bandwidth counts the bytes it must move (packed values, metadata and
+scales of the distinct deltas, x, out read and written). The "decode layer" figure is base matmul + kernel
+against its floor: (dense base weight + packed bytes of the distinct deltas + activations) / copy
 bandwidth. Results go to ``benchmarks/results/kernels-<gpu>.json`` and ``.md``.
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import platform
 import re
@@ -40,8 +47,9 @@ from hf_delta.kernels.bitdelta import (
     bitdelta_matmul,
     plan_bitdelta_batch,
 )
+from hf_delta.kernels.deltazip import DeltaZipKernelConfig, deltazip_matmul
 
-from hf_delta.packing import unpack_signs
+from hf_delta.packing import packed_width, unpack_signs
 
 LAYERS = {"attn 4096x4096": (4096, 4096), "up 11008x4096": (11008, 4096), "down 4096x11008": (4096, 11008)}
 DECODE_M = (1, 16, 64)
@@ -59,6 +67,18 @@ SWEEP_CONFIGS = [
         (64, 128, 4, 3),
         (64, 256, 4, 4),
         (32, 256, 4, 3),
+    ]
+]
+DZ_SWEEP_CONFIGS = [
+    DeltaZipKernelConfig(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+    for bn, bk, w, s in [
+        (128, 128, 4, 3),
+        (128, 256, 8, 3),
+        (64, 128, 4, 3),
+        (64, 256, 4, 4),
+        (32, 128, 4, 3),
+        (32, 256, 4, 4),
+        (256, 64, 8, 3),
     ]
 ]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -100,17 +120,103 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int, warmup: int, reps: in
 
 
 # ===================================================================================================
-# One case
+# Delta formats: packed inputs, the kernel call, the decode-then-matmul baseline, bytes moved
 # ===================================================================================================
 
 
-def make_inputs(n: int, k: int, m: int, n_deltas: int, stack: int, passes: int, device, dtype, gen):
-    x = torch.randn(m, k, generator=gen, device="cpu").to(device=device, dtype=dtype)
-    signs = torch.randint(0, 256, (stack, passes, n, (k + 7) // 8), generator=gen, dtype=torch.uint8)
-    scales = 1e-3 * torch.rand(stack, passes, n, generator=gen)
-    # Rows spread evenly over the deltas, in shuffled order (requests arrive interleaved).
-    slots = (torch.arange(m) % n_deltas)[torch.randperm(m, generator=gen)].to(torch.int32)
-    return x, signs.to(device), scales.to(device), slots.to(device)
+@dataclass
+class Format:
+    """One delta format: how to make random packed deltas of it and how each method runs on them."""
+
+    name: str
+    bits: int  # 1 = BitDelta signs
+    layout: str = "dense"  # DeltaZip layout
+
+    def make(self, n: int, k: int, stack: int, b: Bench) -> dict[str, torch.Tensor | None]:
+        """Random packed deltas ``[stack, ...]``, made on the device (valid codes: the decoders must accept them)."""
+        kw = {"generator": b.dev_gen, "device": b.device}
+        if self.bits == 1:
+            passes = b.args.passes
+            signs = torch.randint(0, 256, (stack, passes, n, (k + 7) // 8), dtype=torch.uint8, **kw)
+            return {"signs": signs, "scales": 1e-3 * torch.rand(stack, passes, n, **kw)}
+        values = k // 2 if self.layout == "2:4" else k
+        # Every byte is a valid run of offset-binary ints; 2:4 positions must be ascending pairs of 0..3.
+        qweight = torch.randint(0, 256, (stack, n, packed_width(values, self.bits)), dtype=torch.uint8, **kw)
+        positions = None
+        if self.layout == "2:4":
+            pairs = [p0 | p1 << 2 for p0 in range(4) for p1 in range(p0 + 1, 4)]
+            pairs = torch.tensor(pairs, dtype=torch.uint8, device=b.device)
+            nibbles = pairs[torch.randint(0, 6, (stack, n, (k + 7) // 8, 2), **kw)]
+            positions = nibbles[..., 0] | nibbles[..., 1] << 4
+        groups = 1 if b.args.group_size is None else -(-k // b.args.group_size)
+        scales = (1e-3 * torch.rand(stack, n, groups, **kw)).half()
+        return {"qweight": qweight, "scales": scales, "positions": positions}
+
+    def kernel(self, packed: dict, x, out, slots, plan, config=None, group_size: int | None = None) -> None:
+        if self.bits == 1:
+            bitdelta_matmul(x, out, slots, packed["signs"], packed["scales"], plan=plan, config=config)
+        else:
+            deltazip_matmul(
+                x,
+                out,
+                slots,
+                packed["qweight"],
+                packed["scales"],
+                bits=self.bits,
+                layout=self.layout,
+                group_size=group_size,
+                positions=packed["positions"],
+                plan=plan,
+                config=config,
+            )
+
+    def dense(self, packed: dict, d: int, k: int, group_size: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """Delta ``d`` decoded to a dense matrix by the library's own (non-kernel) decoder."""
+        if self.bits == 1:
+            signs, scales = packed["signs"][d], packed["scales"][d]
+            w = torch.zeros(signs.shape[1], k, device=signs.device, dtype=torch.float32)
+            for p in range(signs.shape[0]):
+                w += scales[p, :, None] * unpack_signs(signs[p], k)
+            return w.to(dtype)
+        # Imported here, not at the top: run as a script, this file is the first `kernels` on sys.path, and
+        # transformers imports any `kernels` module it finds (Hugging Face's kernel hub) while hf_delta is
+        # half-imported; module-level imports must stay within hf_delta.kernels and hf_delta.packing.
+        from hf_delta.methods.deltazip import DeltaZipWeight
+
+        n = packed["qweight"].shape[1]
+        weight = DeltaZipWeight(
+            (n, k),
+            bits=self.bits,
+            group_size=group_size,
+            layout=self.layout,
+            qweight=packed["qweight"][d],
+            scales=packed["scales"][d],
+            mask=None if packed["positions"] is None else packed["positions"][d],
+        )
+        return weight.to_dense(dtype)
+
+    def delta_bytes(self, packed: dict) -> int:
+        """Packed bytes of one delta (values, metadata, scales)."""
+        return sum(t[0].numel() * t.element_size() for t in packed.values() if t is not None)
+
+    def sweep(self) -> list:
+        return SWEEP_CONFIGS if self.bits == 1 else DZ_SWEEP_CONFIGS
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        Format("bitdelta-1bit", 1),
+        Format("deltazip-4bit", 4, "dense"),
+        Format("deltazip-4bit-2:4", 4, "2:4"),
+        Format("deltazip-2bit-2:4", 2, "2:4"),
+    )
+}
+
+
+# ===================================================================================================
+# One case
+# ===================================================================================================
 
 
 @dataclass
@@ -118,77 +224,93 @@ class Bench:
     args: argparse.Namespace
     device: torch.device
     dtype: torch.dtype
-    gen: torch.Generator
+    gen: torch.Generator  # CPU: batch composition
+    dev_gen: torch.Generator  # on the device: weights, made where they are used (GBs at 7B shapes)
     copy_gbps: float
+    formats: list[Format]
 
 
-def run_case(b: Bench, layer: str, n: int, k: int, m: int, n_deltas: int, dense_deltas, base_w) -> dict:
-    """Time every method on one (layer, M, deltas) case; return the row of the results table."""
-    args, device, dtype, copy_gbps, passes = b.args, b.device, b.dtype, b.copy_gbps, b.args.passes
+def run_case(
+    b: Bench, layer: str, n: int, k: int, m: int, n_deltas: int, dense_deltas, base_w, packed: dict[str, dict]
+) -> list[dict]:
+    """Time the baselines once and every selected format's kernel on one (layer, M, deltas) case.
+
+    ``packed`` holds each format's random deltas for this layer shape. Returns one table row per format.
+    """
+    args, device, dtype, copy_gbps = b.args, b.device, b.dtype, b.copy_gbps
     stack = dense_deltas.shape[0]
-    x, signs, scales, slots = make_inputs(n, k, m, n_deltas, stack, passes, device, dtype, b.gen)
+    x = torch.randn(m, k, generator=b.gen).to(device=device, dtype=dtype)
+    # Rows spread evenly over the deltas, in shuffled order (requests arrive interleaved).
+    slots = (torch.arange(m) % n_deltas)[torch.randperm(m, generator=b.gen)].to(torch.int32).to(device)
     out = torch.zeros(m, n, device=device, dtype=dtype)
     distinct = min(n_deltas, m)
-    plan = plan_bitdelta_batch(slots, signs.shape[0])
+    plan = plan_bitdelta_batch(slots, stack)
     row_sets = [(slots == d).nonzero().squeeze(1) for d in range(distinct)]
-    t = {}
-    t["plan"] = time_ms(lambda: plan_bitdelta_batch(slots, signs.shape[0]), device, args.warmup, args.reps)
-    t["kernel"] = time_ms(
-        lambda: bitdelta_matmul(x, out, slots, signs, scales, plan=plan), device, args.warmup, args.reps
-    )
-    best_config = None
-    if args.sweep and m <= 64 and device.type == "cuda":
-        for cfg in SWEEP_CONFIGS:
-            ms = time_ms(
-                lambda cfg=cfg: bitdelta_matmul(x, out, slots, signs, scales, plan=plan, config=cfg),
-                device,
-                args.warmup,
-                args.reps,
-            )
-            if ms < t["kernel"]:
-                t["kernel"], best_config = ms, cfg
-    t["base"] = time_ms(lambda: torch.mm(x, base_w.t()), device, args.warmup, args.reps)
-
-    def unpack_loop():
-        for d, rows in enumerate(row_sets):
-            w = torch.zeros(n, k, device=device, dtype=torch.float32)
-            for p in range(passes):
-                w += scales[d, p, :, None] * unpack_signs(signs[d, p], k)
-            out.index_add_(0, rows, x[rows] @ w.to(dtype).t())
+    shared = {
+        "plan": time_ms(lambda: plan_bitdelta_batch(slots, stack), device, args.warmup, args.reps),
+        "base": time_ms(lambda: torch.mm(x, base_w.t()), device, args.warmup, args.reps),
+    }
 
     def peft_loop():
         for d in range(distinct):  # PEFT's mixed-batch forward: mask rows per adapter, dense weights
             rows = (slots == d).nonzero().squeeze(1)
             out[rows] += x[rows] @ dense_deltas[d].t()
 
-    t["unpack"] = time_ms(unpack_loop, device, min(args.warmup, 3), max(3, args.reps // 5))
-    t["peft"] = time_ms(peft_loop, device, args.warmup, args.reps)
+    shared["peft"] = time_ms(peft_loop, device, args.warmup, args.reps)
 
     elt = x.element_size()
-    bits_bytes = distinct * passes * n * ((k + 7) // 8) + distinct * passes * n * 4
     act_bytes = m * k * elt + 2 * m * n * elt
-    kernel_bytes = bits_bytes + act_bytes
-    kernel_gbps = kernel_bytes / (t["kernel"] * 1e-3) / 1e9
-    floor_ms = (n * k * elt + bits_bytes + act_bytes) / (copy_gbps * 1e9) * 1e3
-    return {
-        "layer": layer,
-        "N": n,
-        "K": k,
-        "M": m,
-        "deltas": distinct,
-        "passes": passes,
-        "ms": {key: sig(v) for key, v in t.items()},
-        "kernel_bytes": kernel_bytes,
-        "kernel_GBps": sig(kernel_gbps),
-        "kernel_pct_copy_bw": sig(100 * kernel_gbps / copy_gbps),
-        "kernel_TFLOPs": sig(2 * m * n * k * passes / (t["kernel"] * 1e-3) / 1e12),
-        "layer_ms": sig(t["base"] + t["kernel"]),
-        "layer_floor_ms": sig(floor_ms),
-        "layer_pct_floor": sig(100 * floor_ms / (t["base"] + t["kernel"])),
-        "speedup_vs_peft": sig(t["peft"] / t["kernel"]),
-        "speedup_vs_unpack": sig(t["unpack"] / t["kernel"]),
-        "best_config": None if best_config is None else vars(best_config),
-    }
+    rows = []
+    for fmt in b.formats:
+        packed_fmt = packed[fmt.name]
+        group = args.group_size if fmt.bits > 1 else None
+        t = dict(shared)
+        run = functools.partial(fmt.kernel, packed_fmt, x, out, slots, plan, group_size=group)
+        t["kernel"] = time_ms(run, device, args.warmup, args.reps)
+        best_config = None
+        if args.sweep and m <= 64 and device.type == "cuda":
+            for cfg in fmt.sweep():
+                if group is not None and group % cfg.block_k:
+                    continue  # per-element group scales: not the configuration anyone would pick
+                ms = time_ms(functools.partial(run, cfg), device, args.warmup, args.reps)
+                if ms < t["kernel"]:
+                    t["kernel"], best_config = ms, cfg
+
+        def unpack_loop(fmt=fmt, packed_fmt=packed_fmt, group=group):
+            for d, rows_d in enumerate(row_sets):
+                w = fmt.dense(packed_fmt, d, k, group, dtype)
+                out.index_add_(0, rows_d, x[rows_d] @ w.t())
+
+        t["unpack"] = time_ms(unpack_loop, device, min(args.warmup, 3), max(3, args.reps // 5))
+        delta_bytes = distinct * fmt.delta_bytes(packed_fmt)
+        kernel_bytes = delta_bytes + act_bytes
+        kernel_gbps = kernel_bytes / (t["kernel"] * 1e-3) / 1e9
+        floor_ms = (n * k * elt + delta_bytes + act_bytes) / (copy_gbps * 1e9) * 1e3
+        flops = 2 * m * n * k * (args.passes if fmt.bits == 1 else 1)
+        rows.append(
+            {
+                "layer": layer,
+                "format": fmt.name,
+                "N": n,
+                "K": k,
+                "M": m,
+                "deltas": distinct,
+                "passes": args.passes if fmt.bits == 1 else None,
+                "group_size": group,
+                "ms": {key: sig(v) for key, v in t.items()},
+                "kernel_bytes": kernel_bytes,
+                "kernel_GBps": sig(kernel_gbps),
+                "kernel_pct_copy_bw": sig(100 * kernel_gbps / copy_gbps),
+                "kernel_TFLOPs": sig(flops / (t["kernel"] * 1e-3) / 1e12),
+                "layer_ms": sig(t["base"] + t["kernel"]),
+                "layer_floor_ms": sig(floor_ms),
+                "layer_pct_floor": sig(100 * floor_ms / (t["base"] + t["kernel"])),
+                "speedup_vs_peft": sig(t["peft"] / t["kernel"]),
+                "speedup_vs_unpack": sig(t["unpack"] / t["kernel"]),
+                "best_config": None if best_config is None else vars(best_config),
+            }
+        )
+    return rows
 
 
 # ===================================================================================================
@@ -207,15 +329,16 @@ def slug(name: str) -> str:
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     head = (
-        f"# bitdelta_matmul on {meta['device']}\n\n"
-        f"torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}, {meta['passes']} pass(es); "
-        f"copy bandwidth {meta['copy_GBps']:.0f} GB/s; {meta['date']}\n\n"
-        "| layer | M | deltas | kernel ms | GB/s | % copy | TFLOP/s | base ms | layer % floor "
+        f"# Mixed-batch delta kernels on {meta['device']}\n\n"
+        f"torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}; bitdelta: {meta['passes']} pass(es); "
+        f"deltazip: scales {scale_kind(meta['group_size'])}; copy bandwidth {meta['copy_GBps']:.0f} GB/s; "
+        f"{meta['date']}\n\n"
+        "| layer | format | M | deltas | kernel ms | GB/s | % copy | TFLOP/s | base ms | layer % floor "
         "| unpack ms | peft ms | vs peft |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = [
-        f"| {r['layer']} | {r['M']} | {r['deltas']} | {r['ms']['kernel']:.4f} | {r['kernel_GBps']:.4g} "
+        f"| {r['layer']} | {r['format']} | {r['M']} | {r['deltas']} | {r['ms']['kernel']:.4f} | {r['kernel_GBps']:.4g} "
         f"| {r['kernel_pct_copy_bw']:.1f} | {r['kernel_TFLOPs']:.2f} | {r['ms']['base']:.4f} "
         f"| {r['layer_pct_floor']:.1f} | {r['ms']['unpack']:.3f} | {r['ms']['peft']:.3f} "
         f"| {r['speedup_vs_peft']:.1f}x |"
@@ -224,14 +347,33 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def scale_kind(group_size: int | None) -> str:
+    return "per output channel" if group_size is None else f"per group of {group_size}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--sweep", action="store_true", help="try several tile configs on decode cases")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run through the reference")
-    parser.add_argument("--passes", type=int, default=1, help="residual sign passes per delta (default 1)")
+    parser.add_argument("--passes", type=int, default=1, help="bitdelta: sign passes per delta (default 1)")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="deltazip: input columns per scale (default: one scale per output channel)",
+    )
+    parser.add_argument(
+        "--formats",
+        default=",".join(FORMATS),
+        help=f"comma-separated delta formats to time (default all: {','.join(FORMATS)})",
+    )
     parser.add_argument("--out-dir", type=Path, default=None, help=f"where to write results ({RESULTS_DIR})")
     args = parser.parse_args(argv)
+    unknown = [f for f in args.formats.split(",") if f not in FORMATS]
+    if unknown:
+        parser.error(f"unknown format(s) {unknown}; choose from {list(FORMATS)}")
+    formats = [FORMATS[f] for f in args.formats.split(",")]
 
     if args.cpu_smoke:
         device, dtype = torch.device("cpu"), torch.float32
@@ -260,26 +402,30 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = "not installed"
     copy_gbps = copy_bandwidth_gbps(device, copy_bytes, args.warmup, args.reps)
     gen = torch.Generator().manual_seed(0)
-    bench = Bench(args, device, dtype, gen, copy_gbps)
+    dev_gen = torch.Generator(device=device).manual_seed(0)
+    bench = Bench(args, device, dtype, gen, dev_gen, copy_gbps, formats)
     rows = []
     for layer, (n, k) in layers.items():
         stack = max(deltas)
-        # Dense delta weights for the PEFT-style baseline and a dense base weight, once per layer shape.
-        dense_deltas = (1e-3 * torch.randn(stack, n, k, generator=gen)).to(device=device, dtype=dtype)
-        base_w = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
+        # Dense delta weights for the PEFT-style baseline, a dense base weight and every format's packed
+        # deltas, once per layer shape (what they hold does not change the timings).
+        dense_deltas = (1e-3 * torch.randn(stack, n, k, generator=dev_gen, device=device)).to(dtype)
+        base_w = torch.randn(n, k, generator=dev_gen, device=device).to(dtype)
+        packed = {fmt.name: fmt.make(n, k, stack, bench) for fmt in formats}
         for m in (*decode, *prefill):
             for n_deltas in deltas:
                 if n_deltas > m:  # fewer rows than deltas: same as n_deltas == m, already measured
                     continue
-                row = run_case(bench, layer, n, k, m, n_deltas, dense_deltas, base_w)
-                rows.append(row)
-                print(
-                    f"{layer:>16} M={m:<5} deltas={row['deltas']:<3} kernel {row['ms']['kernel']:.4f} ms "
-                    f"{row['kernel_GBps']:>7.4g} GB/s ({row['kernel_pct_copy_bw']:5.1f}% copy) "
-                    f"layer {row['layer_pct_floor']:5.1f}% of floor, {row['speedup_vs_peft']:.1f}x vs peft",
-                    flush=True,
-                )
-        del dense_deltas, base_w
+                for row in run_case(bench, layer, n, k, m, n_deltas, dense_deltas, base_w, packed):
+                    rows.append(row)
+                    print(
+                        f"{layer:>16} {row['format']:>18} M={m:<5} deltas={row['deltas']:<3} "
+                        f"kernel {row['ms']['kernel']:.4f} ms {row['kernel_GBps']:>7.4g} GB/s "
+                        f"({row['kernel_pct_copy_bw']:5.1f}% copy) layer {row['layer_pct_floor']:5.1f}% of floor, "
+                        f"{row['speedup_vs_peft']:.1f}x vs peft",
+                        flush=True,
+                    )
+        del dense_deltas, base_w, packed
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -290,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "dtype": str(dtype).removeprefix("torch."),
         "passes": args.passes,
+        "group_size": args.group_size,
+        "formats": [f.name for f in formats],
         "copy_GBps": sig(copy_gbps),
         "quick": args.quick,
         "sweep": args.sweep,

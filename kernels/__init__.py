@@ -7,11 +7,21 @@ from .bitdelta import (
     bitdelta_matmul_reference,
     plan_bitdelta_batch,
 )
+from .deltazip import (
+    DeltaZipKernelConfig,
+    deltazip_kernel_supports,
+    deltazip_matmul,
+    deltazip_matmul_reference,
+)
 
 __all__ = [
     "BitDeltaKernelConfig",
     "BitDeltaPlan",
+    "DeltaZipKernelConfig",
     "bitdelta_matmul",
     "bitdelta_matmul_reference",
+    "deltazip_kernel_supports",
+    "deltazip_matmul",
+    "deltazip_matmul_reference",
     "plan_bitdelta_batch",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -169,6 +170,33 @@ class DeltaZipWeight(CompressedWeight):
             return y
         out = torch.zeros((*x.shape[:-1], self.shape[0]), dtype=y.dtype, device=y.device)
         return out.index_copy_(-1, self._row_index.long(), y)
+
+    def add_to_rows(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None) -> None:
+        # Fused on CUDA (or on CPU when HF_DELTA_KERNELS=triton forces the interpreted kernel, for tests): the
+        # kernel reads the packed ints once, picks this delta's rows by slot (0 = this delta, -1 = skip) and adds
+        # x @ (q * scale)ᵀ straight into the base output; no gather, no dense delta. Formats the kernel cannot
+        # tile (3-bit, bitmap, only some rows stored), other dtypes and autograd take the generic dense path.
+
+        forced = os.environ.get("HF_DELTA_KERNELS") == "triton"
+        if x.is_cuda or forced:
+            from hf_delta.kernels import deltazip_kernel_supports, deltazip_matmul
+
+            fused = (
+                deltazip_kernel_supports(self.bits, self.layout)
+                and self._row_index is None
+                and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                and out.dtype == x.dtype
+                and not (torch.is_grad_enabled() and x.requires_grad)
+            )
+            if fused:
+                slots = torch.full((x.shape[0],), -1, dtype=torch.int32, device=x.device)
+                slots[slice(None) if rows is None else rows] = 0
+                positions = self.mask.unsqueeze(0) if self.layout == "2:4" else None
+                deltazip_matmul(x.contiguous(), out, slots, self.qweight.unsqueeze(0), self.scales.unsqueeze(0),
+                                bits=self.bits, layout=self.layout, group_size=self.group_size, positions=positions,
+                                backend="triton" if forced else "auto")
+                return
+        super().add_to_rows(x, out, rows)
 
     def meta(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size, "layout": self.layout,

@@ -1,0 +1,754 @@
+"""Mixed-batch low-bit delta matmul: many DeltaZip fine-tunes (2/4/8-bit, dense or 2:4) in one launch.
+
+Semantics (``D`` deltas stacked, each an ``[N, K]`` matrix of symmetric ints times fp scales)::
+
+    # x: [M, K]  out: [M, N]  slots: [M] in [-1, D)
+    # qweight: uint8 [D, N, packed(V)]   V = K ("dense") or K / 2 ("2:4": only the kept values)
+    # positions: uint8 [D, N, ceil(K / 8)]  ("2:4" only: 2-bit in-group column of each kept value)
+    # scales: fp16/bf16/fp32 [D, N, G]   G = 1 (per output channel) or ceil(K / group_size)
+    for r in range(M):
+        d = slots[r]
+        if d < 0:
+            continue                                           # base-model row: out[r] untouched
+        q = unpack(qweight[d], positions[d])                   # [N, K] ints, 0 where 2:4 pruned them
+        s = scales[d] if G == 1 else repeat(scales[d], group_size)[:, :K]   # [N, 1] or [N, K]
+        acc = x[r].float() @ (q * s.float()).T                 # fp32 accumulation
+        out[r, :] = (out[r, :].float() + acc).to(out.dtype)   # one rounding per element
+
+``qweight`` / ``positions`` / ``scales`` are exactly ``DeltaZipWeight``'s ``qweight`` / ``mask`` / ``scales``
+stacked along a new first axis (:mod:`hf_delta.packing`: offset-binary ints packed little-endian along
+``K``; 2:4 positions with :func:`~hf_delta.packing.pack_2of4_u8`).
+
+What runs where:
+
+* Triton kernel: ``bits`` in {2, 4, 8}, layouts ``"dense"`` and ``"2:4"``, per-channel or group scales,
+  fp16/bf16/fp32 activations, any ``M``, ``N``, ``K`` (``K % 4 == 0`` for 2:4, as the format guarantees).
+* PyTorch reference only: 3-bit values (a bit stream that crosses bytes). ``backend="auto"`` takes the
+  reference for them even on CUDA; ``backend="triton"`` refuses them.
+* Not here: the ``"bitmap"`` layout (kept values of all rows in one flat stream, so rows cannot be tiled)
+  and ``row_index`` (only some rows stored). ``DeltaZipWeight.add_to_rows`` sends those weights to the
+  generic dense path instead of this function.
+
+The Triton kernel groups rows by delta with the same plan as the 1-bit kernel (``plan_bitdelta_batch``:
+rows sorted by slot and cut into tiles of at most ``block_m`` rows of one delta; one plan per forward
+pass serves both kernels), and each program owns one row tile × one ``BLOCK_N`` slice of the output: it
+streams that slice's packed bytes over ``K`` once, decodes them in registers to exact small integers in
+the activation dtype, and ``tl.dot``\\ s them with the rows' activations. Ints of at most 8 bits times
+fp16/bf16 activations are exact products, so per-channel scales are applied once after the ``K`` loop
+and group scales once per ``BLOCK_K`` step (``BLOCK_K`` divides ``group_size``); both in fp32. Group
+sizes with no power-of-two divisor >= 16 (rare; ``tl.dot`` needs ``K`` tiles of 16) are scaled per element
+in fp32 and use an exact fp32 dot instead, slower but still one rounding.
+
+Dispatch (``backend="auto"``): CUDA tensors run the Triton kernel, CPU tensors the PyTorch reference
+``deltazip_matmul_reference``. ``backend="triton"`` forces the kernel (CPU tensors need
+``TRITON_INTERPRET=1``, how the tests run it without a GPU); ``backend="torch"`` forces the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .bitdelta import BitDeltaPlan, _default_block_m, _interpret_enabled, _sm_count, plan_bitdelta_batch
+
+try:  # Triton is optional: CPU-only installs use the reference path and never need it.
+    import triton
+    import triton.language as tl
+except ImportError:  # tested by hiding triton from the import system
+    triton = None
+    tl = None
+
+__all__ = [
+    "DeltaZipKernelConfig",
+    "deltazip_kernel_supports",
+    "deltazip_matmul",
+    "deltazip_matmul_reference",
+]
+
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SLOT_DTYPES = (torch.int32, torch.int64)
+_BITS = (2, 3, 4, 8)
+_KERNEL_BITS = (2, 4, 8)
+_LAYOUTS = ("dense", "2:4")
+Backend = Literal["auto", "triton", "torch"]
+
+
+def deltazip_kernel_supports(bits: int, layout: str) -> bool:
+    """Whether the Triton kernel handles ``bits`` / ``layout`` (else only the reference does)."""
+    return bits in _KERNEL_BITS and layout in _LAYOUTS
+
+
+def _packed_width(values: int, bits: int) -> int:
+    """Bytes per packed row of ``values`` ints at ``bits`` bits (3-bit rows are one bit stream)."""
+    return (values * bits + 7) // 8
+
+
+# ===================================================================================================
+# Pure-PyTorch reference (CPU path and test oracle)
+# ===================================================================================================
+
+
+def deltazip_matmul_reference(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    slots: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    bits: int,
+    layout: str,
+    group_size: int | None = None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[r] += x[r] @ dequant(Δ[slots[r]])ᵀ`` in plain PyTorch (fp32 accumulation, one rounding).
+
+    Same contract as :func:`deltazip_matmul` (see the module docstring for the exact semantics); it is the
+    CPU implementation and the oracle the Triton kernel is tested against. Handles 3-bit values too.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        TypeError, ValueError: see :func:`deltazip_matmul`.
+    """
+    _check_inputs(x, out, slots, qweight, scales, bits, layout, group_size, positions)
+    _check_slot_range(slots, qweight.shape[0])
+    return _reference(x, out, slots, qweight, scales, bits, layout, group_size, positions)
+
+
+def _dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    positions: torch.Tensor | None,
+    k: int,
+    bits: int,
+    layout: str,
+    group_size: int | None,
+) -> torch.Tensor:
+    """One delta ``[N, K]`` in fp32 (the same maths as ``DeltaZipWeight.to_dense``)."""
+    # Imported here so this file also loads on its own, without the hf_delta package (ahead-of-time
+    # compile checks in a bare subprocess); after the first call it is a dictionary lookup.
+    from hf_delta.packing import unpack_2of4_u8, unpack_lowbit_u8
+
+    n = qweight.shape[0]
+    if layout == "dense":
+        q = unpack_lowbit_u8(qweight, bits, k)
+    else:
+        keep = unpack_2of4_u8(positions, k)
+        values = unpack_lowbit_u8(qweight, bits, k // 2)
+        q = torch.zeros(n, k, dtype=values.dtype, device=qweight.device)
+        q[keep] = values.reshape(-1)
+    s = scales.float()
+    if s.shape[1] > 1:
+        s = s.repeat_interleave(group_size, dim=1)[:, :k]
+    return q.float() * s
+
+
+def _reference(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    slots: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    layout: str,
+    group_size: int | None,
+    positions: torch.Tensor | None,
+) -> torch.Tensor:
+    k = x.shape[1]
+    slots = slots.long()
+    for d in torch.unique(slots).tolist():
+        if d < 0:
+            continue
+        idx = (slots == d).nonzero().squeeze(1)
+        pos = positions[d] if positions is not None else None
+        delta = _dequantize(qweight[d], scales[d], pos, k, bits, layout, group_size)
+        acc = x.index_select(0, idx).float() @ delta.T
+        out.index_copy_(0, idx, (out.index_select(0, idx).float() + acc).to(out.dtype))
+    return out
+
+
+# ===================================================================================================
+# Validation
+# ===================================================================================================
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    slots: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    layout: str,
+    group_size: int | None,
+    positions: torch.Tensor | None,
+) -> None:
+    """Shapes, dtypes, devices, layout options; no device synchronisation."""
+    fn = "deltazip_matmul"
+    if bits not in _BITS:
+        raise ValueError(f"{fn}: bits must be one of {_BITS}, got {bits!r}.")
+    if layout not in _LAYOUTS:
+        hint = " (bitmap rows cannot be tiled; use DeltaZipWeight.add_to_rows)" if layout == "bitmap" else ""
+        raise ValueError(f"{fn}: layout must be 'dense' or '2:4', got {layout!r}{hint}.")
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1):
+        raise ValueError(f"{fn}: group_size must be a positive int or None (per channel), got {group_size!r}.")
+    named = [("x", x), ("out", out), ("slots", slots), ("qweight", qweight), ("scales", scales)]
+    if layout == "2:4":
+        named.append(("positions", positions))
+    elif positions is not None:
+        raise ValueError(f"{fn}: positions are only for layout='2:4'; pass positions=None for 'dense'.")
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
+    if x.dtype not in _ACT_DTYPES:
+        raise TypeError(f"{fn}: x must be float16, bfloat16 or float32, got {x.dtype}.")
+    if out.dtype != x.dtype:
+        raise TypeError(f"{fn}: out dtype {out.dtype} must equal x dtype {x.dtype}.")
+    if slots.dtype not in _SLOT_DTYPES:
+        raise TypeError(f"{fn}: slots must be int32 or int64, got {slots.dtype}.")
+    if qweight.dtype != torch.uint8:
+        raise TypeError(f"{fn}: qweight must be uint8 packed ints, got {qweight.dtype}.")
+    if scales.dtype not in _SCALE_DTYPES:
+        raise TypeError(f"{fn}: scales must be float16, bfloat16 or float32, got {scales.dtype}.")
+    if positions is not None and positions.dtype != torch.uint8:
+        raise TypeError(f"{fn}: positions must be uint8 2:4 metadata, got {positions.dtype}.")
+    devices = {t.device for _, t in named}
+    if len(devices) != 1:
+        where = ", ".join(f"{name}={t.device}" for name, t in named)
+        raise ValueError(f"{fn}: all tensors must be on one device, got {where}.")
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: x must be 2-D [M, K] (flatten tokens), got {tuple(x.shape)}.")
+    m, k = x.shape
+    if out.dim() != 2 or out.shape[0] != m:
+        raise ValueError(f"{fn}: out must be [M={m}, N], got shape {tuple(out.shape)}.")
+    n = out.shape[1]
+    if slots.shape != (m,):
+        raise ValueError(f"{fn}: slots must be [M={m}], got shape {tuple(slots.shape)}.")
+    if layout == "2:4" and k % 4:
+        raise ValueError(f"{fn}: layout '2:4' needs K divisible by 4, got K={k}.")
+    values = k if layout == "dense" else k // 2
+    qb = _packed_width(values, bits)
+    if qweight.dim() != 3 or qweight.shape[1] != n or qweight.shape[2] != qb:
+        raise ValueError(
+            f"{fn}: qweight must be [D, N={n}, {qb}] ({values} {bits}-bit values per row for layout {layout!r} "
+            f"and K={k}), got shape {tuple(qweight.shape)}."
+        )
+    d = qweight.shape[0]
+    if positions is not None and tuple(positions.shape) != (d, n, (k + 7) // 8):
+        raise ValueError(
+            f"{fn}: positions must be [D={d}, N={n}, ceil(K/8)={(k + 7) // 8}], got shape {tuple(positions.shape)}."
+        )
+    groups = None if group_size is None else -(-k // group_size)
+    if scales.dim() != 3 or tuple(scales.shape[:2]) != (d, n) or scales.shape[2] not in (1, groups):
+        want = "[D, N, 1] (per channel)" + ("" if groups is None else f" or [D, N, ceil(K/group_size)={groups}]")
+        raise ValueError(
+            f"{fn}: scales must be {want} with D={d}, N={n}, group_size={group_size}, got shape {tuple(scales.shape)}."
+        )
+    if not x.is_contiguous():
+        raise ValueError(f"{fn}: x must be contiguous; call x.contiguous() first.")
+    if out.stride(1) != 1 and n > 1:
+        raise ValueError(f"{fn}: out rows must be contiguous (stride(1) 1), got {out.stride()}.")
+    for name, t in (("qweight", qweight), ("positions", positions)):
+        if t is not None and t.stride(2) != 1 and t.shape[2] > 1:
+            raise ValueError(f"{fn}: {name}' last dim must be contiguous, got strides {t.stride()}.")
+
+
+def _check_slot_range(slots: torch.Tensor, num_deltas: int) -> bool:
+    """Raise unless every slot is in ``[-1, num_deltas)``; return whether any row has a delta.
+
+    The launcher's only host synchronisation (one small copy for both bounds).
+    """
+    if slots.numel() == 0:
+        return False
+    lo, hi = torch.stack([slots.min(), slots.max()]).tolist()
+    if lo < -1 or hi >= num_deltas:
+        raise ValueError(
+            f"deltazip_matmul: slots must lie in [-1, {num_deltas}) (-1 = no delta, else an index into the "
+            f"{num_deltas} stacked deltas), got values in [{lo}, {hi}]."
+        )
+    return hi >= 0
+
+
+# ===================================================================================================
+# Launch configuration
+# ===================================================================================================
+
+
+@dataclass(frozen=True)
+class DeltaZipKernelConfig:
+    """Tile sizes of the Triton kernel (powers of two; ``tl.dot`` needs each >= 16 on GPUs).
+
+    ``block_m`` rows of one delta × ``block_n`` outputs per program, ``block_k`` inputs per loop step. With
+    group scales, a ``block_k`` that divides ``group_size`` scales per step; any other scales per element.
+    """
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"DeltaZipKernelConfig.{name} must be a power of two >= 16, got {v}.")
+
+
+def _default_config(
+    block_m: int,
+    n: int,
+    num_tiles: int,
+    dtype: torch.dtype,
+    layout: str,
+    group_size: int | None,
+    device: torch.device,
+    interpret: bool,
+) -> DeltaZipKernelConfig:
+    """Tiles by regime (the plan's ``block_m`` tells decode from prefill).
+
+    Starting points by analogy with the 1-bit kernel, not yet tuned on hardware (``benchmarks/kernels.py
+    --sweep`` measures alternatives). Group scales cap ``block_k`` at the largest power of two dividing
+    ``group_size`` so each step has one scale per output.
+    """
+    group_cap = 1 << 30 if group_size is None else group_size & -group_size
+    if interpret:  # the interpreter's cost is per program and per op, hardly per element: few, wide programs
+        block_k = 64 if group_cap < 16 else min(64, group_cap)
+        return DeltaZipKernelConfig(block_m=16, block_n=64, block_k=block_k, num_warps=1, num_stages=1)
+    if dtype == torch.float32 or group_cap < 16:  # exact fp32 dot on FMA units: small tiles avoid spills
+        block_k = 32 if group_cap >= 32 or group_cap < 16 else 16
+        return DeltaZipKernelConfig(block_m=block_m, block_n=64 if block_m == 16 else 32, block_k=block_k)
+    if block_m > 16:  # prefill: tensor-core bound, one decode of the packed bytes serves block_m rows
+        return DeltaZipKernelConfig(block_m=block_m, block_n=128, block_k=min(64, group_cap), num_warps=8, num_stages=3)
+    # Decode: bound by streaming and decoding the packed bytes. A 2:4 step reads half the values, so it can
+    # cover more K per step for the same bytes. Narrow N tiles when few deltas must still fill the SMs.
+    block_k = min(256 if layout == "2:4" else 128, group_cap)
+    want = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    block_n = 128
+    while block_n > 32 and num_tiles * -(-n // block_n) < want:
+        block_n //= 2
+    return DeltaZipKernelConfig(block_m=16, block_n=block_n, block_k=block_k, num_warps=4, num_stages=3)
+
+
+# Decoding an offset-binary int c (0 <= c < 2**bits) without an int -> float conversion: OR-ing c into the
+# mantissa of a float whose unit in the last place is 1 gives exactly MAGIC + c; subtracting MAGIC + offset
+# leaves the signed int. (activation dtype) -> (bit pattern, its value), valid while c < 2**mantissa_bits.
+_MAGIC = {
+    torch.float16: (0x6400, 1024.0, 10),  # 1024.0: ulp 1 up to 2048
+    torch.bfloat16: (0x4300, 128.0, 7),  # 128.0: ulp 1 up to 256
+    torch.float32: (0x4B000000, 8388608.0, 23),  # 2**23
+}
+
+
+# ===================================================================================================
+# Triton kernel
+# ===================================================================================================
+#
+# Per K step a program loads BLOCK_N x (bytes of BLOCK_K values) packed bytes, splits every byte into its
+# 8 / BITS fields with one shift + mask (broadcast over a small trailing axis, then reshaped into column
+# order), and for 2:4 scatters the two kept values of each group of 4 columns into place with two
+# compares against their positions (pruned columns get the code of int 0). The dot is computed transposed,
+# (Δ @ xᵀ), so the decoded weights are the register-sourced A operand (wgmma on Hopper) and the small
+# activation tile the shared-memory one, as in the 1-bit kernel.
+
+
+def _deltazip_kernel(
+    x_ptr,
+    out_ptr,
+    rows_ptr,
+    tile_slot_ptr,
+    tile_start_ptr,
+    tile_end_ptr,
+    q_ptr,
+    pos_ptr,
+    scales_ptr,
+    N,
+    K,
+    QB,
+    PB,
+    GROUP_SIZE,
+    stride_xm,
+    stride_om,
+    stride_qd,
+    stride_qn,
+    stride_pd,
+    stride_pn,
+    stride_sd,
+    stride_sn,
+    stride_sg,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr,
+    SPARSE24: tl.constexpr,
+    SCALE_MODE: tl.constexpr,  # 0: per channel, 1: group, one scale per step, 2: group, per element
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DECODE: tl.constexpr,  # 1: magic 16-bit, 2: magic fp32, 0: int -> float conversion
+    MAGIC_BITS: tl.constexpr,
+    MAGIC_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.load(tile_slot_ptr + pid_t)
+    if slot < 0:  # a spare tile of the fixed-size grid
+        return
+    start = tl.load(tile_start_ptr + pid_t)
+    end = tl.load(tile_end_ptr + pid_t)
+
+    PER_BYTE: tl.constexpr = 8 // BITS
+    OFFSET: tl.constexpr = 1 << (BITS - 1)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    VALUES: tl.constexpr = BLOCK_K // 2 if SPARSE24 else BLOCK_K  # stored values per row per step
+    QBYTES: tl.constexpr = VALUES // PER_BYTE
+    PBYTES: tl.constexpr = BLOCK_K // 8  # 2:4 positions: 2 bits for each of BLOCK_K / 2 kept values
+    GROUPS4: tl.constexpr = BLOCK_K // 4
+    ACT = x_ptr.dtype.element_ty
+    # Operand type of the dot: the activation dtype, except where fp32 keeps the maths exact (per-element
+    # scales make the weights non-integers) or works around the interpreter (its bf16 dot is wrong).
+    if DOT_FP32 or SCALE_MODE == 2:
+        CD = tl.float32
+    else:
+        CD = ACT
+
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    # Rows past the tile's end repeat its last row: activation loads stay unmasked, stores are masked.
+    rows = tl.load(rows_ptr + tl.minimum(offs_m, end - 1)).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_qb = tl.arange(0, QBYTES)
+    offs_pb = tl.arange(0, PBYTES)
+
+    # Tile bases in int64 (a stack of many deltas passes 2**31 bytes); offsets inside a tile stay int32.
+    slot64 = slot.to(tl.int64)
+    q_tile = q_ptr + slot64 * stride_qd + offs_n[:, None] * stride_qn + offs_qb[None, :]
+    p_tile = pos_ptr + slot64 * stride_pd + offs_n[:, None] * stride_pn + offs_pb[None, :]
+    s_row = scales_ptr + slot64 * stride_sd + offs_n * stride_sn
+    x_tile = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+    pos_shift = (tl.arange(0, 4) * 2).to(tl.uint32)[None, None, :]
+    column = tl.arange(0, 4)[None, None, :]
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        step = k0 // BLOCK_K
+        # --- packed bytes -> offset-binary codes [BLOCK_N, BLOCK_K] in column order ---
+        if EVEN_N and EVEN_K:
+            qbytes = tl.load(q_tile + step * QBYTES)
+        else:
+            qb_mask = n_mask[:, None] & ((step * QBYTES + offs_qb) < QB)[None, :]
+            qbytes = tl.load(q_tile + step * QBYTES, mask=qb_mask, other=0)
+        qbytes = qbytes.to(tl.uint32)
+        if PER_BYTE == 1:
+            codes = qbytes
+        else:
+            field_shift = (tl.arange(0, PER_BYTE) * BITS).to(tl.uint32)[None, None, :]
+            codes = tl.reshape((qbytes[:, :, None] >> field_shift) & MASK, (BLOCK_N, VALUES))
+        if SPARSE24:
+            if EVEN_N and EVEN_K:
+                pbytes = tl.load(p_tile + step * PBYTES)
+            else:
+                pb_mask = n_mask[:, None] & ((step * PBYTES + offs_pb) < PB)[None, :]
+                pbytes = tl.load(p_tile + step * PBYTES, mask=pb_mask, other=0)
+            pos = tl.reshape((pbytes.to(tl.uint32)[:, :, None] >> pos_shift) & 3, (BLOCK_N, VALUES))
+            v0, v1 = tl.split(tl.reshape(codes, (BLOCK_N, GROUPS4, 2)))
+            p0, p1 = tl.split(tl.reshape(pos, (BLOCK_N, GROUPS4, 2)))
+            dense = tl.where(column == p0[:, :, None].to(tl.int32), v0[:, :, None], OFFSET)
+            dense = tl.where(column == p1[:, :, None].to(tl.int32), v1[:, :, None], dense)
+            codes = tl.reshape(dense, (BLOCK_N, BLOCK_K))
+        # --- codes -> exact signed ints in a float type ---
+        if DECODE == 1:
+            w = (codes | MAGIC_BITS).to(tl.int16).to(ACT, bitcast=True)
+            w = w - tl.full((1, 1), MAGIC_BIAS, ACT)
+        elif DECODE == 2:
+            w = (codes | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_BIAS
+        else:
+            w = (codes.to(tl.int32) - OFFSET).to(tl.float32)
+        k = k0 + offs_k
+        if SCALE_MODE == 2:
+            s_mask = n_mask[:, None] & (k < K)[None, :]
+            s = tl.load(s_row[:, None] + (k // GROUP_SIZE)[None, :] * stride_sg, mask=s_mask, other=0.0)
+            w = w.to(tl.float32) * s.to(tl.float32)
+        w = w.to(CD)
+        # --- activations: the K tail must load as zeros (padding codes decode to nonzero ints) ---
+        if EVEN_K:
+            xt = tl.load(x_tile + k0)
+        else:
+            xt = tl.load(x_tile + k0, mask=(k < K)[None, :], other=0.0)
+        xt = tl.trans(xt.to(CD))
+        if SCALE_MODE == 1:
+            s = tl.load(s_row + (k0 // GROUP_SIZE) * stride_sg, mask=n_mask, other=0.0)
+            acc += tl.dot(w, xt, input_precision=DOT_PRECISION) * s.to(tl.float32)[:, None]
+        else:
+            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+    if SCALE_MODE == 0:
+        s = tl.load(s_row, mask=n_mask, other=0.0)
+        acc = acc * s.to(tl.float32)[:, None]
+
+    o_ptrs = out_ptr + rows[None, :] * stride_om + offs_n[:, None]
+    o_mask = m_mask[None, :] & n_mask[:, None]
+    prev = tl.load(o_ptrs, mask=o_mask, other=0.0)
+    tl.store(o_ptrs, (prev.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@functools.cache
+def _jitted(interpret: bool):
+    # Decorated on first use, not at import: triton.jit picks interpreter vs. compiler from TRITON_INTERPRET
+    # at decoration time, and tests set that variable after this module may already have been imported.
+    del interpret  # only the cache key; triton.jit reads the environment itself
+    return triton.jit(_deltazip_kernel)
+
+
+def _kernel_constexprs(
+    dtype: torch.dtype,
+    bits: int,
+    layout: str,
+    scale_mode: int,
+    config: DeltaZipKernelConfig,
+    even_n: bool,
+    even_k: bool,
+    interpret: bool,
+) -> dict[str, object]:
+    """The kernel's compile-time arguments (shared with the ahead-of-time compile test)."""
+    # The interpreter computes bf16 arithmetic on raw bit patterns (wrong), so it decodes bf16 via fp32.
+    magic_dtype = torch.float32 if interpret and dtype == torch.bfloat16 else dtype
+    magic_bits, magic_value, mantissa = _MAGIC[magic_dtype]
+    magic_ok = bits <= mantissa
+    decode = (2 if magic_dtype == torch.float32 else 1) if magic_ok else 0
+    return {
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "BLOCK_K": config.block_k,
+        "BITS": bits,
+        "SPARSE24": layout == "2:4",
+        "SCALE_MODE": scale_mode,
+        "EVEN_N": even_n,
+        "EVEN_K": even_k,
+        "DECODE": decode,
+        "MAGIC_BITS": magic_bits,
+        "MAGIC_BIAS": magic_value + (1 << (bits - 1)),
+        # Interpreter + bf16 only (its bf16 dot is wrong): bf16 -> fp32 is exact, so products and fp32
+        # accumulation match the GPU's bf16 tensor-core dot.
+        "DOT_FP32": interpret and dtype == torch.bfloat16,
+        # fp32 operands must not be rounded to TF32 (1e-3 error); the setting only affects fp32 operands.
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 or scale_mode == 2 else "tf32",
+    }
+
+
+def _scale_mode(scales: torch.Tensor, group_size: int | None, block_k: int) -> int:
+    if scales.shape[2] == 1:
+        return 0
+    return 1 if group_size % block_k == 0 else 2
+
+
+def _launch_triton(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    positions: torch.Tensor | None,
+    bits: int,
+    layout: str,
+    group_size: int | None,
+    plan: BitDeltaPlan,
+    config: DeltaZipKernelConfig,
+    interpret: bool,
+) -> None:
+    k = x.shape[1]
+    n = out.shape[1]
+    scale_mode = _scale_mode(scales, group_size, config.block_k)
+    # Dense layout: no positions; the kernel never reads the pointer, any uint8 tensor will do.
+    pos = positions if positions is not None else qweight
+    pos_strides = (pos.stride(0), pos.stride(1)) if positions is not None else (0, 0)
+    constexprs = _kernel_constexprs(
+        x.dtype,
+        bits,
+        layout,
+        scale_mode,
+        config,
+        n % config.block_n == 0,
+        k % config.block_k == 0,
+        interpret,
+    )
+    grid = (plan.tile_slot.numel(), triton.cdiv(n, config.block_n))
+    _jitted(interpret)[grid](
+        x,
+        out,
+        plan.rows,
+        plan.tile_slot,
+        plan.tile_start,
+        plan.tile_end,
+        qweight,
+        pos,
+        scales,
+        n,
+        k,
+        qweight.shape[2],
+        pos.shape[2] if positions is not None else 0,
+        group_size or 1,
+        x.stride(0),
+        out.stride(0),
+        qweight.stride(0),
+        qweight.stride(1),
+        *pos_strides,
+        scales.stride(0),
+        scales.stride(1),
+        scales.stride(2),
+        **constexprs,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+# ===================================================================================================
+# Public launcher
+# ===================================================================================================
+
+
+def deltazip_matmul(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    slots: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    bits: int,
+    layout: str,
+    group_size: int | None = None,
+    positions: torch.Tensor | None = None,
+    backend: Backend = "auto",
+    plan: BitDeltaPlan | None = None,
+    config: DeltaZipKernelConfig | None = None,
+) -> torch.Tensor:
+    """Add each row's low-bit DeltaZip product into ``out`` in place (mixed batch: one delta per row).
+
+    See the module docstring for the exact semantics and for which formats run on Triton. Rows with slot
+    ``-1`` are left untouched.
+
+    Args:
+        x: Activations ``[M, K]``, float16, bfloat16 or float32, contiguous.
+        out: ``[M, N]``, same dtype and device as ``x``, rows contiguous; updated in place.
+        slots: int32/int64 ``[M]``: index of each row's delta in the stacked tensors, ``-1`` for none.
+        qweight: uint8 ``[D, N, packed(V)]``: ``DeltaZipWeight.qweight`` of ``D`` deltas stacked (``V = K`` for
+            ``"dense"``, ``K / 2`` kept values for ``"2:4"``), last dim contiguous.
+        scales: float16/bfloat16/float32 ``[D, N, 1]`` (per output channel) or ``[D, N, ceil(K / group_size)]``,
+            any strides (``DeltaZipWeight.scales`` stacked; fp16 is read as is).
+        bits: Bits per stored value: 2, 4 or 8 (Triton or reference), 3 (reference only).
+        layout: ``"dense"`` or ``"2:4"``.
+        group_size: Input columns per scale when ``scales`` has more than one column.
+        positions: uint8 ``[D, N, ceil(K / 8)]``, the 2:4 metadata (``DeltaZipWeight.mask`` stacked); ``"2:4"``
+            only.
+        backend: ``"auto"``: Triton for CUDA tensors (reference for 3-bit), the PyTorch reference for CPU
+            tensors. ``"triton"``: force the kernel (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``).
+            ``"torch"``: force the reference.
+        plan: A :func:`~hf_delta.kernels.plan_bitdelta_batch` result for exactly these ``slots`` and ``D``
+            (the same plan serves the 1-bit kernel); skips the per-call plan and its host sync. Its
+            ``block_m`` overrides ``config.block_m``.
+        config: Kernel tile sizes; default picks by batch size, dtype, layout and group size.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        TypeError: A dtype is wrong (x/out not fp16/bf16/fp32 or not equal, slots not int, qweight or
+            positions not uint8, scales not floating) or an argument is not a tensor.
+        ValueError: Shapes disagree with ``bits`` / ``layout`` / ``group_size``, tensors sit on different
+            devices, ``x`` is not contiguous, a slot is outside ``[-1, D)``, ``plan`` does not match, or the
+            requested backend cannot run this format here.
+        ImportError: The Triton backend is needed but triton is not installed.
+
+    Example:
+        >>> import torch
+        >>> from hf_delta.packing import pack_lowbit_u8
+        >>> q = torch.randint(-8, 8, (2, 4, 10))                   # 2 deltas, N=4, K=10, 4-bit
+        >>> qweight, scales = pack_lowbit_u8(q, 4), torch.full((2, 4, 1), 0.01, dtype=torch.float16)
+        >>> x, out = torch.randn(3, 10), torch.zeros(3, 4)
+        >>> deltazip_matmul(x, out, torch.tensor([1, -1, 0]), qweight, scales, bits=4, layout="dense").shape
+        torch.Size([3, 4])
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"deltazip_matmul: backend must be 'auto', 'triton' or 'torch', got {backend!r}.")
+    _check_inputs(x, out, slots, qweight, scales, bits, layout, group_size, positions)
+    num_deltas = qweight.shape[0]
+    if plan is not None and (plan.num_rows != x.shape[0] or plan.num_deltas != num_deltas):
+        raise ValueError(
+            f"deltazip_matmul: plan was built for M={plan.num_rows}, D={plan.num_deltas}, but the call has "
+            f"M={x.shape[0]}, D={num_deltas}; build it from these slots with plan_bitdelta_batch."
+        )
+    args = (x, out, slots, qweight, scales, bits, layout, group_size, positions)
+
+    use_triton, interpret = _choose_backend(backend, x.device, bits)
+    if not use_triton:
+        if plan is None:
+            _check_slot_range(slots, num_deltas)
+        elif not plan.any_rows:
+            return out
+        return _reference(*args)
+
+    m, n = x.shape[0], out.shape[1]
+    if m == 0 or n == 0 or num_deltas == 0 or x.shape[1] == 0:
+        _check_slot_range(slots, num_deltas)
+        return out
+    if plan is None:
+        block_m = config.block_m if config is not None else _default_block_m(m)
+        try:
+            plan = plan_bitdelta_batch(slots, num_deltas, block_m=block_m)
+        except ValueError as err:  # the shared plan words its slot-range error for the 1-bit kernel
+            raise ValueError(str(err).replace("bitdelta_matmul:", "deltazip_matmul:")) from None
+    elif plan.rows.device != x.device:
+        raise ValueError(f"deltazip_matmul: plan is on {plan.rows.device}, tensors on {x.device}.")
+    if plan.any_rows:
+        if config is None:
+            group = group_size if scales.shape[2] > 1 else None
+            tiles = plan.tile_slot.numel()
+            config = _default_config(plan.block_m, n, tiles, x.dtype, layout, group, x.device, interpret)
+        if config.block_m != plan.block_m:
+            config = DeltaZipKernelConfig(
+                plan.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages
+            )
+        _launch_triton(x, out, qweight, scales, positions, bits, layout, group_size, plan, config, interpret)
+    return out
+
+
+def _choose_backend(backend: Backend, device: torch.device, bits: int) -> tuple[bool, bool]:
+    """``(use_triton, interpreter_mode)`` for a call on ``device``."""
+    if backend == "torch":
+        return False, False
+    interpret = _interpret_enabled()
+    if backend == "auto":
+        if device.type != "cuda" or bits not in _KERNEL_BITS:
+            return False, False
+        if triton is None:
+            warnings.warn(
+                "deltazip_matmul: triton is not installed, using the slow PyTorch reference on CUDA; "
+                "`pip install hf_delta[kernels]` for the fused kernel.",
+                stacklevel=3,
+            )
+            return False, False
+        return True, interpret
+    # backend == "triton"
+    if bits not in _KERNEL_BITS:
+        raise ValueError(
+            f"deltazip_matmul(backend='triton') supports bits {_KERNEL_BITS}, got {bits}; 3-bit deltas run on "
+            "the reference: use backend='auto' or 'torch'."
+        )
+    if triton is None:
+        raise ImportError("deltazip_matmul(backend='triton') needs triton: `pip install hf_delta[kernels]`.")
+    if device.type == "cuda":
+        return True, interpret
+    if device.type == "cpu" and interpret:
+        return True, True
+    raise ValueError(
+        f"deltazip_matmul(backend='triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; "
+        f"got tensors on {device}. Use backend='auto' or 'torch' here."
+    )
