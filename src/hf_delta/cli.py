@@ -121,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--finetunes", default=None, help="comma-separated zoo fine-tunes (default: all)")
     fid.add_argument("--calibration", choices=["task", "sampled"], default="task",
                      help="calibration texts: the fine-tune's training split, or sampled from it (data-free)")
+    from .serving.cli import add_bench_serve_arguments, add_serve_arguments
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible server: one base, many deltas, continuous batching")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_serve)
+    bserve = bench_sub.add_parser("serve", help="serving throughput/latency vs naive swapping, merged, PEFT loop")
+    add_bench_serve_arguments(bserve)
+    bserve.set_defaults(func=_bench_serve)
+
     demo = sub.add_parser("demo", help="Gradio demo: chat, side-by-side compare, models panel (the main job)")
     _add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
@@ -129,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep rows of other settings already in the results file (run a long grid in parts)")
     fid.set_defaults(func=_bench_fidelity)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serving.cli import serve_main
+
+    return serve_main(args)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from .serving.cli import bench_serve_main
+
+    return bench_serve_main(args, command=args.command_line)
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
