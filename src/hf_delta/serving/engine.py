@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .._loading import load_model, load_tokenizer
 from ..errors import DeltaLoadError, DeltaNotFoundError, EngineConfigError, InvalidRequestError
 from ..model import BASE_NAME, DeltaModel
+from .config import EngineConfig, process_rss
 from .handles import GenerationChunk, GenerationResult, RequestHandle
 from .kv_cache import PagedKVCache
 from .residency import ResidencyManager
@@ -35,42 +36,6 @@ from .scheduler import Request, Scheduler
 from .step import Segment, StepBatch, check_supported, forward_step
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    """Limits and sizes of an ``Engine``.
-
-    Args:
-        device_slots: deltas attached to the model at once (their requests can run together).
-        cpu_slots: further deltas kept in host memory, ready to attach.
-        kv_cache_tokens: KV-cache budget in tokens over all running requests (allocated once).
-        block_size: tokens per KV block.
-        max_batch_tokens: tokens per forward pass (one per decoding request plus prefill chunks).
-        max_running: requests in the running batch at once.
-        max_model_len: longest prompt + completion (default: the model's ``max_position_embeddings``).
-        fairness_steps: steps a request may be overtaken by younger ones before it blocks them.
-        loader_threads: background threads loading deltas from disk.
-        retry_failed_after: seconds before a delta that failed to load is tried again.
-    """
-
-    device_slots: int = 8
-    cpu_slots: int = 8
-    kv_cache_tokens: int = 16384
-    block_size: int = 16
-    max_batch_tokens: int = 512
-    max_running: int = 64
-    max_model_len: int | None = None
-    fairness_steps: int = 64
-    loader_threads: int = 1
-    retry_failed_after: float = 30.0
-
-    def validate(self) -> None:
-        if min(self.kv_cache_tokens, self.block_size, self.max_batch_tokens, self.max_running) < 1:
-            raise EngineConfigError(f"Engine sizes must be positive: {self}.")
-        if self.max_batch_tokens < self.max_running:
-            raise EngineConfigError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_running "
-                                    f"({self.max_running}) so that every running request decodes each step.")
 
 
 class Engine:
@@ -167,7 +132,7 @@ class Engine:
             if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
                 try:
                     tokenizer = load_tokenizer(folder)
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:
                     raise DeltaLoadError(f"The tokenizer of delta {name!r} could not be loaded: {err}") from err
             if (folder / "generation_config.json").is_file():
                 try:
@@ -192,7 +157,7 @@ class Engine:
             raise InvalidRequestError(f"Model {model!r} has no chat template; use the completions API.")
         try:
             return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        except Exception as err:  # noqa: BLE001 - template errors are the request's fault
+        except Exception as err:  # template errors are the request's fault
             raise InvalidRequestError(f"The chat template of {model!r} rejected these messages: {err}") from err
 
     def encode(self, model: str, prompt: str | Sequence[int], *, add_special_tokens: bool = True) -> list[int]:
@@ -217,15 +182,21 @@ class Engine:
         """
         params = params or SamplingParams()
         name = self.resolve_model(model)
+        tokenizer = self.tokenizer_for(model)
         ids = self.encode(model, prompt, add_special_tokens=add_special_tokens)
         self.check_length(len(ids), params.max_tokens)
         request = Request(id=request_id or f"req-{uuid.uuid4().hex[:16]}", model=name, prompt_ids=ids,
                           params=params, eos_ids=self._eos[name])
         handle = RequestHandle(request.id, model, len(ids), loop=loop)
-        request.state.update(stream=TextStream(self.tokenizer_for(model), params.stop), handle=handle,
+        request.state.update(stream=TextStream(tokenizer, params.stop), handle=handle,
                              generator=None if params.greedy else make_generator(params.seed))
         self._post("submit", request)
         return handle
+
+    @property
+    def max_total_tokens(self) -> int:
+        """The longest prompt + completion a request may have (the context, or the whole KV budget if smaller)."""
+        return min(self.max_model_len, self.cache.capacity)
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise ``InvalidRequestError`` if a request of this size can never run."""
@@ -300,7 +271,7 @@ class Engine:
             try:
                 if self.step() == 0 and self.scheduler.has_work():
                     time.sleep(0.002)  # waiting on a delta load or a KV block: do not spin
-            except Exception:  # noqa: BLE001 - the loop must survive anything a step throws
+            except Exception:  # the loop must survive anything a step throws
                 logger.exception("Engine step failed")
 
     @torch.inference_mode()
@@ -355,7 +326,7 @@ class Engine:
             out = forward_step(self.model, StepBatch.pack(segments, tokens, device=self.model.device), self.cache)
             rows = iter(out.logits)
             return {s.key: next(rows) for s in segments if s.logits}
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             if len(plan) == 1:
                 return {plan[0][0].id: err}
             self.counters["failed_steps"] += 1
@@ -385,7 +356,7 @@ class Engine:
                               for _, row in sampling])
         picked = sample_rows(logits, [r.params for r, _ in sampling], [r.state["generator"] for r, _ in sampling])
         now = time.monotonic()
-        for (request, _), token in zip(sampling, picked):
+        for (request, _), token in zip(sampling, picked, strict=True):
             self._append(request, token, now)
 
     def _append(self, request: Request, token: int, now: float) -> None:
@@ -438,21 +409,16 @@ class Engine:
         weights = self.residency.weight_bytes()
         return {"weight_bytes": weights, "kv_cache_bytes": self.cache.nbytes,
                 "kv_cache_tokens": self.cache.capacity, "kv_used_tokens": self.cache.used_tokens,
+                "kv_peak_tokens": self.cache.peak_used_tokens,
                 "rss_bytes": process_rss()}
 
     def stats(self) -> dict[str, Any]:
+        """Counters, queue sizes, residency tiers and memory (consistent: taken between two steps)."""
+        with self._step_lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "counters": dict(self.counters),
                 "preemptions": self.scheduler.preemptions, "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.running), "residency": self.residency.stats(),
                 "memory": self.memory_stats()}
-
-
-def process_rss() -> int | None:
-    """Resident set size of this process in bytes (None where /proc is unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            import os
-
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return None

@@ -42,6 +42,7 @@ class PagedKVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # a stack: low ids are reused first
         self._tables: dict[str, list[int]] = {}
+        self.peak_used_blocks = 0
 
     # ------------------------------------------------------------------------------------------ accounting
     @property
@@ -57,6 +58,11 @@ class PagedKVCache:
     def used_tokens(self) -> int:
         """Tokens' worth of blocks handed out (a partly filled last block counts whole)."""
         return (self.num_blocks - len(self._free)) * self.block_size
+
+    @property
+    def peak_used_tokens(self) -> int:
+        """The most tokens' worth of blocks ever handed out at once (never above ``capacity``)."""
+        return self.peak_used_blocks * self.block_size
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
@@ -74,6 +80,7 @@ class PagedKVCache:
         table = self._tables.setdefault(handle, [])
         for _ in range(need):
             table.append(self._free.pop())
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_blocks - len(self._free))
         return True
 
     def release(self, handle: str) -> None:
@@ -89,16 +96,16 @@ class PagedKVCache:
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def rows_tensor(self, handles: Sequence[str], lengths: Sequence[int], *, device: torch.device) -> torch.Tensor:
-        """``[len(handles), max(lengths)]`` physical rows of tokens ``0 .. length-1`` per handle (0-padded)."""
-        width = max(lengths)
-        out = torch.zeros((len(handles), width), dtype=torch.long)
-        bs = self.block_size
-        offsets = torch.arange(width)
-        for i, (h, n) in enumerate(zip(handles, lengths)):
-            table = torch.tensor(self._tables[h], dtype=torch.long)
-            blocks = table[offsets[:n] // bs]
-            out[i, :n] = blocks * bs + offsets[:n] % bs
-        return out.to(device)
+        """``[len(handles), max(lengths)]`` physical rows of tokens ``0 .. length-1`` per handle.
+
+        Positions past a handle's length point at valid rows of block 0 (callers mask them out).
+        """
+        width, bs = max(lengths), self.block_size
+        blocks = -(-width // bs)
+        tables = torch.tensor([(t := self._tables[h][:blocks]) + [0] * (blocks - len(t)) for h in handles],
+                              dtype=torch.long)
+        pos = torch.arange(width)
+        return (tables[:, pos // bs] * bs + pos % bs).to(device)
 
     # ----------------------------------------------------------------------------------------- per layer
     def write(self, layer: int, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:

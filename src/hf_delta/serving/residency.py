@@ -14,6 +14,7 @@ delta to the model and detaching it happen on the engine thread, between steps.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -80,8 +81,9 @@ class ResidencyManager:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="hf-delta-loader")
         self._tick = 0
+        self._verified: set[str] = set()  # base fingerprints already checked against this model
         self.counters = {"device_hits": 0, "attaches": 0, "device_evictions": 0, "cpu_evictions": 0, "loads": 0,
-                         "failures": 0}
+                         "failures": 0, "peak_device": 0, "peak_cpu": 0}
 
     # ------------------------------------------------------------------------------------------ registry
     def register(self, name: str, source: str | Path, *, revision: str | None = None) -> None:
@@ -113,7 +115,7 @@ class ResidencyManager:
         if entry.folder is None:
             try:
                 entry.folder = resolve_delta_folder(entry.source, revision=entry.revision, **self._hub)
-            except Exception as err:  # noqa: BLE001 - any failure becomes this delta's error, never the server's
+            except Exception as err:  # any failure becomes this delta's error, never the server's
                 raise DeltaLoadError(f"Delta {name!r} ({entry.source}) could not be fetched: {err}") from err
         return entry.folder
 
@@ -137,10 +139,10 @@ class ResidencyManager:
         return e.error
 
     def _cpu_count(self) -> int:
-        return sum(1 for e in self._entries.values() if not e.on_device and (e.delta is not None or e.future))
+        return sum(1 for e in list(self._entries.values()) if not e.on_device and (e.delta is not None or e.future))
 
     def _device_count(self) -> int:
-        return sum(1 for e in self._entries.values() if e.on_device)
+        return sum(1 for e in list(self._entries.values()) if e.on_device)
 
     # --------------------------------------------------------------------------------------------- loads
     def _load(self, entry: _Entry) -> Delta:
@@ -159,7 +161,8 @@ class ResidencyManager:
             try:
                 e.delta = future.result()
                 self.counters["loads"] += 1
-            except Exception as err:  # noqa: BLE001 - a broken repo fails its own requests only
+                self.counters["peak_cpu"] = max(self.counters["peak_cpu"], self._cpu_count())
+            except Exception as err:  # a broken repo fails its own requests only
                 self._fail(e, err)
                 failed.append(e.name)
         return failed
@@ -213,17 +216,21 @@ class ResidencyManager:
             return False  # not loaded yet: the engine's prefetch of wanted deltas starts the load
         if self._device_count() >= self.device_slots and not self._evict_device():
             return False
+        # Every delta of one base records the same fingerprint: check it against the model once, not per attach.
+        fingerprint = json.dumps(e.delta.config.base_fingerprint, sort_keys=True)
+        skip_check = e.verified or self.ignore_base_mismatch or fingerprint in self._verified
         try:
-            self.model.add_delta(name, e.delta, ignore_base_mismatch=e.verified or self.ignore_base_mismatch,
-                                 source=e.source)
-        except Exception as err:  # noqa: BLE001
+            self.model.add_delta(name, e.delta, ignore_base_mismatch=skip_check, source=e.source)
+        except Exception as err:
             self._detach(name)
             e.delta = None
             self._fail(e, err)
             return False
         e.verified = e.on_device = True
+        self._verified.add(fingerprint)
         e.pins, e.last_used = 1, self._tick
         self.counters["attaches"] += 1
+        self.counters["peak_device"] = max(self.counters["peak_device"], self._device_count())
         return True
 
     def release(self, name: str) -> None:
@@ -255,7 +262,7 @@ class ResidencyManager:
         try:
             model.delete_delta(name)
             return
-        except (TypeError, KeyError):  # partially attached, or DeltaModel.delete_delta's ModuleDict.pop bug
+        except KeyError:  # attached only partly: add_delta failed half way
             pass
         for wrapper in model._wrapped.values():
             if name in wrapper.deltas:
@@ -282,9 +289,7 @@ class ResidencyManager:
             return total
 
         base = count(list(self.model.base_model.parameters()) + list(self.model.base_model.buffers()))
-        device = 0
-        for wrapper in self.model._wrapped.values():
-            device += count(wrapper.deltas.buffers())
+        device = count(attached_tensors(self.model))
         cpu = 0
         for e in self._entries.values():
             if e.delta is not None:
@@ -301,6 +306,19 @@ class ResidencyManager:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def attached_tensors(model: DeltaModel) -> list[torch.Tensor]:
+    """Every delta tensor attached to ``model``'s layers (a tensor shared by several layers appears once per layer)."""
+    out: list[torch.Tensor] = []
+    for wrapper in model._wrapped.values():
+        for parts in wrapper.deltas.values():
+            if parts.weight is not None:
+                out.extend(parts.weight.buffers())
+            out.extend(parts.exact().values())
+            if parts.new_rows is not None:
+                out.append(parts.new_rows)
+    return out
 
 
 def delta_tensors(delta: Delta) -> list[torch.Tensor]:

@@ -93,15 +93,25 @@ class TextStream:
         self.stop = tuple(stop)
         self.ids: list[int] = []
         self.text = ""  # final text so far (everything returned)
-        self._full = ""
+        self._full = ""  # everything decoded so far
+        self._prefix = 0  # ids[_prefix:_read] decode to the tail of _full (a window, not the whole output)
+        self._read = 0
         self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
-        self._full = full
+        # Decode a short window: the text of ids[prefix:] minus that of ids[prefix:read] is what the new
+        # token adds (a window keeps tokenizers that merge across token boundaries right, at O(1) per token).
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if after.endswith("\ufffd") or len(after) < len(before) or not after.startswith(before):
+            return ""  # an incomplete UTF-8 sequence (or a rewrite): wait for the next token
+        self._full += after[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        full = self._full
         cut = self._first_stop(full)
         if cut is not None:
             self.stopped = True
@@ -111,7 +121,9 @@ class TextStream:
     def flush(self) -> str:
         if self.stopped:
             return ""
-        return self._emit(self._full)
+        full = self._decode(self.ids)  # the whole text, incomplete UTF-8 tails included (as ``decode`` gives it)
+        cut = self._first_stop(full)
+        return self._emit(full if cut is None else full[:cut])
 
     def _emit(self, upto: str) -> str:
         if not upto.startswith(self.text) or len(upto) <= len(self.text):

@@ -144,7 +144,7 @@ class AttentionPlan:
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
           *, causal: bool = False) -> torch.Tensor:
-    """``softmax(q kᵀ · scale + mask) v`` with grouped-query heads (``q``: ``[B, H, Q, d]``, ``k``: ``[B, Hkv, L, d]``)."""
+    """``softmax(q kᵀ · scale + mask) v`` with grouped-query heads (q ``[B, H, Q, d]``, k/v ``[B, Hkv, L, d]``)."""
     if k.shape[1] != q.shape[1]:
         if _GQA:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal,

@@ -1,0 +1,67 @@
+"""``bench serve`` end to end on tiny synthetic weights (the GPU check runs the same code Llama-7B-shaped)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from hf_delta.errors import EngineConfigError
+from hf_delta.serving import EngineConfig, add_bench_serve_arguments, add_serve_arguments
+from hf_delta.serving.bench import BenchSettings, Served, build_workload
+from hf_delta.serving.benchmark import bench_serve, expand
+from hf_delta.serving.cli import parse_delta_specs
+
+
+def test_workload_is_seeded_and_skewed():
+    served = [Served(f"d{i}", None, None, [[1, 2, 3], [4, 5]]) for i in range(8)]
+    a = build_workload(served, n_requests=400, rate=50.0, popularity="skewed", seed=3, max_tokens=4)
+    b = build_workload(served, n_requests=400, rate=50.0, popularity="skewed", seed=3, max_tokens=4)
+    assert [(r.name, r.arrival) for r in a] == [(r.name, r.arrival) for r in b]
+    counts = Counter(r.name for r in a)
+    assert counts["d0"] > 2 * counts["d7"]  # Zipf: the first name is the most popular
+    assert all(x.arrival < y.arrival for x, y in itertools.pairwise(a))
+    uniform = Counter(r.name for r in build_workload(served, n_requests=400, rate=50.0, popularity="uniform",
+                                                     seed=3, max_tokens=4))
+    assert max(uniform.values()) < 2.5 * min(uniform.values())
+    names = expand(served[:2], 5)
+    assert [n.name for n in names] == ["d0-v0", "d1-v0", "d0-v1", "d1-v1", "d0-v2"]
+    assert names[2].alias_of == "d0" and names[0].alias_of is None
+
+
+def test_bench_serve_writes_results(tmp_path):
+    settings = BenchSettings(deltas=(1, 3), popularity=("skewed",), requests=6, rate=float("inf"), max_tokens=3,
+                             engine=EngineConfig(device_slots=2, cpu_slots=1, kv_cache_tokens=512, max_running=8,
+                                                 max_batch_tokens=64))
+    torch.manual_seed(0)
+    md = bench_serve(size=None, zoo_dir=None, synthetic="tiny", settings=settings, out=tmp_path / "results",
+                     work_dir=tmp_path / "work", device="cpu", dtype="float32", command="test", load_repeats=1)
+    data = json.loads((tmp_path / "results" / "serve-synthetic-tiny.json").read_text())
+    systems = {(r["deltas"], r["system"]) for r in data["rows"]}
+    assert systems == {(n, s) for n in (1, 3) for s in ("engine", "naive", "merged", "peft")}
+    for row in data["rows"]:
+        assert row["requests"] == 6 and row["tokens"] == 18 and row["throughput_tok_s"] > 0
+    engine = next(r for r in data["rows"] if r["system"] == "engine" and r["deltas"] == 3)
+    assert engine["kv_peak_tokens"] <= engine["kv_budget_tokens"]
+    assert {"engine_vs_naive", "engine_vs_merged", "engine_weight_x_base"} <= set(data["ratios"][-1])
+    assert data["load_time"]["delta_load_s"] > 0
+    assert "| engine |" in md and (tmp_path / "results" / "serve-synthetic-tiny.md").is_file()
+
+
+def test_cli_arguments_parse():
+    serve = argparse.ArgumentParser()
+    add_serve_arguments(serve)
+    args = serve.parse_args(["--base", "org/base", "--delta", "a=org/a@v1", "--delta", "b=./b", "--device-slots", "2"])
+    assert parse_delta_specs(args.delta) == {"a": ("org/a", "v1"), "b": ("./b", None)}
+    assert args.device_slots == 2 and args.host == "127.0.0.1"
+    for bad in (["noequals"], ["a=x", "a=y"], ["=x"]):
+        with pytest.raises(EngineConfigError):
+            parse_delta_specs(bad)
+    bench = argparse.ArgumentParser()
+    add_bench_serve_arguments(bench)
+    args = bench.parse_args(["--deltas", "1,16", "--popularity", "skewed", "--synthetic", "llama-7b"])
+    assert args.deltas == [1, 16] and args.popularity == ["skewed"] and args.max_running == 256
