@@ -182,7 +182,8 @@ def test_distillation_trains_only_the_scales(pair):
         for m, w in weights.items():
             assert torch.equal(w.signs, signs[m])
             assert not torch.equal(w.scales, scales[m]), m
-            assert "scales" in dict(w.named_buffers()) and not isinstance(w.scales, torch.nn.Parameter)  # a buffer again
+            # a plain buffer again
+            assert "scales" in dict(w.named_buffers()) and not isinstance(w.scales, torch.nn.Parameter)
             assert not w.scales.requires_grad
         assert not any(p.requires_grad for p in model.parameters())
     finally:
