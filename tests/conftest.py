@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hub_server import LocalHub
+
+# Without a GPU the Triton kernels run under Triton's interpreter. The flag must be set before anything imports
+# triton (transformers and hf_delta.methods do, through hf_delta.kernels), hence here and not in tests/kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ===================================================================================================
 # Local Hugging Face Hub

