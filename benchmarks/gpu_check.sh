@@ -39,9 +39,17 @@ test_status=${PIPESTATUS[0]}
 bench_status=${PIPESTATUS[0]}
 [ "$bench_status" -ne 0 ] && status=$bench_status
 
+# Serving on Llama-7B-shaped random weights with synthetic deltas (about 6-8 minutes on an H100).
+"$PY" benchmarks/serve.py -v --synthetic llama-7b --deltas 4,16 --popularity skewed --requests 48 --rate 16 \
+    --max-tokens 32 --device-slots 8 --cpu-slots 8 --load-repeats 2 --work-dir "${TMPDIR:-/tmp}/hf-delta-serve" \
+    2>&1 | tee "$LOG_DIR/gpu_serve.txt"
+serve_status=${PIPESTATUS[0]}
+[ "$serve_status" -ne 0 ] && status=$serve_status
+
 if [ -n "${OUT:-}" ]; then
-    find benchmarks/results -maxdepth 1 -name 'kernels-*' -newer "$start_marker" -exec cp {} "$OUT"/ \;
+    find benchmarks/results -maxdepth 1 \( -name 'kernels-*' -o -name 'serve-synthetic-*' \) -newer "$start_marker" \
+        -exec cp {} "$OUT"/ \;
 fi
 rm -f "$start_marker"
-echo "gpu_check: tests exit $test_status, benchmark exit $bench_status (logs in $LOG_DIR)"
+echo "gpu_check: tests exit $test_status, kernel benchmark exit $bench_status, serve benchmark exit $serve_status (logs in $LOG_DIR)"
 exit $status
