@@ -169,7 +169,7 @@ def _check_inputs(
         raise ValueError(f"bitdelta_matmul: signs' last dim must be contiguous, got {signs.stride()}.")
 
 
-def _check_slot_range(slots: torch.Tensor, num_deltas: int) -> bool:
+def _check_slot_range(slots: torch.Tensor, num_deltas: int, *, op: str = "bitdelta_matmul") -> bool:
     """Raise unless every slot is in ``[-1, num_deltas)``; return whether any row has a delta.
 
     This is the launcher's only host synchronisation (one small copy for both bounds).
@@ -179,7 +179,7 @@ def _check_slot_range(slots: torch.Tensor, num_deltas: int) -> bool:
     lo, hi = torch.stack([slots.min(), slots.max()]).tolist()
     if lo < -1 or hi >= num_deltas:
         raise ValueError(
-            f"bitdelta_matmul: slots must lie in [-1, {num_deltas}) (-1 = no delta, else an index into the "
+            f"{op}: slots must lie in [-1, {num_deltas}) (-1 = no delta, else an index into the "
             f"{num_deltas} stacked deltas), got values in [{lo}, {hi}]."
         )
     return hi >= 0

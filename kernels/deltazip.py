@@ -53,7 +53,14 @@ from typing import Literal
 
 import torch
 
-from .bitdelta import BitDeltaPlan, _default_block_m, _interpret_enabled, _sm_count, plan_bitdelta_batch
+from .bitdelta import (
+    BitDeltaPlan,
+    _check_slot_range,
+    _default_block_m,
+    _interpret_enabled,
+    _sm_count,
+    plan_bitdelta_batch,
+)
 
 try:  # Triton is optional: CPU-only installs use the reference path and never need it.
     import triton
@@ -117,7 +124,7 @@ def deltazip_matmul_reference(
         TypeError, ValueError: see :func:`deltazip_matmul`.
     """
     _check_inputs(x, out, slots, qweight, scales, bits, layout, group_size, positions)
-    _check_slot_range(slots, qweight.shape[0])
+    _check_slot_range(slots, qweight.shape[0], op="deltazip_matmul")
     return _reference(x, out, slots, qweight, scales, bits, layout, group_size, positions)
 
 
@@ -257,22 +264,6 @@ def _check_inputs(
     for name, t in (("qweight", qweight), ("positions", positions)):
         if t is not None and t.stride(2) != 1 and t.shape[2] > 1:
             raise ValueError(f"{fn}: {name}' last dim must be contiguous, got strides {t.stride()}.")
-
-
-def _check_slot_range(slots: torch.Tensor, num_deltas: int) -> bool:
-    """Raise unless every slot is in ``[-1, num_deltas)``; return whether any row has a delta.
-
-    The launcher's only host synchronisation (one small copy for both bounds).
-    """
-    if slots.numel() == 0:
-        return False
-    lo, hi = torch.stack([slots.min(), slots.max()]).tolist()
-    if lo < -1 or hi >= num_deltas:
-        raise ValueError(
-            f"deltazip_matmul: slots must lie in [-1, {num_deltas}) (-1 = no delta, else an index into the "
-            f"{num_deltas} stacked deltas), got values in [{lo}, {hi}]."
-        )
-    return hi >= 0
 
 
 # ===================================================================================================
@@ -690,14 +681,14 @@ def deltazip_matmul(
     use_triton, interpret = _choose_backend(backend, x.device, bits)
     if not use_triton:
         if plan is None:
-            _check_slot_range(slots, num_deltas)
+            _check_slot_range(slots, num_deltas, op="deltazip_matmul")
         elif not plan.any_rows:
             return out
         return _reference(*args)
 
     m, n = x.shape[0], out.shape[1]
     if m == 0 or n == 0 or num_deltas == 0 or x.shape[1] == 0:
-        _check_slot_range(slots, num_deltas)
+        _check_slot_range(slots, num_deltas, op="deltazip_matmul")
         return out
     if plan is None:
         block_m = config.block_m if config is not None else _default_block_m(m)
