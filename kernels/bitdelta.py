@@ -634,8 +634,9 @@ def bitdelta_matmul(
     return out
 
 
-def _choose_backend(backend: Backend, device: torch.device) -> tuple[bool, bool]:
-    """``(use_triton, interpreter_mode)`` for a call on ``device``."""
+def _choose_backend(backend: Backend, device: torch.device, *, op: str = "bitdelta_matmul",
+                    stacklevel: int = 3) -> tuple[bool, bool]:
+    """``(use_triton, interpreter_mode)`` for a call of ``op`` on ``device`` (shared by every kernel)."""
     if backend == "torch":
         return False, False
     interpret = _interpret_enabled()
@@ -644,20 +645,20 @@ def _choose_backend(backend: Backend, device: torch.device) -> tuple[bool, bool]
             return False, False
         if triton is None:
             warnings.warn(
-                "bitdelta_matmul: triton is not installed, using the slow PyTorch reference on CUDA; "
+                f"{op}: triton is not installed, using the slow PyTorch reference on CUDA; "
                 "`pip install hf_delta[kernels]` for the fused kernel.",
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
             return False, False
         return True, interpret
     # backend == "triton"
     if triton is None:
-        raise ImportError("bitdelta_matmul(backend='triton') needs triton: `pip install hf_delta[kernels]`.")
+        raise ImportError(f"{op}(backend='triton') needs triton: `pip install hf_delta[kernels]`.")
     if device.type == "cuda":
         return True, interpret
     if device.type == "cpu" and interpret:
         return True, True
     raise ValueError(
-        f"bitdelta_matmul(backend='triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; "
+        f"{op}(backend='triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; "
         f"got tensors on {device}. Use backend='auto' or 'torch' here."
     )

@@ -47,7 +47,6 @@ Dispatch (``backend="auto"``): CUDA tensors run the Triton kernel, CPU tensors t
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,10 +56,11 @@ from .bitdelta import (
     BitDeltaPlan,
     _check_slot_range,
     _default_block_m,
-    _interpret_enabled,
+    _interpret_enabled,  # noqa: F401  (the kernel tests read it from this module)
     _sm_count,
     plan_bitdelta_batch,
 )
+from .bitdelta import _choose_backend as _choose_triton_backend
 
 try:  # Triton is optional: CPU-only installs use the reference path and never need it.
     import triton
@@ -712,34 +712,12 @@ def deltazip_matmul(
 
 
 def _choose_backend(backend: Backend, device: torch.device, bits: int) -> tuple[bool, bool]:
-    """``(use_triton, interpreter_mode)`` for a call on ``device``."""
-    if backend == "torch":
-        return False, False
-    interpret = _interpret_enabled()
-    if backend == "auto":
-        if device.type != "cuda" or bits not in _KERNEL_BITS:
-            return False, False
-        if triton is None:
-            warnings.warn(
-                "deltazip_matmul: triton is not installed, using the slow PyTorch reference on CUDA; "
-                "`pip install hf_delta[kernels]` for the fused kernel.",
-                stacklevel=3,
-            )
-            return False, False
-        return True, interpret
-    # backend == "triton"
+    """``(use_triton, interpreter_mode)`` for a call on ``device``; 3-bit deltas always take the reference."""
     if bits not in _KERNEL_BITS:
-        raise ValueError(
-            f"deltazip_matmul(backend='triton') supports bits {_KERNEL_BITS}, got {bits}; 3-bit deltas run on "
-            "the reference: use backend='auto' or 'torch'."
-        )
-    if triton is None:
-        raise ImportError("deltazip_matmul(backend='triton') needs triton: `pip install hf_delta[kernels]`.")
-    if device.type == "cuda":
-        return True, interpret
-    if device.type == "cpu" and interpret:
-        return True, True
-    raise ValueError(
-        f"deltazip_matmul(backend='triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; "
-        f"got tensors on {device}. Use backend='auto' or 'torch' here."
-    )
+        if backend == "triton":
+            raise ValueError(
+                f"deltazip_matmul(backend='triton') supports bits {_KERNEL_BITS}, got {bits}; 3-bit deltas run on "
+                "the reference: use backend='auto' or 'torch'."
+            )
+        return False, False
+    return _choose_triton_backend(backend, device, op="deltazip_matmul", stacklevel=4)
