@@ -10,8 +10,6 @@ columns of a grown vocabulary), ``y[r] = module(x[r]; θ_d)`` for modules whose 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +27,19 @@ class DeltaRouting:
         self.slots: list[str | None] = []  # slot id -> delta name (None = freed slot)
         self.active: str | None = None
         self.disabled = False
-        self.row_slots: torch.Tensor | None = None
+        self._row_slots: torch.Tensor | None = None
+        # Every wrapped layer of one forward pass asks for the same routes: compute them once per input shape.
+        self._plans: dict[tuple[tuple[int, ...], torch.device], list[tuple[str, torch.Tensor]]] = {}
+
+    @property
+    def row_slots(self) -> torch.Tensor | None:
+        """The slot of each row (or token) of the current forward pass; ``None`` = the active delta everywhere."""
+        return self._row_slots
+
+    @row_slots.setter
+    def row_slots(self, value: torch.Tensor | None) -> None:
+        self._row_slots = value
+        self._plans = {}
 
     def slot_of(self, name: str) -> int:
         if name not in self.slots:
@@ -45,15 +55,19 @@ class DeltaRouting:
             self.slots.append(name)
         return slot
 
-    def routes(self, lead_shape: torch.Size, device: torch.device) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """Yield ``(delta name, flat row indices)``; indices are ``None`` when the delta covers every row."""
+    def routes(self, lead_shape: torch.Size, device: torch.device) -> list[tuple[str, torch.Tensor | None]]:
+        """``(delta name, flat row indices)`` pairs; indices are ``None`` when the delta covers every row."""
         if self.disabled:
-            return
-        if self.row_slots is None:
-            if self.active is not None:
-                yield self.active, None
-            return
-        idx = self.row_slots.to(device)
+            return []
+        if self._row_slots is None:
+            return [] if self.active is None else [(self.active, None)]
+        key = (tuple(lead_shape), device)
+        if key not in self._plans:
+            self._plans[key] = self._split(lead_shape, device)
+        return self._plans[key]
+
+    def _split(self, lead_shape: torch.Size, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        idx = self._row_slots.to(device)
         if idx.shape[0] != lead_shape[0]:
             if not idx.shape[0] or lead_shape[0] % idx.shape[0]:
                 raise ValueError(
@@ -64,9 +78,8 @@ class DeltaRouting:
         while idx.dim() < len(lead_shape):
             idx = idx.unsqueeze(-1)
         flat = idx.expand(lead_shape).reshape(-1)
-        for slot in torch.unique(flat).tolist():
-            if slot != BASE_SLOT:
-                yield self.slots[slot], (flat == slot).nonzero().squeeze(1)
+        return [(self.slots[slot], (flat == slot).nonzero().squeeze(1))
+                for slot in torch.unique(flat).tolist() if slot != BASE_SLOT]
 
 
 class DeltaParts:
@@ -148,19 +161,22 @@ class DeltaLinear(_DeltaWrapper):
             yf = F.pad(yf, (0, width - yf.shape[-1]), value=torch.finfo(yf.dtype).min)
         else:
             yf = yf.clone()
+        head = yf[:, : base.out_features]
+        # Compressed weights of one kind are applied together: a kind may batch its deltas into one operation.
+        batched: dict[type[CompressedWeight], tuple[list[CompressedWeight], list[torch.Tensor | None]]] = {}
         for parts, rows in routes:
-            xr = _take(xf, rows)
             exact = parts.exact()
             if "weight" in exact:
                 w = exact["weight"].to(x.dtype)
                 bias = exact.get("bias", base.bias)
-                out = F.linear(xr, w, None if bias is None else bias.to(x.dtype))
+                out = F.linear(_take(xf, rows), w, None if bias is None else bias.to(x.dtype))
                 target = slice(None) if rows is None else rows
                 yf[target, : w.shape[0]] = out
                 continue
-            head = yf[:, : base.out_features]
             if parts.weight is not None:
-                parts.weight.add_to_rows(xf, head, rows)
+                weights, weight_rows = batched.setdefault(type(parts.weight), ([], []))
+                weights.append(parts.weight)
+                weight_rows.append(rows)
             if "bias" in exact:
                 bias = (exact["bias"] - (base.bias if base.bias is not None else 0)).to(yf.dtype)
                 if rows is None:
@@ -168,12 +184,14 @@ class DeltaLinear(_DeltaWrapper):
                 else:
                     head[rows] += bias
             if parts.new_rows is not None:
-                extra = xr @ parts.new_rows.to(x.dtype).T
+                extra = _take(xf, rows) @ parts.new_rows.to(x.dtype).T
                 cols = slice(base.out_features, base.out_features + extra.shape[-1])
                 if rows is None:
                     yf[:, cols] = extra
                 else:
                     yf[rows, cols] = extra
+        for kind, (weights, weight_rows) in batched.items():
+            kind.add_to_rows_many(weights, xf, head, weight_rows)
         return yf.reshape(*lead, width)
 
 
@@ -225,8 +243,10 @@ class DeltaOverride(_DeltaWrapper):
     """Any other module (norms, ...) whose parameters a delta replaces, evaluated per row."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         routes = list(self._routes(x.shape[:-1], x.device))
+        if len(routes) > 1 and not (args or kwargs) and self._scaled_by_weight(x, routes):
+            return self._scaled_forward(x, routes)
+        y = self.base_layer(x, *args, **kwargs)
         if not routes:
             return y
         xf = x.reshape(-1, x.shape[-1])
@@ -239,6 +259,38 @@ class DeltaOverride(_DeltaWrapper):
             else:
                 yf[rows] = out
         return yf.reshape(y.shape)
+
+    def _scaled_by_weight(self, x: torch.Tensor, routes: list[tuple[DeltaParts, torch.Tensor | None]]) -> bool:
+        """Whether the module computes ``weight * f(x)`` exactly (RMSNorm-style) and the deltas replace only
+        ``weight``: then a mixed batch needs one ``f(x)`` for every row instead of one module call per delta."""
+        if any(rows is None or parts.exact_names != ["weight"] for parts, rows in routes):
+            return False
+        known = self.__dict__.get("_weight_scaled")
+        if known is None:  # probed once per module, on random values in the input's dtype
+            weight = getattr(self.base_layer, "weight", None)
+            known = False
+            if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+                gen = torch.Generator().manual_seed(0)
+                probe = torch.randn(3, weight.shape[0], generator=gen).to(x.device, x.dtype)
+                other = torch.randn(weight.shape, generator=gen).to(weight.device, weight.dtype)
+                with torch.no_grad():
+                    unit = self._call({"weight": torch.ones_like(weight)}, probe)
+                    known = torch.equal(self._call({"weight": other}, probe), other.to(unit.dtype) * unit)
+            self.__dict__["_weight_scaled"] = known
+        return known
+
+    def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.base_layer, params, (x,))
+
+    def _scaled_forward(self, x: torch.Tensor, routes: list[tuple[DeltaParts, torch.Tensor | None]]) -> torch.Tensor:
+        base_weight = self.base_layer.weight
+        unit = self._call({"weight": torch.ones_like(base_weight)}, x)
+        flat = unit.reshape(-1, unit.shape[-1])
+        table = torch.stack([base_weight.to(flat.dtype)] + [p.exact()["weight"].to(flat.dtype) for p, _ in routes])
+        which = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
+        for k, (_, rows) in enumerate(routes, start=1):
+            which[rows] = k
+        return (table[which] * flat).reshape(unit.shape)
 
 
 def wrapper_for(module: nn.Module) -> type[_DeltaWrapper]:

@@ -80,14 +80,25 @@ class CompressedWeight(abc.ABC):
         else:
             out[rows] += self.apply(x[rows]).to(out.dtype)
 
+    @classmethod
+    def add_to_rows_many(cls, weights: list[CompressedWeight], x: torch.Tensor, out: torch.Tensor,
+                         rows: list[torch.Tensor | None]) -> None:
+        """``add_to_rows`` of several deltas of this kind (disjoint ``rows``); kinds that can batch override it."""
+        for weight, r in zip(weights, rows, strict=True):
+            weight.add_to_rows(x, out, r)
+
     def meta(self) -> dict[str, Any]:
         """JSON-able facts needed to rebuild this object from its tensors (shape, layout options)."""
         return {"shape": list(self.shape)}
 
+    def saved_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and meta as written to disk; a kind with a more compact disk encoding overrides this."""
+        return dict(self.named_buffers()), self.meta()
+
     @classmethod
     @abc.abstractmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> CompressedWeight:
-        """Rebuild from ``dict(self.named_buffers())`` and ``self.meta()``."""
+        """Rebuild from ``saved_tensors()`` (or ``dict(self.named_buffers())`` and ``self.meta()``)."""
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -90,6 +90,31 @@ class BitDeltaWeight(CompressedWeight):
         bitdelta_matmul(x.contiguous(), out, slots, self.signs.unsqueeze(0), scales.unsqueeze(0),
                         backend="triton" if forced else "auto")
 
+    @classmethod
+    def add_to_rows_many(cls, weights: list[CompressedWeight], x: torch.Tensor, out: torch.Tensor,
+                         rows: list[torch.Tensor | None]) -> None:
+        # The CPU serving path: a step routes its rows to many deltas in every layer. One unpack of all their
+        # signs and one batched matmul over rows gathered per delta replace a Python loop of small operations.
+        batchable = (
+            len(weights) > 1
+            and not x.is_cuda
+            and os.environ.get("HF_DELTA_KERNELS") != "triton"
+            and not (torch.is_grad_enabled() and any(w.scales.requires_grad for w in weights))
+            and all(r is not None for r in rows)
+            and all(w.passes == 1 and w.shape == weights[0].shape and w.scales.shape == weights[0].scales.shape
+                    for w in weights)
+        )
+        if not batchable:
+            super().add_to_rows_many(weights, x, out, rows)
+            return
+        features_out, features_in = weights[0].shape
+        plan = _row_plan(rows, x.shape[0])
+        signs = unpack_signs(torch.cat([w.signs for w in weights]), features_in, x.dtype)  # [D, out, in]
+        gathered = torch.cat([x, x.new_zeros(1, features_in)])[plan.index]  # padding rows read zeros
+        scales = torch.stack([w.scales[0] for w in weights]).to(x.dtype).unsqueeze(1)  # [D, 1, out or 1]
+        y = (torch.bmm(gathered, signs.transpose(1, 2)) * scales).reshape(-1, features_out)
+        out.index_add_(0, plan.targets, y.index_select(0, plan.sources).to(out.dtype))
+
     def meta(self) -> dict[str, Any]:
         return {"shape": list(self.shape)}
 
@@ -112,6 +137,32 @@ class BitDeltaWeight(CompressedWeight):
                 "[passes, 1 or out]). The delta repo is corrupt; re-download or re-save it."
             )
         return cls(shape, signs, scales)
+
+
+class _RowPlan:
+    """How rows of a mixed batch are gathered per delta (padded to the busiest one) and scattered back."""
+
+    def __init__(self, rows: list[torch.Tensor], n: int):
+        self.rows = rows
+        self.index = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=n)  # [D, most rows]
+        valid = (self.index < n).reshape(-1)
+        self.sources = valid.nonzero().squeeze(1)
+        self.targets = self.index.reshape(-1)[self.sources]
+
+
+_LAST_PLAN: list[_RowPlan] = []
+
+
+def _row_plan(rows: list[torch.Tensor], n: int) -> _RowPlan:
+    # Every linear layer of a forward pass routes the same row tensors: build their plan once. Identity is a
+    # safe key because the cached plan keeps the tensors alive.
+    if _LAST_PLAN:
+        last = _LAST_PLAN[0]
+        if len(last.rows) == len(rows) and all(a is b for a, b in zip(last.rows, rows, strict=True)):
+            return last
+    plan = _RowPlan(rows, n)
+    _LAST_PLAN[:] = [plan]
+    return plan
 
 
 @dataclass
