@@ -21,14 +21,16 @@ def _routing(slots: list[int], names: list[str]) -> DeltaRouting:
 
 
 @settings(max_examples=25, deadline=None)
-@given(n_deltas=st.integers(2, 5), rows=st.integers(1, 24), out=st.integers(1, 40), k=st.integers(1, 40),
-       per_row=st.booleans(), seed=st.integers(0, 2**16))
-def test_bitdelta_batched_rows_equal_one_delta_at_a_time(n_deltas, rows, out, k, per_row, seed):
+@given(n_deltas=st.integers(2, 5), rows=st.integers(1, 48), out=st.integers(1, 40), k=st.integers(1, 40),
+       per_row=st.booleans(), popular=st.sampled_from([1.0, 20.0]), seed=st.integers(0, 2**16))
+def test_bitdelta_batched_rows_equal_one_delta_at_a_time(n_deltas, rows, out, k, per_row, popular, seed):
     gen = torch.Generator().manual_seed(seed)
     weights = [BitDeltaWeight.from_delta(torch.randn(out, k, generator=gen), per_row=per_row)
                for _ in range(n_deltas)]
     x = torch.randn(rows, k, generator=gen)
-    slot = torch.randint(-1, n_deltas, (rows,), generator=gen)
+    # slot -1 (base) and deltas 0..n-1; a popular delta 0 gets many rows and runs alone, the rest batched
+    odds = torch.tensor([1.0, popular] + [1.0] * (n_deltas - 1))
+    slot = torch.multinomial(odds, rows, replacement=True, generator=gen) - 1
     picked = [(d, (slot == d).nonzero().squeeze(1)) for d in range(n_deltas)]
     picked = [(d, r) for d, r in picked if len(r)]
     base = torch.randn(rows, out, generator=gen)
@@ -80,3 +82,5 @@ def test_routes_are_recomputed_when_the_row_slots_change():
     assert routing.routes(torch.Size([3]), torch.device("cpu")) is first  # one plan per forward pass
     routing.row_slots = torch.tensor([1, 1, -1])
     assert [(n, r.tolist()) for n, r in routing.routes(torch.Size([3]), torch.device("cpu"))] == [("b", [0, 1])]
+    routing.row_slots = torch.tensor([1, 1, 1])
+    assert routing.routes(torch.Size([3]), torch.device("cpu")) == [("b", None)]  # every row: no indexing

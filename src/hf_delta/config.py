@@ -15,7 +15,9 @@ from .errors import DeltaConfigError, DeltaFormatError
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "delta_config.json"
-FORMAT_VERSION = 1
+# 2: a weight kind may encode its tensors more compactly on disk than in memory, saying so in its entry of
+# ``modules["weights"]`` (DeltaZip: compact 2:4 metadata). Format 1 repos are still read.
+FORMAT_VERSION = 2
 # Not "adapter_config.json": transformers and vLLM would try to load a delta repo as a LoRA adapter.
 
 
@@ -74,7 +76,10 @@ class DeltaConfig:
         if "method" not in data:
             raise DeltaFormatError(f"{CONFIG_NAME} has no 'method' field; this is not an hf_delta delta repo.")
         version = data.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise DeltaFormatError(f"{CONFIG_NAME} has format_version {version!r}, expected an integer from 1 to "
+                                   f"{FORMAT_VERSION}; the file is corrupt, re-save or re-download the delta.")
+        if version > FORMAT_VERSION:
             raise DeltaFormatError(
                 f"{CONFIG_NAME} has format_version {version!r}, but this hf_delta reads up to "
                 f"{FORMAT_VERSION}. Upgrade hf_delta (pip install -U hf_delta)."

@@ -56,3 +56,22 @@ class InvalidRequestError(HfDeltaError, ValueError):
 
 class DeltaLoadError(HfDeltaError, RuntimeError):
     """A delta registered with the serving engine could not be loaded; only requests for it fail."""
+
+
+class MissingDependencyError(HfDeltaError, ImportError):
+    """A feature needs an optional extra that is not installed; the message names the ``pip install`` to run."""
+
+
+class FineTuneConfigError(HfDeltaError, ValueError):
+    """A fine-tuning job cannot run as asked (LoRA config, dataset, hyperparameters or adapter name)."""
+
+
+class BaseModelNotServedError(FineTuneConfigError):
+    """A fine-tuning job names a base model the engine does not serve."""
+
+
+class FineTuneJobNotFoundError(HfDeltaError, KeyError):
+    """A fine-tuning job id that the engine does not know."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0]) if self.args else ""

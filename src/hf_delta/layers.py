@@ -78,8 +78,10 @@ class DeltaRouting:
         while idx.dim() < len(lead_shape):
             idx = idx.unsqueeze(-1)
         flat = idx.expand(lead_shape).reshape(-1)
-        return [(self.slots[slot], (flat == slot).nonzero().squeeze(1))
-                for slot in torch.unique(flat).tolist() if slot != BASE_SLOT]
+        present = torch.unique(flat).tolist()
+        if len(present) == 1 and present[0] != BASE_SLOT:  # one delta for every row: no gather or scatter
+            return [(self.slots[present[0]], None)]
+        return [(self.slots[slot], (flat == slot).nonzero().squeeze(1)) for slot in present if slot != BASE_SLOT]
 
 
 class DeltaParts:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DeltaConfigError
+from .errors import DeltaConfigError, DeltaFormatError
 
 
 def packed_width(in_features: int, bits: int) -> int:
@@ -150,3 +150,67 @@ def unpack_2of4_u8(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     cols = pos + 4 * (torch.arange(in_features // 2, device=packed.device) // 2)
     keep = torch.zeros((*packed.shape[:-1], in_features), dtype=torch.bool, device=packed.device)
     return keep.scatter_(-1, cols, True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compact 2:4 metadata (the on-disk form; ``pack_2of4_u8`` stays the in-memory form the kernels read)
+#
+# A group of 4 keeps one of only C(4, 2) = 6 pairs, so 2 x 2 bits of positions waste 4 - log2(6) = 1.4 bits.
+# Each group's pair gets a code 0..5 in lexicographic order ((0,1), (0,2), (0,3), (1,2), (1,3), (2,3)), and
+# three consecutive groups of a row share one byte: ``c0 + 6·c1 + 36·c2`` (at most 215). A row of ``K``
+# columns takes ``ceil(K / 12)`` bytes (2/3 bit per weight instead of 1); a last byte with fewer than three
+# groups pads with code 0.
+# ---------------------------------------------------------------------------------------------------
+
+_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+# In ``pack_2of4_u8``'s layout a group is one nibble: first position in bits 0-1, second in bits 2-3.
+_PAIR_NIBBLES = torch.tensor([a | (b << 2) for a, b in _PAIRS], dtype=torch.uint8)
+_NIBBLE_CODES = torch.full((16,), -1, dtype=torch.int64).index_put_(
+    (_PAIR_NIBBLES.long(),), torch.arange(len(_PAIRS)))
+
+
+def compact_2of4_width(in_features: int) -> int:
+    """Bytes per row of compact 2:4 metadata for ``in_features`` columns (three groups of 4 per byte)."""
+    return (in_features // 4 + 2) // 3
+
+
+def _check_2of4_columns(in_features: int) -> int:
+    if in_features % 4:
+        raise DeltaConfigError(f"2:4 metadata needs a multiple of 4 columns, got in_features={in_features}.")
+    return in_features // 4
+
+
+def compact_2of4_u8(meta: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``pack_2of4_u8`` metadata ``[..., ceil(K / 8)]`` to the compact form ``[..., ceil(K / 12)]``."""
+    groups = _check_2of4_columns(in_features)
+    if meta.shape[-1] != (groups + 1) // 2:
+        raise DeltaConfigError(f"2:4 metadata of {in_features} columns has {(groups + 1) // 2} bytes a row, "
+                               f"got {meta.shape[-1]}.")
+    nibbles = torch.stack((meta & 15, meta >> 4), dim=-1).reshape(*meta.shape[:-1], 2 * meta.shape[-1])
+    codes = _NIBBLE_CODES.to(meta.device)[nibbles[..., :groups].long()]
+    if codes.numel() and int(codes.min()) < 0:
+        raise DeltaConfigError("Not 2:4 metadata: a group's two positions must be distinct and ascending.")
+    width = compact_2of4_width(in_features)
+    codes = torch.nn.functional.pad(codes, (0, 3 * width - groups)).reshape(*meta.shape[:-1], width, 3)
+    return (codes[..., 0] + 6 * codes[..., 1] + 36 * codes[..., 2]).to(torch.uint8)
+
+
+def expand_2of4_u8(compact: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of ``compact_2of4_u8``: the ``pack_2of4_u8`` metadata ``[..., ceil(K / 8)]``.
+
+    Raises:
+        DeltaFormatError: the bytes are not compact 2:4 metadata of ``in_features`` columns (a corrupt file).
+    """
+    groups = _check_2of4_columns(in_features)
+    if compact.dtype != torch.uint8 or compact.shape[-1] != compact_2of4_width(in_features):
+        raise DeltaFormatError(
+            f"Compact 2:4 metadata of {in_features} columns must be uint8 with {compact_2of4_width(in_features)} "
+            f"bytes a row, got {compact.dtype} {tuple(compact.shape)}; the delta file is corrupt, re-save it.")
+    c = compact.long()
+    if c.numel() and int(c.max()) >= 6**3:
+        raise DeltaFormatError(f"Compact 2:4 metadata holds byte {int(c.max())} (at most 215 is valid); the delta "
+                               "file is corrupt, re-save it.")
+    codes = torch.stack((c % 6, c // 6 % 6, c // 36), dim=-1).reshape(*c.shape[:-1], 3 * c.shape[-1])
+    nibbles = _PAIR_NIBBLES.to(compact.device)[codes[..., :groups]]
+    nibbles = torch.nn.functional.pad(nibbles, (0, groups % 2))  # a last byte with one group: high nibble 0
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)

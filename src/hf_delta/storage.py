@@ -2,7 +2,8 @@
 
 Tensor names inside the safetensors file:
 
-* ``<module>::<buffer>`` — a compressed weight's packed tensors (``config.modules[<module>]`` says its type);
+* ``<module>::<buffer>`` — a compressed weight's packed tensors as ``saved_tensors()`` encodes them for disk
+  (``config.modules["weights"][<module>]`` says its type and any disk encoding, e.g. compact 2:4 metadata);
 * ``exact::<parameter>`` — a fine-tuned tensor stored as it is;
 * ``new_rows::<module>`` — rows of a grown vocabulary.
 """
@@ -21,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._io import atomic_directory, atomic_write_text
-from .config import CONFIG_NAME, DeltaConfig
+from .config import CONFIG_NAME, FORMAT_VERSION, DeltaConfig
 from .errors import DeltaFormatError
 from .methods.base import CompressedWeight, weight_class_for
 
@@ -57,11 +58,12 @@ class Delta:
     files: dict[str, bytes] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor to save, under its repo name."""
-        out: dict[str, torch.Tensor] = {}
-        for module, w in self.weights.items():
-            for buf, t in w.named_buffers():
-                out[f"{module}::{buf}"] = t
+        """Every tensor as held in memory, under its repo name."""
+        return self._named({m: dict(w.named_buffers()) for m, w in self.weights.items()})
+
+    def _named(self, weights: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Repo names of the weights' tensors (``module`` → ``buffer`` → tensor), the exact tensors and new rows."""
+        out = {f"{module}::{buf}": t for module, buffers in weights.items() for buf, t in buffers.items()}
         out.update({f"exact::{k}": v for k, v in self.exact.items()})
         out.update({f"new_rows::{k}": v for k, v in self.new_rows.items()})
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
@@ -73,12 +75,14 @@ class Delta:
     def save_pretrained(self, folder: str | Path, *, max_shard_size: int | str = "5GB") -> None:
         """Write the delta repo to ``folder``; a failure leaves any previous content untouched."""
         config = self.config
+        saved = {m: w.saved_tensors() for m, w in self.weights.items()}
         config.modules = {
-            "weights": {m: {"type": w.method, **w.meta()} for m, w in self.weights.items()},
+            "weights": {m: {"type": w.method, **saved[m][1]} for m, w in self.weights.items()},
             "tied": self.tied,
             "vocab_size": self.vocab_size,
         }
-        tensors = self.tensors()
+        config.format_version = FORMAT_VERSION  # a delta loaded from an older repo is written in today's format
+        tensors = self._named({m: t for m, (t, _) in saved.items()})
         split = split_torch_state_dict_into_shards(
             tensors, filename_pattern="delta_model{suffix}.safetensors", max_shard_size=max_shard_size
         )

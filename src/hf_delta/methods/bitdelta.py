@@ -107,13 +107,17 @@ class BitDeltaWeight(CompressedWeight):
         if not batchable:
             super().add_to_rows_many(weights, x, out, rows)
             return
-        features_out, features_in = weights[0].shape
         plan = _row_plan(rows, x.shape[0])
-        signs = unpack_signs(torch.cat([w.signs for w in weights]), features_in, x.dtype)  # [D, out, in]
-        gathered = torch.cat([x, x.new_zeros(1, features_in)])[plan.index]  # padding rows read zeros
-        scales = torch.stack([w.scales[0] for w in weights]).to(x.dtype).unsqueeze(1)  # [D, 1, out or 1]
-        y = (torch.bmm(gathered, signs.transpose(1, 2)) * scales).reshape(-1, features_out)
-        out.index_add_(0, plan.targets, y.index_select(0, plan.sources).to(out.dtype))
+        for d in plan.alone:
+            weights[d].add_to_rows(x, out, rows[d])
+        if plan.together:
+            features_out, features_in = weights[0].shape
+            packed = torch.cat([weights[d].signs for d in plan.together])
+            signs = unpack_signs(packed, features_in, x.dtype)  # [D, out, in]
+            gathered = torch.cat([x, x.new_zeros(1, features_in)])[plan.index]  # padding rows read zeros
+            scales = torch.stack([weights[d].scales[0] for d in plan.together]).to(x.dtype).unsqueeze(1)
+            y = (torch.bmm(gathered, signs.transpose(1, 2)) * scales).reshape(-1, features_out)
+            out.index_add_(0, plan.targets, y.index_select(0, plan.sources).to(out.dtype))
 
     def meta(self) -> dict[str, Any]:
         return {"shape": list(self.shape)}
@@ -140,11 +144,23 @@ class BitDeltaWeight(CompressedWeight):
 
 
 class _RowPlan:
-    """How rows of a mixed batch are gathered per delta (padded to the busiest one) and scattered back."""
+    """How rows of a mixed batch are gathered per delta (padded to the busiest one) and scattered back.
+
+    A delta with many more rows than the others (a popular one, or a prompt being prefilled) runs alone:
+    padding every other delta to its row count would multiply the batched matmul's work.
+    """
 
     def __init__(self, rows: list[torch.Tensor], n: int):
         self.rows = rows
-        self.index = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=n)  # [D, most rows]
+        counts = [len(r) for r in rows]
+        limit = max(8, 2 * sorted(counts)[len(counts) // 2])
+        self.alone = [d for d, c in enumerate(counts) if c > limit]
+        self.together = [d for d, c in enumerate(counts) if c <= limit]
+        if len(self.together) < 2:
+            self.alone, self.together = list(range(len(rows))), []
+            return
+        self.index = torch.nn.utils.rnn.pad_sequence([rows[d] for d in self.together], batch_first=True,
+                                                     padding_value=n)  # [D, most rows]
         valid = (self.index < n).reshape(-1)
         self.sources = valid.nonzero().squeeze(1)
         self.targets = self.index.reshape(-1)[self.sources]

@@ -8,7 +8,8 @@ and its error ``e = (w − q) / U_jj`` is spread over the columns not yet visite
 on the activations of the model whose earlier layers already carry their compressed deltas.
 
 The embedding has no input activations, so vocabulary matrices are quantised round-to-nearest per row
-(``embedding_method="rtn"``); ``"gptq"`` calibrates an untied output head on its inputs instead.
+(``embedding_method="rtn"``); ``"gptq"`` calibrates the output head's matrix on the head's inputs instead, be it
+untied or tied to the embedding (then the one matrix serves both).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import DeltaConfig
-from ..errors import CalibrationError, DeltaConfigError
+from ..errors import CalibrationError, DeltaConfigError, DeltaFormatError
 from ..extract import vocab_module_names
 from ..packing import (
+    compact_2of4_u8,
+    expand_2of4_u8,
     pack_1bit_u8,
     pack_2of4_u8,
     pack_lowbit_u8,
@@ -47,6 +50,7 @@ logger = logging.getLogger(__name__)
 BITS = (2, 3, 4, 8)
 LAYOUTS = ("dense", "2:4", "bitmap")
 _MIN_SCALE = 2.0**-24  # smallest positive fp16: a zero scale would divide by zero
+_COMPACT_2OF4 = "2of4-compact"  # the disk encoding of 2:4 masks (format 2)
 
 
 # ===================================================================================================
@@ -67,6 +71,9 @@ class DeltaZipWeight(CompressedWeight):
     ``rows = out`` unless ``row_index`` (int32) is present: then only those rows are stored and every other row
     is zero. Embedding deltas need it: a token that never occurs in the fine-tuning data gets no gradient,
     so most of their rows are exactly zero.
+
+    On disk (``saved_tensors``) a 2:4 ``mask`` is compact (``packing.compact_2of4_u8``: 2/3 bit per weight instead
+    of 1; ``"mask_encoding": "2of4-compact"`` in its meta) and is expanded back when the delta is loaded.
     """
 
     method = "deltazip"
@@ -202,12 +209,26 @@ class DeltaZipWeight(CompressedWeight):
         return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size, "layout": self.layout,
                 "row_index": self._row_index is not None}
 
+    def saved_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = dict(self.named_buffers()), self.meta()
+        if self.layout == "2:4":
+            tensors["mask"] = compact_2of4_u8(self.mask, self.shape[1])
+            meta["mask_encoding"] = _COMPACT_2OF4
+        return tensors, meta
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> DeltaZipWeight:
         layout = meta.get("layout", "dense")
+        mask = tensors["mask"] if layout != "dense" else None
+        encoding = meta.get("mask_encoding")  # absent: the in-memory layout (every format-1 repo)
+        if encoding is not None:
+            if encoding != _COMPACT_2OF4 or layout != "2:4":
+                raise DeltaFormatError(
+                    f"Unknown mask_encoding {encoding!r} for layout {layout!r} (this hf_delta reads "
+                    f"{_COMPACT_2OF4!r} for '2:4'); upgrade hf_delta or re-save the delta.")
+            mask = expand_2of4_u8(mask, meta["shape"][1])
         return cls(tuple(meta["shape"]), bits=meta["bits"], group_size=meta.get("group_size"), layout=layout,
-                   qweight=tensors["qweight"], scales=tensors["scales"],
-                   mask=tensors["mask"] if layout != "dense" else None,
+                   qweight=tensors["qweight"], scales=tensors["scales"], mask=mask,
                    row_index=tensors["row_index"] if meta.get("row_index") else None)
 
 
@@ -232,12 +253,18 @@ class DeltaZipConfig(DeltaConfig):
             (used when ``compress`` gets no texts and samples them from the fine-tune).
         embedding_method: vocabulary matrices (embedding, output head) when ``compress_embeddings``:
             ``"rtn"`` = round-to-nearest per row at ``embedding_bits``, never pruned (the embedding has no input
-            activations to calibrate on); ``"gptq"`` = as ``"rtn"`` for the embedding, but an untied output head
-            is pruned and quantised like any linear layer (OBS/GPTQ on its input Hessian, ``bits``/``sparsity``).
+            activations to calibrate on); ``"gptq"`` = as ``"rtn"`` for an untied embedding, but the output head's
+            matrix is pruned and quantised like any linear layer (OBS/GPTQ on the head's input Hessian,
+            ``sparsity``), also when it is tied to the embedding (calibrated as the head, its only use with input
+            activations; during the decoder layers' calibration the embedding keeps its fine-tuned value).
         embedding_bits: bits for the vocabulary matrices (``None`` = ``bits``). 8 by default: the output head is
             as large as a few decoder layers and its errors reach the logits directly (small zoo, 2:4 + 4-bit:
             KL 0.019 at 8 bits vs 0.033 at 4 bits, for a 4.6x vs 5.7x size ratio). Embedding rows of tokens the
             fine-tune never saw are exactly zero and are not stored at all.
+        head_bits: bits for the output head's matrix (tied to the embedding or not); ``None`` = as
+            ``embedding_bits``. A head calibrated with ``"gptq"`` stands fewer bits than round-to-nearest embedding
+            rows (small zoo, 2:4 + 4-bit, llama-cipher: retention 0.99 with a 2-bit head and 4-bit embedding rows,
+            0.90 when the embedding rows are 2-bit too).
         use_hessian: ``False`` turns off the error feedback (plain round-to-nearest with magnitude pruning):
             the baseline that shows what the Hessian buys.
         prune: ``"obs"`` chooses the pruning mask during the sweep by OBS saliency and compensates its error;
@@ -254,6 +281,7 @@ class DeltaZipConfig(DeltaConfig):
     calibration_batch_size: int = 8
     embedding_method: str = "rtn"
     embedding_bits: int | None = 8
+    head_bits: int | None = None
     use_hessian: bool = True
     prune: str = "obs"
 
@@ -261,8 +289,9 @@ class DeltaZipConfig(DeltaConfig):
         super().validate()
         if self.bits not in BITS:
             raise DeltaConfigError(f"DeltaZipConfig.bits must be one of {BITS}, got {self.bits!r}.")
-        if self.embedding_bits is not None and self.embedding_bits not in BITS:
-            raise DeltaConfigError(f"embedding_bits must be one of {BITS} or None, got {self.embedding_bits!r}.")
+        for name in ("embedding_bits", "head_bits"):
+            if getattr(self, name) is not None and getattr(self, name) not in BITS:
+                raise DeltaConfigError(f"{name} must be one of {BITS} or None, got {getattr(self, name)!r}.")
         s = self.sparsity
         if not (s is None or s == "2:4" or (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s < 1)):
             raise DeltaConfigError(
@@ -583,7 +612,7 @@ class _Calibrator:
 # ===================================================================================================
 
 
-def _check_targets(cfg: DeltaZipConfig, deltas: dict[str, torch.Tensor], vocab: set[str]) -> None:
+def _check_targets(cfg: DeltaZipConfig, deltas: dict[str, torch.Tensor], pruned: set[str]) -> None:
     """Shape constraints of the chosen layout on the actual target matrices, before any work."""
     for name, delta in deltas.items():
         k = delta.shape[1]
@@ -591,21 +620,27 @@ def _check_targets(cfg: DeltaZipConfig, deltas: dict[str, torch.Tensor], vocab: 
             raise DeltaConfigError(
                 f"group_size={cfg.group_size} does not divide in_features={k} of {name!r}; choose a divisor of "
                 f"{k} (e.g. {math.gcd(k, cfg.group_size)}) or group_size=None (per channel).")
-        if cfg.pruning == "2:4" and name not in vocab and k % 4:
+        if cfg.pruning == "2:4" and name in pruned and k % 4:
             raise DeltaConfigError(
                 f"sparsity='2:4' needs in_features divisible by 4, but {name!r} has {k}; use an unstructured "
                 "sparsity such as 0.5, or exclude it from target_modules.")
 
 
 def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
-    """Compress every extracted delta: vocabulary matrices by RTN, linear layers by OBS/GPTQ in forward order."""
+    """Compress every extracted delta: linear layers by OBS/GPTQ in forward order, vocabulary matrices by RTN
+    (or, with ``embedding_method="gptq"``, the output head's matrix like a linear layer, tied or not)."""
     cfg: DeltaZipConfig = ctx.config
     deltas = ctx.extracted.compress
     embed, head = vocab_module_names(ctx.base)
     vocab = {n for n in deltas if n in (embed, head)}
-    _check_targets(cfg, deltas, vocab)
-    by_rtn = {embed} | ({head} if cfg.embedding_method == "rtn" else set())  # no calibration for these
-    calibrated = [n for n in deltas if cfg.use_hessian and n not in by_rtn]
+    # Delta → the module whose inputs calibrate it. A tied matrix has input activations only as the output
+    # head, so it is calibrated there (its errors then reach the input embedding uncompensated).
+    as_linear = {n: n for n in deltas if n not in vocab}
+    head_matrix = ctx.extracted.tied.get(head, head)
+    if cfg.embedding_method == "gptq" and head_matrix in deltas:
+        as_linear[head_matrix] = head
+    _check_targets(cfg, deltas, set(as_linear))
+    calibrated = {m: n for n, m in as_linear.items()} if cfg.use_hessian else {}  # module → its delta
     batches: list[Batch] = []
     if calibrated:
         batches = ctx.calibration(n=cfg.calibration_samples, seq_len=cfg.calibration_seq_len,
@@ -617,14 +652,18 @@ def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     base_weights = {n: ctx.base.get_submodule(n).weight for n in deltas}
     if work is not None:
         for name, w in base_weights.items():  # start from the base; each layer gets its compressed delta in turn
-            work.get_submodule(name).weight.data[: w.shape[0]] = w.to(work.dtype)
+            # A tied matrix calibrated as the head is compressed last, but the embedding is used first: until
+            # then the decoder layers see the fine-tune's own embedding.
+            if as_linear.get(name, name) == name:
+                work.get_submodule(name).weight.data[: w.shape[0]] = w.to(work.dtype)
     weights: dict[str, CompressedWeight] = {}
 
     def finish(name: str, hessian: torch.Tensor | None) -> None:
-        is_vocab = name in vocab
-        bits = (cfg.embedding_bits or cfg.bits) if is_vocab else cfg.bits
-        # A calibrated output head is an ordinary linear layer to GPTQ/OBS, so it is pruned like one.
-        sparsity = None if name in by_rtn else cfg.pruning
+        bits = cfg.bits
+        if name in vocab:
+            bits = (cfg.head_bits if name == head_matrix else None) or cfg.embedding_bits or cfg.bits
+        # A vocabulary matrix calibrated as the output head is an ordinary linear layer to GPTQ/OBS: pruned too.
+        sparsity = cfg.pruning if name in as_linear else None
         qm = prune_quantize(deltas[name], hessian, bits=bits, group_size=cfg.group_size, sparsity=sparsity,
                             prune=cfg.prune, damp=cfg.damp, block_size=cfg.block_size)
         weights[name] = DeltaZipWeight.from_quantized(qm.q, qm.scales, qm.keep, bits=bits,
@@ -633,14 +672,14 @@ def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
             base = base_weights[name]
             work.get_submodule(name).weight.data[: base.shape[0]] = (base.float() + qm.dequantize()).to(work.dtype)
 
-    def finish_group(names: list[str], hessians: dict[str, torch.Tensor | None]) -> None:
-        for name in names:
-            finish(name, hessians[name])
+    def finish_group(modules: list[str], hessians: dict[str, torch.Tensor | None]) -> None:
+        for module in modules:
+            finish(calibrated[module], hessians[module])
 
-    for name in [n for n in deltas if n not in calibrated]:
+    for name in [n for n in deltas if n not in calibrated.values()]:
         finish(name, None)
     if calibrated:
-        _Calibrator(work, batches, calibrated).run(finish_group, progress=ctx.progress)
+        _Calibrator(work, batches, list(calibrated)).run(finish_group, progress=ctx.progress)
     return {n: weights[n] for n in deltas}
 
 

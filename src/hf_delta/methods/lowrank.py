@@ -34,14 +34,19 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 class LowRankWeight(CompressedWeight):
-    """Factors ``A`` ``[r, in]`` and ``B`` ``[out, r]`` with ``Δ ≈ B A``; ``apply(x) = (x Aᵀ) Bᵀ``."""
+    """Factors ``A`` ``[r, in]`` and ``B`` ``[out, r]`` with ``Δ ≈ scaling · B A``; ``apply(x) = (x Aᵀ) Bᵀ · scaling``.
+
+    ``scaling`` is 1 for SVD deltas and LoRA's ``alpha / r`` for trained adapters. The maths is plain autograd-
+    friendly PyTorch, so ``A``/``B`` may be trainable tensors (co-serving trains a LoRA as one of these).
+    """
 
     method = "lowrank"
 
-    def __init__(self, shape: tuple[int, int], A: torch.Tensor, B: torch.Tensor):
+    def __init__(self, shape: tuple[int, int], A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0):
         super().__init__(shape)
         self.register_buffer("A", A)
         self.register_buffer("B", B)
+        self.scaling = float(scaling)
 
     @property
     def rank(self) -> int:
@@ -63,20 +68,24 @@ class LowRankWeight(CompressedWeight):
         return cls(tuple(delta.shape), (root.unsqueeze(1) * vh[:r]).to(dtype), (u[:, :r] * root).to(dtype))
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.B.float() @ self.A.float()).to(dtype)
+        return (self.B.float() @ self.A.float() * self.scaling).to(dtype)
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.B[index].float() @ self.A.float()).to(dtype)
+        return (self.B[index].float() @ self.A.float() * self.scaling).to(dtype)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.A.to(x.dtype).T) @ self.B.to(x.dtype).T
+        out = (x @ self.A.to(x.dtype).T) @ self.B.to(x.dtype).T
+        return out if self.scaling == 1.0 else out * self.scaling
 
     def meta(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "rank": self.rank}
+        meta = {"shape": list(self.shape), "rank": self.rank}
+        if self.scaling != 1.0:
+            meta["scaling"] = self.scaling
+        return meta
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> LowRankWeight:
-        return cls(tuple(meta["shape"]), tensors["A"], tensors["B"])
+        return cls(tuple(meta["shape"]), tensors["A"], tensors["B"], meta.get("scaling", 1.0))
 
 
 @dataclass
@@ -162,12 +171,12 @@ def export_peft_lora(delta_model_or_delta: DeltaModel | Delta, base_model: PreTr
                      folder: str | Path, *, delta_name: str = "default") -> Path:
     """Write a low-rank delta as a standard PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads.
 
-    Each ``LowRankWeight`` becomes ``lora_A``/``lora_B`` (``lora_alpha = r``, so scaling is 1; per-module ranks
-    go to ``rank_pattern``/``alpha_pattern``); an embedding delta becomes ``lora_embedding_A/B``, and on a base
-    with tied embeddings PEFT's ``ensure_weight_tying`` applies it to the output head too. Exact tensors go
-    where PEFT can carry them: biases of LoRA-wrapped layers via ``bias="all"`` (PEFT then loads them into
-    the base layers, and ``disable_adapter`` does not undo them), whole other modules (norms) via
-    ``modules_to_save``.
+    Each ``LowRankWeight`` becomes ``lora_A``/``lora_B`` (``lora_alpha = r · scaling``, so PEFT's ``alpha / r`` is
+    the weight's scaling; per-module ranks and alphas go to ``rank_pattern``/``alpha_pattern``); an embedding
+    delta becomes ``lora_embedding_A/B``, and on a base with tied embeddings PEFT's ``ensure_weight_tying``
+    applies it to the output head too. Exact tensors go where PEFT can carry them: biases of LoRA-wrapped
+    layers via ``bias="all"`` (PEFT then loads them into the base layers, and ``disable_adapter`` does not undo
+    them), whole other modules (norms) via ``modules_to_save``.
 
     Args:
         delta_model_or_delta: a ``DeltaModel`` (its delta ``delta_name`` is exported) or a ``Delta``.
@@ -206,10 +215,12 @@ def export_peft_lora(delta_model_or_delta: DeltaModel | Delta, base_model: PreTr
     state, module, model = _base_view(source, base_model, delta)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
     prefix = "base_model.model."
     tied_heads = [h for h, e in delta.tied.items() if e in delta.weights]
     for name, w in delta.weights.items():
         ranks[name] = w.rank
+        alphas[name] = w.rank * w.scaling
         if isinstance(module(name), nn.Embedding):
             # PEFT embeddings: Δ = (lora_embedding_B @ lora_embedding_A)ᵀ, i.e. A_peft = Bᵀ, B_peft = Aᵀ.
             tensors[f"{prefix}{name}.lora_embedding_A"] = w.B.T
@@ -238,6 +249,8 @@ def export_peft_lora(delta_model_or_delta: DeltaModel | Delta, base_model: PreTr
             tensors[f"{prefix}{head}.weight"] = tensors[f"{prefix}{embed}.weight"]
     default_rank = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     pattern = {n: r for n, r in ranks.items() if r != default_rank}
+    default_alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else default_rank
+    alpha_pattern = {n: a for n, a in alphas.items() if a != default_alpha}
     targets = _target_names(model, list(delta.weights))
     options: dict[str, Any] = {}
     if tied_heads or any(e in saved_modules for e in delta.tied.values()):
@@ -246,7 +259,7 @@ def export_peft_lora(delta_model_or_delta: DeltaModel | Delta, base_model: PreTr
                                    "(ensure_weight_tying); run pip install -U peft.")
         options["ensure_weight_tying"] = True
     config = LoraConfig(
-        r=default_rank, lora_alpha=default_rank, rank_pattern=pattern, alpha_pattern=dict(pattern),
+        r=default_rank, lora_alpha=default_alpha, rank_pattern=pattern, alpha_pattern=alpha_pattern,
         target_modules=targets, modules_to_save=saved_modules or None, bias="all" if with_bias else "none",
         base_model_name_or_path=delta.config.base_model_name_or_path, revision=delta.config.base_model_revision,
         inference_mode=True, **options,

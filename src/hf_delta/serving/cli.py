@@ -48,7 +48,7 @@ def _device_dtype(args: argparse.Namespace):
 # ------------------------------------------------------------------------------------------------- serve
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``hf-delta serve``."""
-    parser.add_argument("--base", required=True, help="base model: Hub id or folder")
+    parser.add_argument("--base", default=None, help="base model: Hub id or folder (required but with --serve-config)")
     parser.add_argument("--delta", action="append", default=[], metavar="NAME=REPO[@REVISION]",
                         help="serve delta repo REPO (folder or Hub id) as model NAME; repeat for more")
     parser.add_argument("--base-name", default="base", help="model name that selects the base without a delta")
@@ -60,6 +60,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-files-only", action="store_true", help="never download from the Hub")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     _engine_arguments(parser, device_slots=8, cpu_slots=8)
+    g = parser.add_argument_group("scale-out on Ray Serve (pip install 'hf_delta[ray]'; see docs/ray.md)")
+    g.add_argument("--ray", action="store_true", help="serve with N engine replicas on Ray Serve")
+    g.add_argument("--replicas", type=int, default=1, help="engine replicas (--ray)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster ('auto' = the one on this machine); default: start a local one")
+    g.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    g.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica")
+    g.add_argument("--replica-gpus", type=float, default=0.0, help="Ray GPUs per replica (1 on GPU nodes)")
+    g.add_argument("--serve-config", default=None, metavar="FILE",
+                   help="deploy a Serve config file (import_path: hf_delta.serving.ray:app_builder) instead")
 
 
 def parse_delta_specs(specs: list[str]) -> dict[str, tuple[str, str | None]]:
@@ -80,6 +90,12 @@ def parse_delta_specs(specs: list[str]) -> dict[str, tuple[str, str | None]]:
 
 def serve_main(args: argparse.Namespace) -> int:
     """Run the OpenAI-compatible server until interrupted."""
+    if args.ray or args.serve_config:
+        from .ray import serve_ray_main
+
+        return serve_ray_main(args, config=_engine_config(args, max_model_len=args.max_model_len))
+    if not args.base:
+        raise EngineConfigError("hf-delta serve needs --base (a Hub id or folder).")
     import uvicorn
 
     from .engine import Engine

@@ -94,7 +94,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._requests: dict[str, Request] = {}
-        self.counters = {"steps": 0, "tokens": 0, "generated": 0, "failed_steps": 0, "requests": 0}
+        self.counters = {"steps": 0, "tokens": 0, "generated": 0, "failed_steps": 0, "requests": 0,
+                         "peak_deltas_per_step": 0}  # most distinct models (deltas or base) in one pass
+        self.trainer: Any = None  # a CoServingTrainer adds fine-tuning tokens to the steps (attach_trainer)
         for name, repo in (deltas or {}).items():
             self.register_delta(name, repo)
 
@@ -261,10 +263,23 @@ class Engine:
         self.stop()
         self.residency.close()
 
+    def attach_trainer(self, trainer: Any) -> None:
+        """Let ``trainer`` (a ``CoServingTrainer``) add fine-tuning work to every step: ``trainer.plan`` after the
+        inference tokens are scheduled, its segments packed after them, ``trainer.finish`` after the pass."""
+        self.trainer = trainer
+
+    def wake(self) -> None:
+        """Wake the background thread (new non-request work, e.g. a fine-tuning job, is waiting)."""
+        with self._wake:
+            self._wake.notify()
+
+    def _has_work(self) -> bool:
+        return self.scheduler.has_work() or (self.trainer is not None and self.trainer.has_work())
+
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self._inbox or self.scheduler.has_work()):
+                while not (self._stopping or self._inbox or self._has_work()):
                     self._wake.wait(timeout=0.5)
                 if self._stopping:
                     return
@@ -289,11 +304,18 @@ class Engine:
                     self._finish(request, "error", error=err)
             self.residency.prefetch(self.scheduler.wanted_deltas())
             plan = self.scheduler.schedule()
-            if not plan:
+            training = None if self.trainer is None else self.trainer.plan(
+                inference_tokens=sum(n for _, n in plan), idle=not plan and not self.scheduler.has_work())
+            if not plan and training is None:
                 return 0
-            self._run(plan)
+            self._run(plan, training)
+            if training is not None:
+                self.trainer.finish(training)
             self.counters["steps"] += 1
-            return sum(n for _, n in plan)
+            self.counters["peak_deltas_per_step"] = max(self.counters["peak_deltas_per_step"],
+                                                        len({request.model for request, _ in plan}))
+            work = 0 if training is None else training.num_tokens + training.backward_layers
+            return sum(n for _, n in plan) + work
 
     def _drain_inbox(self) -> None:
         with self._wake:
@@ -318,10 +340,13 @@ class Engine:
             tokens.append(request.tokens[start : start + n])
         return segments, tokens
 
-    def _forward(self, plan: Sequence[tuple[Request, int]]) -> dict[str, torch.Tensor | BaseException]:
+    def _forward(self, plan: Sequence[tuple[Request, int]],
+                 training: Any = None) -> dict[str, torch.Tensor | BaseException]:
         """Logits row per sampling request; when the packed pass fails, each request is retried alone so that
         one bad request fails by itself."""
         segments, tokens = self._segments(plan)
+        if training is not None and training.segments:
+            return self._forward_with_training(plan, segments, tokens, training)
         try:
             out = forward_step(self.model, StepBatch.pack(segments, tokens, device=self.model.device), self.cache)
             rows = iter(out.logits)
@@ -337,8 +362,22 @@ class Engine:
             result.update(self._forward([item]))
         return result
 
-    def _run(self, plan: Sequence[tuple[Request, int]]) -> None:
-        results = self._forward(plan)
+    def _forward_with_training(self, plan: Sequence[tuple[Request, int]], segments: list[Segment],
+                               tokens: list[list[int]], training: Any) -> dict[str, torch.Tensor | BaseException]:
+        """The packed pass with the trainer's segments after the requests' (their layer inputs captured); if it
+        fails, the requests run again without them and the trainer is told."""
+        try:
+            batch = StepBatch.pack(segments + training.segments, tokens + training.tokens, device=self.model.device)
+            with training.capture(sum(s.length for s in segments)):
+                out = forward_step(self.model, batch, self.cache)
+        except Exception as err:
+            self.trainer.forward_failed(training, err)
+            return self._forward(plan) if plan else {}
+        rows = iter(out.logits)
+        return {s.key: next(rows) for s in segments if s.logits}
+
+    def _run(self, plan: Sequence[tuple[Request, int]], training: Any = None) -> None:
+        results = self._forward(plan, training) if plan or (training is not None and training.segments) else {}
         sampling: list[tuple[Request, torch.Tensor]] = []
         for request, n in plan:
             outcome = results.get(request.id)

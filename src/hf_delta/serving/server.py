@@ -55,6 +55,17 @@ def _error_event(err: BaseException) -> str:
     return f"data: {json.dumps({'error': {'message': str(err), 'type': kind, 'param': None, 'code': None}})}\n\n"
 
 
+def authorized(authorization: str, api_key: str | None) -> bool:
+    """Whether an ``Authorization`` header value carries ``api_key`` (always true when no key is set)."""
+    return not api_key or secrets.compare_digest(authorization.encode(), f"Bearer {api_key}".encode())
+
+
+def unauthorized() -> JSONResponse:
+    """The 401 answer to a request without the right API key."""
+    return _error(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.", "invalid_request_error",
+                  "invalid_api_key")
+
+
 def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (its thread is started and stopped with the app)."""
     owns_thread = not engine.is_running
@@ -77,11 +88,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
-                              "invalid_request_error", "invalid_api_key")
+        if request.url.path.startswith("/v1/") and not authorized(request.headers.get("authorization", ""), api_key):
+            return unauthorized()
         return await call_next(request)
 
     @app.get("/health")
