@@ -34,7 +34,7 @@ def test_workload_is_seeded_and_skewed():
 
 
 def test_bench_serve_writes_results(tmp_path):
-    settings = BenchSettings(deltas=(1, 3), popularity=("skewed",), requests=6, rate=float("inf"), max_tokens=3,
+    settings = BenchSettings(deltas=(1, 3), popularity=("skewed",), requests=6, rates=(float("inf"),), max_tokens=3,
                              engine=EngineConfig(device_slots=2, cpu_slots=1, kv_cache_tokens=512, max_running=8,
                                                  max_batch_tokens=64))
     torch.manual_seed(0)
@@ -63,5 +63,7 @@ def test_cli_arguments_parse():
             parse_delta_specs(bad)
     bench = argparse.ArgumentParser()
     add_bench_serve_arguments(bench)
-    args = bench.parse_args(["--deltas", "1,16", "--popularity", "skewed", "--synthetic", "llama-7b"])
+    args = bench.parse_args(["--deltas", "1,16", "--popularity", "skewed", "--synthetic", "llama-7b",
+                             "--rate", "8,inf"])
     assert args.deltas == [1, 16] and args.popularity == ["skewed"] and args.max_running == 256
+    assert args.rate == [8.0, float("inf")]

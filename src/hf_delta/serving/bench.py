@@ -370,7 +370,9 @@ class BenchSettings:
     popularity: Sequence[str] = ("uniform", "skewed")
     systems: Sequence[str] = ("engine", "naive", "merged", "peft")
     requests: int = 128
-    rate: float = 64.0
+    # Poisson arrival rates (requests/s): a moderate load for latencies, and inf (every request at once) for
+    # throughput at saturation, where a batching engine and the baselines all run as fast as they can.
+    rates: Sequence[float] = (64.0, math.inf)
     max_tokens: int = 32
     seed: int = 0
     max_batch: int = 256

@@ -17,6 +17,7 @@ import torch
 from .._io import atomic_write_text
 from ..evaluation import to_markdown
 from .bench import (
+    BenchRequest,
     BenchSettings,
     Served,
     build_workload,
@@ -82,42 +83,49 @@ def run_grid(base: Path, served: Sequence[Served], settings: BenchSettings, *, d
     """Every (number of deltas, popularity, system) of ``settings``; one row each."""
     rows = []
     limit = settings.memory_limit or _default_memory_limit(device)
-    for n in settings.deltas:
-        names = expand(served, n)
-        for popularity in settings.popularity if n > 1 else ("uniform",):
-            workload = build_workload(names, n_requests=settings.requests, rate=settings.rate,
-                                      popularity=popularity, seed=settings.seed, max_tokens=settings.max_tokens)
-            for system in settings.systems:
-                logger.info("bench serve: %d deltas, %s, %s", n, popularity, system)
-                kw = {"device": device, "dtype": dtype}
-                if system == "engine":
-                    row = run_engine(base, names, workload, config=replace(settings.engine), **kw)
-                elif system == "naive":
-                    row = run_naive(names, workload, pad_id=pad_id, max_batch=settings.max_batch, **kw)
-                elif system == "merged":
-                    row = run_merged(names, workload, pad_id=pad_id, max_batch=settings.max_batch,
-                                     memory_limit=limit, **kw)
-                elif system == "peft":
-                    row = run_peft(base, names, workload, pad_id=pad_id, max_batch=settings.max_batch, **kw)
-                else:
-                    raise ValueError(f"Unknown system {system!r}; choose from engine, naive, merged, peft.")
-                rows.append({"deltas": n, "popularity": popularity, "system": system,
-                             "distinct_repos": len({s.delta for s in names}), **row})
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+    for rate in settings.rates:
+        for n in settings.deltas:
+            names = expand(served, n)
+            for popularity in settings.popularity if n > 1 else ("uniform",):
+                workload = build_workload(names, n_requests=settings.requests, rate=rate, popularity=popularity,
+                                          seed=settings.seed, max_tokens=settings.max_tokens)
+                for system in settings.systems:
+                    logger.info("bench serve: rate %s, %d deltas, %s, %s", rate, n, popularity, system)
+                    row = _run_system(system, base, names, workload, settings, limit, device=device, dtype=dtype,
+                                      pad_id=pad_id)
+                    rows.append({"rate": f"{rate:g}", "deltas": n, "popularity": popularity, "system": system,
+                                 "distinct_repos": len({s.delta for s in names}), **row})
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
     return rows
 
 
+def _run_system(system: str, base: Path, names: Sequence[Served], workload: Sequence[BenchRequest],
+                settings: BenchSettings, limit: int, *, device: torch.device, dtype: torch.dtype,
+                pad_id: int) -> dict[str, Any]:
+    kw = {"device": device, "dtype": dtype}
+    if system == "engine":
+        return run_engine(base, names, workload, config=replace(settings.engine), **kw)
+    if system == "naive":
+        return run_naive(names, workload, pad_id=pad_id, max_batch=settings.max_batch, **kw)
+    if system == "merged":
+        return run_merged(names, workload, pad_id=pad_id, max_batch=settings.max_batch, memory_limit=limit, **kw)
+    if system == "peft":
+        return run_peft(base, names, workload, pad_id=pad_id, max_batch=settings.max_batch, **kw)
+    raise ValueError(f"Unknown system {system!r}; choose from engine, naive, merged, peft.")
+
+
 def ratios(rows: Sequence[dict[str, Any]], base_bytes: int) -> list[dict[str, Any]]:
-    """Engine throughput over each baseline and memory over the base, per (deltas, popularity)."""
+    """Engine throughput over each baseline and memory over the base, per (rate, deltas, popularity)."""
     out = []
-    for key in sorted({(r["deltas"], r["popularity"]) for r in rows}):
-        group = {r["system"]: r for r in rows if (r["deltas"], r["popularity"]) == key and "skipped" not in r}
+    for key in sorted({(r["rate"], r["deltas"], r["popularity"]) for r in rows}):
+        group = {r["system"]: r for r in rows
+                 if (r["rate"], r["deltas"], r["popularity"]) == key and "skipped" not in r}
         eng = group.get("engine")
         if eng is None:
             continue
-        line: dict[str, Any] = {"deltas": key[0], "popularity": key[1]}
+        line: dict[str, Any] = {"rate": key[0], "deltas": key[1], "popularity": key[2]}
         for other in ("naive", "merged", "peft"):
             if other in group:
                 line[f"engine_vs_{other}"] = eng["throughput_tok_s"] / group[other]["throughput_tok_s"]
@@ -129,7 +137,7 @@ def ratios(rows: Sequence[dict[str, Any]], base_bytes: int) -> list[dict[str, An
     return out
 
 
-_COLUMNS = ("deltas", "popularity", "system", "throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms",
+_COLUMNS = ("rate", "deltas", "popularity", "system", "throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms",
             "tpot_p99_ms", "weight_mib", "peak_rss_mib", "loads", "skipped")
 
 
@@ -155,24 +163,26 @@ def write_report(result: dict[str, Any], out: Path, name: str) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Throughput against the number of deltas, one line per system, one panel per popularity."""
+    """Throughput against the number of deltas, one line per system, one panel per (rate, popularity)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pops = sorted({r["popularity"] for r in rows if r["deltas"] > 1}) or ["uniform"]
-    fig, axes = plt.subplots(1, len(pops), figsize=(5 * len(pops), 4), squeeze=False)
-    for ax, pop in zip(axes[0], pops, strict=True):
+    panels = sorted({(r["rate"], r["popularity"]) for r in rows if r["deltas"] > 1}) or sorted(
+        {(r["rate"], r["popularity"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (rate, pop) in zip(axes[0], panels, strict=True):
         for system in dict.fromkeys(r["system"] for r in rows):
             pts = sorted((r["deltas"], r["throughput_tok_s"]) for r in rows if r["system"] == system
-                         and "throughput_tok_s" in r and (r["popularity"] == pop or r["deltas"] == 1))
+                         and r["rate"] == rate and "throughput_tok_s" in r
+                         and (r["popularity"] == pop or r["deltas"] == 1))
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("deltas served")
         ax.set_ylabel("throughput (tokens/s)")
-        ax.set_title(f"{pop} popularity")
+        ax.set_title(f"{pop} popularity, {'all requests at once' if rate == 'inf' else f'{rate} requests/s'}")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

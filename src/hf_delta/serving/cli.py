@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -118,6 +119,10 @@ def _ints(value: str) -> list[int]:
     return [int(v) for v in value.split(",") if v]
 
 
+def _floats(value: str) -> list[float]:
+    return [float(v) for v in value.split(",") if v]
+
+
 def _words(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
@@ -132,7 +137,8 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--popularity", type=_words, default=["uniform", "skewed"], help="uniform and/or skewed")
     parser.add_argument("--systems", type=_words, default=["engine", "naive", "merged", "peft"])
     parser.add_argument("--requests", type=int, default=128, help="requests per workload")
-    parser.add_argument("--rate", type=float, default=64.0, help="Poisson arrival rate (requests/s; inf = all at 0)")
+    parser.add_argument("--rate", type=_floats, default=[64.0, math.inf],
+                        help="Poisson arrival rates, comma-separated (requests/s; inf = all at once)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (EOS ignored)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-batch", type=int, default=None,
@@ -155,7 +161,7 @@ def bench_serve_main(args: argparse.Namespace, *, command: str | None = None) ->
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = BenchSettings(deltas=args.deltas, popularity=args.popularity, systems=args.systems,
-                             requests=args.requests, rate=args.rate, max_tokens=args.max_tokens, seed=args.seed,
+                             requests=args.requests, rates=args.rate, max_tokens=args.max_tokens, seed=args.seed,
                              max_batch=args.max_batch or args.max_running, engine=_engine_config(args))
     print(bench_serve(size=args.size, zoo_dir=args.dir, synthetic=args.synthetic, settings=settings, out=args.out,
                       work_dir=args.work_dir, device=args.device, dtype=args.dtype, load_repeats=args.load_repeats,
