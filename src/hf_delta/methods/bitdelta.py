@@ -101,8 +101,8 @@ class BitDeltaWeight(CompressedWeight):
             and os.environ.get("HF_DELTA_KERNELS") != "triton"
             and not (torch.is_grad_enabled() and any(w.scales.requires_grad for w in weights))
             and all(r is not None for r in rows)
-            and all(w.passes == 1 and w.shape == weights[0].shape and w.scales.shape == weights[0].scales.shape
-                    for w in weights)
+            # Deltas of one layer share its shape; one pass each and one kind of scale let them stack.
+            and all(w.signs.shape[0] == 1 and w.scales.shape == weights[0].scales.shape for w in weights)
         )
         if not batchable:
             super().add_to_rows_many(weights, x, out, rows)
