@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,38 @@ def test_chat_delta_with_grown_vocab_in_a_mixed_batch(micro_zoo, micro_delta):
         model(**enc, delta_names=["llama-arith", "__base__"])
     with pytest.raises(IndexError, match="Tokenize each prompt with the tokenizer of the delta"):
         model(**enc, delta_names=["llama-arith", "llama-arith"])
+
+
+def _greedy_ids(model, enc, n: int = 16) -> list[int]:
+    out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=1)
+    return out[0, enc["input_ids"].shape[1] :].tolist()
+
+
+def test_generate_uses_the_generation_config_a_delta_carries(micro_zoo, micro_delta):
+    model = _model(micro_zoo, micro_delta, LLAMA)
+    assert b'"eos_token_id": 386' in Delta.from_folder(micro_delta("llama-chat")).files["generation_config.json"]
+    tok = AutoTokenizer.from_pretrained(micro_zoo["llama-base"].path)
+    # Find a greedy continuation in which some token first appears mid-way; make it that fine-tune's
+    # end-of-sequence token (as a chat fine-tune carries its end-of-turn token).
+    found = None
+    for name in LLAMA:
+        model.set_delta(name)
+        for example in micro_zoo.task(name).heldout[:3]:
+            enc = _one(tok, example.prompt)
+            free = _greedy_ids(model, enc)
+            fresh = [i for i in range(1, len(free)) if free[i] not in free[:i]]
+            if fresh and found is None:
+                found = name, enc, free, fresh[0]
+    name, enc, free, at = found
+    model.set_delta(name)
+    model.get_delta(name).files["generation_config.json"] = json.dumps({"eos_token_id": free[at]}).encode()
+    assert _greedy_ids(model, enc) == free[: at + 1]
+    with model.disable_delta():  # the base's own config again
+        assert model._generation_config(None) is None
+    others = [n for n in LLAMA if n != name]
+    mixed = model._generation_config([name, others[0], "__base__"])
+    assert sorted(mixed.eos_token_id) == sorted({0, free[at]})
+    assert model._generation_config(others) is None  # they carry none: the base's config applies
 
 
 def test_qwen2_tied_deltas(micro_zoo, micro_delta):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from . import __version__
 from ._loading import load_model
@@ -18,7 +20,7 @@ from .errors import ArchitectureMismatchError, DeltaNotFoundError
 from .extract import vocab_module_names
 from .fingerprint import check_base
 from .layers import BASE_SLOT, DeltaParts, DeltaRouting, _DeltaWrapper, wrapper_for
-from .storage import Delta
+from .storage import GENERATION_CONFIG, Delta
 
 logger = logging.getLogger(__name__)
 
@@ -243,9 +245,38 @@ class DeltaModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, *args: Any, delta_names: Sequence[str | None] | None = None, **kwargs: Any):
-        """``base_model.generate``; with ``delta_names`` each row of the batch uses its own delta."""
+        """``base_model.generate``; with ``delta_names`` each row of the batch uses its own delta.
+
+        A delta's own ``generation_config.json`` (carried in its repo, e.g. a chat fine-tune's end-of-turn
+        token) applies like the fine-tune's would, unless ``generation_config`` is given. In a batch that
+        mixes deltas, their end-of-sequence tokens are pooled: a row may stop at any of them.
+        """
+        if "generation_config" not in kwargs:
+            config = self._generation_config(delta_names)
+            if config is not None:
+                kwargs["generation_config"] = config
         with self.route(delta_names):
             return self.base_model.generate(*args, **kwargs)
+
+    def _generation_config(self, delta_names: Sequence[str | None] | None) -> GenerationConfig | None:
+        if delta_names is None:
+            names = [] if self.routing.disabled or self.active_delta is None else [self.active_delta]
+        else:
+            names = list(dict.fromkeys(n for n in delta_names if n not in (None, BASE_NAME)))
+        carried = [json.loads(self.get_delta(n).files[GENERATION_CONFIG]) for n in names
+                   if GENERATION_CONFIG in self.get_delta(n).files]
+        if not carried:
+            return None
+        config = copy.deepcopy(self.base_model.generation_config)
+        if len(names) == 1:
+            config.update(**carried[0])
+            return config
+        eos: list[int] = []
+        for source in [config.to_dict(), *carried]:
+            ids = source.get("eos_token_id")
+            eos += [i for i in (ids if isinstance(ids, list) else [ids]) if i is not None and i not in eos]
+        config.eos_token_id = eos
+        return config
 
     @property
     def config(self):
