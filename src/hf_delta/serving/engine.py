@@ -391,7 +391,8 @@ class Engine:
         if not sampling:
             return
         width = max(row.shape[-1] for _, row in sampling)  # rows retried alone may differ (grown vocabularies)
-        logits = torch.stack([F.pad(row, (0, width - row.shape[-1]), value=torch.finfo(row.dtype).min)
+        logits = torch.stack([row if row.shape[-1] == width else
+                              F.pad(row, (0, width - row.shape[-1]), value=torch.finfo(row.dtype).min)
                               for _, row in sampling])
         picked = sample_rows(logits, [r.params for r, _ in sampling], [r.state["generator"] for r, _ in sampling])
         now = time.monotonic()

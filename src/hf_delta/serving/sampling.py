@@ -99,6 +99,11 @@ class TextStream:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
+        # A fast tokenizer's own decoder gives the same text without transformers' per-call conversions (this
+        # runs twice per generated token); space clean-up is transformers' only extra step, so keep it there.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            return backend.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token: int) -> str:
