@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     bserve = bench_sub.add_parser("serve", help="serving throughput/latency vs naive swapping, merged, PEFT loop")
     add_bench_serve_arguments(bserve)
     bserve.set_defaults(func=_bench_serve)
+    from .serving.coserve_bench import add_bench_coserve_arguments
+
+    bcoserve = bench_sub.add_parser("coserve", help="LoRA fine-tuning co-served with inference vs alone / turn-taking")
+    add_bench_coserve_arguments(bcoserve)
+    bcoserve.set_defaults(func=_bench_coserve)
 
     demo = sub.add_parser("demo", help="Gradio demo: chat, side-by-side compare, models panel (the main job)")
     _add_demo_arguments(demo)
@@ -150,6 +155,12 @@ def _bench_serve(args: argparse.Namespace) -> int:
     from .serving.cli import bench_serve_main
 
     return bench_serve_main(args, command=args.command_line)
+
+
+def _bench_coserve(args: argparse.Namespace) -> int:
+    from .serving.coserve_bench import bench_coserve_main
+
+    return bench_coserve_main(args, command=args.command_line)
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:

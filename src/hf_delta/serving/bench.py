@@ -166,6 +166,34 @@ def checkpoint_numel(folder: str | Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ engine
+def drive_engine(engine: Engine, workload: Sequence[BenchRequest], *,
+                 after_step: Callable[[], None] | None = None) -> tuple[dict[int, _Done], float]:
+    """Submit each request at its arrival time and step ``engine`` until all are done; returns their timings
+    and the start of the clock (``time.monotonic``)."""
+    params = {n: SamplingParams(max_tokens=n, ignore_eos=True) for n in {r.max_tokens for r in workload}}
+    handles: dict[int, Any] = {}
+    pending = sorted(workload, key=lambda r: r.arrival)
+    i = 0
+    t0 = time.monotonic()
+    while i < len(pending) or not all(h.done for h in handles.values()):
+        now = time.monotonic() - t0
+        while i < len(pending) and pending[i].arrival <= now:
+            r = pending[i]
+            handles[r.index] = engine.submit(r.name, r.prompt_ids, params=params[r.max_tokens])
+            i += 1
+        if engine.step() == 0:
+            idle = not engine.scheduler.has_work()
+            wait = pending[i].arrival - now if idle and i < len(pending) else 0.0005
+            time.sleep(max(0.0, min(wait, 0.01)))
+        if after_step is not None:
+            after_step()
+    done = {}
+    for idx, h in handles.items():
+        res = h.result()
+        done[idx] = _Done(res.timing["first_token"], res.timing["finished"], res.completion_tokens)
+    return done, t0
+
+
 def run_engine(base: str | Path, served: Sequence[Served], workload: Sequence[BenchRequest], *,
                config: EngineConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Drive an ``Engine`` step by step, submitting each request at its arrival time."""
@@ -173,29 +201,16 @@ def run_engine(base: str | Path, served: Sequence[Served], workload: Sequence[Be
     engine.generate([[1, 2, 3]], params=SamplingParams(max_tokens=2))  # warm-up on the base only
     engine.counters.update(steps=0, tokens=0, generated=0)
     _reset_cuda_peak(device)
-    params = {n: SamplingParams(max_tokens=n, ignore_eos=True) for n in {r.max_tokens for r in workload}}
-    handles: dict[int, Any] = {}
-    pending = sorted(workload, key=lambda r: r.arrival)
-    weight_peak, i = 0, 0
+    weight_peak = 0
+
+    def sample_weights() -> None:
+        nonlocal weight_peak
+        if engine.counters["steps"] % 8 == 0:
+            weight_peak = max(weight_peak, engine.residency.weight_bytes()["total"])
+
     with _PeakRSS() as rss:
-        t0 = time.monotonic()
-        while i < len(pending) or not all(h.done for h in handles.values()):
-            now = time.monotonic() - t0
-            while i < len(pending) and pending[i].arrival <= now:
-                r = pending[i]
-                handles[r.index] = engine.submit(r.name, r.prompt_ids, params=params[r.max_tokens])
-                i += 1
-            if engine.step() == 0:
-                idle = not engine.scheduler.has_work()
-                wait = pending[i].arrival - now if idle and i < len(pending) else 0.0005
-                time.sleep(max(0.0, min(wait, 0.01)))
-            if engine.counters["steps"] % 8 == 0:
-                weight_peak = max(weight_peak, engine.residency.weight_bytes()["total"])
+        done, t0 = drive_engine(engine, workload, after_step=sample_weights)
         _sync(device)
-    done = {}
-    for idx, h in handles.items():
-        res = h.result()
-        done[idx] = _Done(res.timing["first_token"], res.timing["finished"], res.completion_tokens)
     row = summarize(workload, done, t0)
     weight_peak = max(weight_peak, engine.residency.weight_bytes()["total"])
     row.update(weight_bytes=weight_peak, peak_rss_bytes=rss.peak, cuda_peak_bytes=_cuda_peak(device),

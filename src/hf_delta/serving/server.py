@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over an ``Engine`` (FastAPI + uvicorn).
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
-with SSE streaming), ``GET /v1/stats``. The ``model`` field of a request picks the delta (or the base).
+with SSE streaming), ``GET /v1/stats``, and the fine-tuning jobs API (``finetune_routes.py``). The ``model``
+field of a request picks the delta (or the base).
 
 Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: unknown model → 404 (the message
 lists the served ones), prompt/context/``max_tokens`` limits and unsupported options → 400, malformed JSON or
@@ -140,6 +141,9 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             return _from_exception(err)
         return await _respond(engine, handles, body, chat=True)
 
+    from .finetune_routes import add_fine_tuning_routes
+
+    add_fine_tuning_routes(app, engine)
     return app
 
 
