@@ -55,32 +55,24 @@ LAYERS = {"attn 4096x4096": (4096, 4096), "up 11008x4096": (11008, 4096), "down 
 DECODE_M = (1, 16, 64)
 PREFILL_M = (512, 4096)
 DELTAS = (1, 4, 16, 32)
-SWEEP_CONFIGS = [
-    BitDeltaKernelConfig(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
-    for bn, bk, w, s in [
-        (256, 128, 8, 3),
-        (256, 128, 8, 4),
-        (256, 64, 8, 3),
-        (128, 128, 4, 3),
-        (128, 256, 4, 3),
-        (128, 128, 8, 4),
-        (64, 128, 4, 3),
-        (64, 256, 4, 4),
-        (32, 256, 4, 3),
-    ]
-]
-DZ_SWEEP_CONFIGS = [
-    DeltaZipKernelConfig(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
-    for bn, bk, w, s in [
-        (128, 128, 4, 3),
-        (128, 256, 8, 3),
-        (64, 128, 4, 3),
-        (64, 256, 4, 4),
-        (32, 128, 4, 3),
-        (32, 256, 4, 4),
-        (256, 64, 8, 3),
-    ]
-]
+
+
+def _decode_configs(cls: type, tiles: list[tuple[int, int, int, int]]) -> list:
+    """Decode-tile candidates (``block_m`` 16) for ``--sweep``, from ``(block_n, block_k, num_warps, num_stages)``."""
+    return [cls(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in tiles]
+
+
+# Tables, one (block_n, block_k, num_warps, num_stages) per entry, laid out by hand.
+# fmt: off
+SWEEP_CONFIGS = _decode_configs(BitDeltaKernelConfig, [
+    (256, 128, 8, 3), (256, 128, 8, 4), (256, 64, 8, 3), (128, 128, 4, 3), (128, 256, 4, 3),
+    (128, 128, 8, 4), (64, 128, 4, 3), (64, 256, 4, 4), (32, 256, 4, 3),
+])
+DZ_SWEEP_CONFIGS = _decode_configs(DeltaZipKernelConfig, [
+    (128, 128, 4, 3), (128, 256, 8, 3), (64, 128, 4, 3), (64, 256, 4, 4), (32, 128, 4, 3), (32, 256, 4, 4),
+    (256, 64, 8, 3),
+])
+# fmt: on
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

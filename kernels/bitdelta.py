@@ -28,24 +28,22 @@ Dispatch (``bitdelta_matmul(..., backend="auto")``): CUDA tensors run the Triton
 PyTorch reference ``bitdelta_matmul_reference``. ``backend="triton"`` forces the kernel, which on CPU
 tensors needs ``TRITON_INTERPRET=1`` (how the tests run it without a GPU); ``backend="torch"`` forces
 the reference. triton is imported only if installed, so CPU-only installs import this module freely.
+
+What every kernel shares (checks of ``x`` / ``out`` / ``slots``, the plan, backend choice, launch helpers)
+lives in ``_common.py``; this module keeps what is specific to the 1-bit format.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import warnings
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-try:  # Triton is optional: CPU-only installs use the reference path and never need it.
-    import triton
-    import triton.language as tl
-except ImportError:  # tested by hiding triton from the import system
-    triton = None
-    tl = None
+from . import _common
+from ._common import Backend, BitDeltaPlan, KernelConfig, plan_bitdelta_batch, tl, triton  # noqa: F401  (triton: None without it; tests read it here)
+from ._common import default_block_m as _default_block_m  # noqa: F401  (the kernel tests read it here)
+from ._common import interpret_enabled as _interpret_enabled  # noqa: F401  (the kernel tests read it here)
+from ._common import sm_count as _sm_count
 
 __all__ = [
     "BitDeltaKernelConfig",
@@ -55,10 +53,7 @@ __all__ = [
     "plan_bitdelta_batch",
 ]
 
-_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SLOT_DTYPES = (torch.int32, torch.int64)
-Backend = Literal["auto", "triton", "torch"]
-
+_OP = "bitdelta_matmul"
 
 # ===================================================================================================
 # Pure-PyTorch reference (CPU path and test oracle)
@@ -87,33 +82,29 @@ def bitdelta_matmul_reference(
         TypeError, ValueError: see :func:`bitdelta_matmul`.
     """
     _check_inputs(x, out, slots, signs, scales)
-    _check_slot_range(slots, signs.shape[0])
+    _common.check_slot_range(slots, signs.shape[0], op=_OP)
     return _reference(x, out, slots, signs, scales)
 
 
 def _reference(
     x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor
 ) -> torch.Tensor:
-    # Imported here so this file also loads on its own, without the hf_delta package (ahead-of-time
+    # Imported here so kernels/ also loads as a bare package, without hf_delta (ahead-of-time
     # compile checks in a bare subprocess); after the first call it is a dictionary lookup.
     from hf_delta.packing import unpack_signs
 
     k = x.shape[1]
-    slots = slots.long()
-    for d in torch.unique(slots).tolist():
-        if d < 0:
-            continue
-        idx = (slots == d).nonzero().squeeze(1)
+    for d, idx in _common.rows_by_delta(slots):
         xs = x.index_select(0, idx).float()
         acc = torch.zeros(idx.numel(), out.shape[1], dtype=torch.float32, device=out.device)
         for p in range(signs.shape[1]):
             acc += (xs @ unpack_signs(signs[d, p], k, torch.float32).T) * scales[d, p].float()
-        out.index_copy_(0, idx, (out.index_select(0, idx).float() + acc).to(out.dtype))
+        _common.add_into_rows(out, idx, acc)
     return out
 
 
 # ===================================================================================================
-# Validation
+# Validation (the batch itself: _common.check_batch_*)
 # ===================================================================================================
 
 
@@ -121,146 +112,26 @@ def _check_inputs(
     x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor
 ) -> None:
     """Shapes, dtypes, devices and layout; no device synchronisation."""
-    for name, t in (("x", x), ("out", out), ("slots", slots), ("signs", signs), ("scales", scales)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"bitdelta_matmul: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
-    if x.dtype not in _ACT_DTYPES:
-        raise TypeError(f"bitdelta_matmul: x must be float16, bfloat16 or float32, got {x.dtype}.")
-    if out.dtype != x.dtype:
-        raise TypeError(f"bitdelta_matmul: out dtype {out.dtype} must equal x dtype {x.dtype}.")
-    if slots.dtype not in _SLOT_DTYPES:
-        raise TypeError(f"bitdelta_matmul: slots must be int32 or int64, got {slots.dtype}.")
+    weights = [("signs", signs), ("scales", scales)]
+    _common.check_batch_dtypes(_OP, x, out, slots, weights)
     if signs.dtype != torch.uint8:
-        raise TypeError(f"bitdelta_matmul: signs must be uint8 packed sign bits, got {signs.dtype}.")
+        raise TypeError(f"{_OP}: signs must be uint8 packed sign bits, got {signs.dtype}.")
     if scales.dtype != torch.float32:
-        raise TypeError(f"bitdelta_matmul: scales must be float32, got {scales.dtype}; use scales.float().")
-    devices = {t.device for t in (x, out, slots, signs, scales)}
-    if len(devices) != 1:
-        raise ValueError(
-            "bitdelta_matmul: all tensors must be on one device, got "
-            f"x={x.device}, out={out.device}, slots={slots.device}, signs={signs.device}, "
-            f"scales={scales.device}."
-        )
-    if x.dim() != 2:
-        raise ValueError(f"bitdelta_matmul: x must be 2-D [M, K] (flatten tokens), got {tuple(x.shape)}.")
-    m, k = x.shape
-    if out.dim() != 2 or out.shape[0] != m:
-        raise ValueError(f"bitdelta_matmul: out must be [M={m}, N], got shape {tuple(out.shape)}.")
-    n = out.shape[1]
-    if slots.shape != (m,):
-        raise ValueError(f"bitdelta_matmul: slots must be [M={m}], got shape {tuple(slots.shape)}.")
+        raise TypeError(f"{_OP}: scales must be float32, got {scales.dtype}; use scales.float().")
+    m, k, n = _common.check_batch_shapes(_OP, x, out, slots, weights)
     kb = (k + 7) // 8
     if signs.dim() != 4 or signs.shape[2] != n or signs.shape[3] != kb:
         raise ValueError(
-            f"bitdelta_matmul: signs must be [D, P, N={n}, ceil(K/8)={kb}] for x [{m}, {k}] and out "
+            f"{_OP}: signs must be [D, P, N={n}, ceil(K/8)={kb}] for x [{m}, {k}] and out "
             f"[{m}, {n}], got shape {tuple(signs.shape)}."
         )
     d, p = signs.shape[:2]
     if scales.dim() != 3 or tuple(scales.shape[:2]) != (d, p) or scales.shape[2] not in (n, 1):
         raise ValueError(
-            f"bitdelta_matmul: scales must be [D={d}, P={p}, N={n}] (per row, any strides) or "
+            f"{_OP}: scales must be [D={d}, P={p}, N={n}] (per row, any strides) or "
             f"[{d}, {p}, 1] (per matrix), got shape {tuple(scales.shape)}."
         )
-    if not x.is_contiguous():
-        raise ValueError("bitdelta_matmul: x must be contiguous; call x.contiguous() first.")
-    if out.stride(1) != 1 and n > 1:
-        raise ValueError(f"bitdelta_matmul: out rows must be contiguous (stride(1) 1), got {out.stride()}.")
-    if signs.stride(3) != 1 and kb > 1:
-        raise ValueError(f"bitdelta_matmul: signs' last dim must be contiguous, got {signs.stride()}.")
-
-
-def _check_slot_range(slots: torch.Tensor, num_deltas: int, *, op: str = "bitdelta_matmul") -> bool:
-    """Raise unless every slot is in ``[-1, num_deltas)``; return whether any row has a delta.
-
-    This is the launcher's only host synchronisation (one small copy for both bounds).
-    """
-    if slots.numel() == 0:
-        return False
-    lo, hi = torch.stack([slots.min(), slots.max()]).tolist()
-    if lo < -1 or hi >= num_deltas:
-        raise ValueError(
-            f"{op}: slots must lie in [-1, {num_deltas}) (-1 = no delta, else an index into the "
-            f"{num_deltas} stacked deltas), got values in [{lo}, {hi}]."
-        )
-    return hi >= 0
-
-
-# ===================================================================================================
-# Batch plan: rows grouped by delta, cut into tiles
-# ===================================================================================================
-
-
-@dataclass(frozen=True)
-class BitDeltaPlan:
-    """Rows of one batch grouped by delta and cut into tiles; build once per forward pass, reuse per layer.
-
-    ``tile_*`` have a fixed length (an upper bound on the number of tiles, so building needs no host
-    sync); unused tiles carry slot ``-1`` and the kernel skips them.
-    """
-
-    rows: torch.Tensor  # int32 [M]: row indices sorted by slot, rows without a delta last
-    tile_slot: torch.Tensor  # int32 [T]: delta of each tile, -1 = unused
-    tile_start: torch.Tensor  # int32 [T]: first position in `rows`
-    tile_end: torch.Tensor  # int32 [T]: one past the last position
-    block_m: int
-    num_rows: int
-    num_deltas: int
-    any_rows: bool  # False when every slot is -1: nothing to launch
-
-
-def plan_bitdelta_batch(slots: torch.Tensor, num_deltas: int, *, block_m: int | None = None) -> BitDeltaPlan:
-    """Group the rows of a batch by delta for :func:`bitdelta_matmul`.
-
-    Args:
-        slots: int32/int64 ``[M]``: delta index per row, ``-1`` for none.
-        num_deltas: ``D``, the number of stacked deltas the slots index into.
-        block_m: Rows per tile; default picks from ``M`` (16 for decode-sized batches).
-
-    Returns:
-        A :class:`BitDeltaPlan` on ``slots``' device.
-
-    Raises:
-        TypeError: ``slots`` is not an int32/int64 tensor.
-        ValueError: ``slots`` is not 1-D or holds a value outside ``[-1, num_deltas)``.
-    """
-    if not isinstance(slots, torch.Tensor) or slots.dtype not in _SLOT_DTYPES:
-        raise TypeError(f"plan_bitdelta_batch: slots must be an int32/int64 tensor, got {slots!r:.80}.")
-    if slots.dim() != 1:
-        raise ValueError(f"plan_bitdelta_batch: slots must be 1-D [M], got shape {tuple(slots.shape)}.")
-    m = slots.shape[0]
-    any_rows = _check_slot_range(slots, num_deltas)
-    block_m = block_m or _default_block_m(m)
-    dev = slots.device
-    key = torch.where(slots < 0, num_deltas, slots.long())  # no-delta rows sort after every delta
-    rows = torch.sort(key, stable=True).indices.to(torch.int32)
-    counts = torch.zeros(num_deltas + 1, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    counts = counts[:num_deltas]
-    seg_start = torch.cumsum(counts, 0) - counts
-    tiles = (counts + block_m - 1) // block_m
-    tiles_cum = torch.cumsum(tiles, 0)
-    # Each non-empty segment wastes at most one partial tile, so this bounds the tile count without a sync.
-    t_max = max(1, -(-m // block_m) + min(num_deltas, m))
-    t = torch.arange(t_max, device=dev)
-    owner = torch.searchsorted(tiles_cum, t, right=True)  # first delta whose tiles end after t
-    used = owner < num_deltas
-    d = owner.clamp(max=max(num_deltas - 1, 0))
-    if num_deltas == 0:
-        start = end = torch.zeros_like(t)
-    else:
-        start = seg_start[d] + (t - (tiles_cum[d] - tiles[d])) * block_m
-        end = torch.minimum(start + block_m, seg_start[d] + counts[d])
-    zero = torch.zeros_like(t)
-    return BitDeltaPlan(
-        rows=rows,
-        tile_slot=torch.where(used, d, -1).to(torch.int32),
-        tile_start=torch.where(used, start, zero).to(torch.int32),
-        tile_end=torch.where(used, end, zero).to(torch.int32),
-        block_m=block_m,
-        num_rows=m,
-        num_deltas=num_deltas,
-        any_rows=any_rows,
-    )
+    _common.check_batch_strides(_OP, x, out, [("signs", signs)])
 
 
 # ===================================================================================================
@@ -269,34 +140,13 @@ def plan_bitdelta_batch(slots: torch.Tensor, num_deltas: int, *, block_m: int | 
 
 
 @dataclass(frozen=True)
-class BitDeltaKernelConfig:
+class BitDeltaKernelConfig(KernelConfig):
     """Tile sizes of the Triton kernel (all powers of two; ``tl.dot`` needs each >= 16 on GPUs).
 
     ``block_m`` rows of one delta × ``block_n`` outputs per program, ``block_k`` inputs per loop step.
     """
 
-    block_m: int = 16
     block_n: int = 128
-    block_k: int = 128
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"BitDeltaKernelConfig.{name} must be a power of two >= 16, got {v}.")
-
-
-def _default_block_m(m: int) -> int:
-    # Decode: few rows per delta, and 16 is tl.dot's minimum. Prefill: taller tiles re-read the bits less
-    # and keep the tensor cores busy, but too tall wastes them when many deltas split the batch.
-    return 16 if m <= 64 else 64 if m <= 1024 else 128
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _default_config(
@@ -313,12 +163,8 @@ def _default_config(
         return BitDeltaKernelConfig(block_m=block_m, block_n=64 if block_m == 16 else 32, block_k=32)
     if block_m > 16:  # prefill: tensor-core bound, one unpack serves block_m rows
         return BitDeltaKernelConfig(block_m=block_m, block_n=256, block_k=64, num_warps=8, num_stages=3)
-    # Decode: bound by streaming and unpacking bits. Wide N tiles amortise the activation tile, but the grid
-    # must still cover the SMs about twice, which matters when few deltas are in the batch.
-    want = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    block_n = 256
-    while block_n > 32 and num_tiles * -(-n // block_n) < want:
-        block_n //= 2
+    # Decode: bound by streaming and unpacking bits; N tiles as wide as still fill the SMs.
+    block_n = _common.fill_block_n(n, num_tiles, _sm_count(_common.device_index(device)), widest=256)
     return BitDeltaKernelConfig(
         block_m=16, block_n=block_n, block_k=128, num_warps=8 if block_n >= 256 else 4, num_stages=3
     )
@@ -326,10 +172,6 @@ def _default_config(
 
 # Bit pattern of -1.0 in each activation dtype (the kernel sets the sign bit of +1 where a sign bit is clear).
 _NEG_ONE_BITS = {torch.float16: 0xBC00, torch.bfloat16: 0xBF80, torch.float32: 0xBF800000}
-
-
-def _interpret_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 # ===================================================================================================
@@ -475,12 +317,7 @@ def _bitdelta_kernel(
     tl.store(o_ptrs, (prev.to(tl.float32) + total).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-@functools.cache
-def _jitted(interpret: bool):
-    # Decorated on first use, not at import: triton.jit picks interpreter vs. compiler from TRITON_INTERPRET
-    # at decoration time, and tests set that variable after this module may already have been imported.
-    del interpret  # only the cache key; triton.jit reads the environment itself
-    return triton.jit(_bitdelta_kernel)
+_jitted = _common.jit_on_first_use(_bitdelta_kernel)
 
 
 def _sign_units(signs: torch.Tensor, block_k: int) -> tuple[torch.Tensor, int]:
@@ -504,16 +341,12 @@ def _launch_triton(
     k = x.shape[1]
     n = out.shape[1]
     units, unit_bits = _sign_units(signs, config.block_k)
-    paired = x.dtype != torch.float32
-    neg_one = _NEG_ONE_BITS[x.dtype]
-    grid = (plan.tile_slot.numel(), triton.cdiv(n, config.block_n))
-    _jitted(interpret)[grid](
+    _common.launch_over_tiles(
+        _jitted(interpret),
+        plan,
+        config,
         x,
         out,
-        plan.rows,
-        plan.tile_slot,
-        plan.tile_start,
-        plan.tile_end,
         units,
         scales,
         n,
@@ -534,13 +367,9 @@ def _launch_triton(
         UNIT_BITS=unit_bits,
         EVEN_N=n % config.block_n == 0,
         EVEN_K=k % config.block_k == 0,
-        PAIRED=paired,
-        NEG_ONE=neg_one,
-        DOT_FP32=interpret and x.dtype == torch.bfloat16,
-        # fp32 activations must not be rounded to TF32 (1e-3 error); the setting only affects fp32 operands.
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        PAIRED=x.dtype != torch.float32,
+        NEG_ONE=_NEG_ONE_BITS[x.dtype],
+        **_common.dot_constexprs(x.dtype, interpret),
     )
 
 
@@ -598,67 +427,23 @@ def bitdelta_matmul(
         >>> bitdelta_matmul(x, out, torch.tensor([1, -1, 0]), signs, scales).shape
         torch.Size([3, 4])
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"bitdelta_matmul: backend must be 'auto', 'triton' or 'torch', got {backend!r}.")
+    _common.check_backend_name(backend, op=_OP)
     _check_inputs(x, out, slots, signs, scales)
     num_deltas = signs.shape[0]
     if scales.shape[2] != out.shape[1]:
         scales = scales.expand(-1, -1, out.shape[1])  # per-matrix scale: stride 0, no copy
-    if plan is not None and (plan.num_rows != x.shape[0] or plan.num_deltas != num_deltas):
-        raise ValueError(
-            f"bitdelta_matmul: plan was built for M={plan.num_rows}, D={plan.num_deltas}, but the call has "
-            f"M={x.shape[0]}, D={num_deltas}; build it from these slots with plan_bitdelta_batch."
-        )
+    _common.check_plan_matches(plan, x.shape[0], num_deltas, op=_OP)
 
-    use_triton, interpret = _choose_backend(backend, x.device)
+    use_triton, interpret = _common.choose_backend(backend, x.device, op=_OP, stacklevel=3)
     if not use_triton:
-        if plan is None:
-            _check_slot_range(slots, num_deltas)
-        elif not plan.any_rows:
-            return out
-        return _reference(x, out, slots, signs, scales)
+        has_rows = _common.reference_has_rows(slots, num_deltas, plan, op=_OP)
+        return _reference(x, out, slots, signs, scales) if has_rows else out
 
-    m = x.shape[0]
-    if m == 0 or out.shape[1] == 0 or num_deltas == 0:
-        _check_slot_range(slots, num_deltas)
-        return out
-    if plan is None:
-        block_m = config.block_m if config is not None else _default_block_m(m)
-        plan = plan_bitdelta_batch(slots, num_deltas, block_m=block_m)
-    elif plan.rows.device != x.device:
-        raise ValueError(f"bitdelta_matmul: plan is on {plan.rows.device}, tensors on {x.device}.")
-    if plan.any_rows:
+    empty = x.shape[0] == 0 or out.shape[1] == 0 or num_deltas == 0
+    block_m = config.block_m if config is not None else None
+    plan = _common.launch_plan(slots, num_deltas, plan, block_m, device=x.device, empty=empty, op=_OP)
+    if plan is not None:
         tiles = plan.tile_slot.numel()
         config = config or _default_config(plan.block_m, out.shape[1], tiles, x.dtype, x.device, interpret)
         _launch_triton(x, out, signs, scales, plan, config, interpret)
     return out
-
-
-def _choose_backend(backend: Backend, device: torch.device, *, op: str = "bitdelta_matmul",
-                    stacklevel: int = 3) -> tuple[bool, bool]:
-    """``(use_triton, interpreter_mode)`` for a call of ``op`` on ``device`` (shared by every kernel)."""
-    if backend == "torch":
-        return False, False
-    interpret = _interpret_enabled()
-    if backend == "auto":
-        if device.type != "cuda":
-            return False, False
-        if triton is None:
-            warnings.warn(
-                f"{op}: triton is not installed, using the slow PyTorch reference on CUDA; "
-                "`pip install hf_delta[kernels]` for the fused kernel.",
-                stacklevel=stacklevel,
-            )
-            return False, False
-        return True, interpret
-    # backend == "triton"
-    if triton is None:
-        raise ImportError(f"{op}(backend='triton') needs triton: `pip install hf_delta[kernels]`.")
-    if device.type == "cuda":
-        return True, interpret
-    if device.type == "cpu" and interpret:
-        return True, True
-    raise ValueError(
-        f"{op}(backend='triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; "
-        f"got tensors on {device}. Use backend='auto' or 'torch' here."
-    )

@@ -42,47 +42,41 @@ in fp32 and use an exact fp32 dot instead, slower but still one rounding.
 Dispatch (``backend="auto"``): CUDA tensors run the Triton kernel, CPU tensors the PyTorch reference
 ``deltazip_matmul_reference``. ``backend="triton"`` forces the kernel (CPU tensors need
 ``TRITON_INTERPRET=1``, how the tests run it without a GPU); ``backend="torch"`` forces the reference.
+The shared pieces (checks of ``x`` / ``out`` / ``slots``, the plan, backend choice, launch helpers) live in
+``_common.py``; this module keeps what is specific to the DeltaZip formats.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import NamedTuple
 
 import torch
 
-from .bitdelta import (
-    BitDeltaPlan,
-    _check_slot_range,
-    _default_block_m,
-    _interpret_enabled,  # noqa: F401  (the kernel tests read it from this module)
-    _sm_count,
-    plan_bitdelta_batch,
-)
-from .bitdelta import _choose_backend as _choose_triton_backend
+from . import _common
+from ._common import Backend, BitDeltaPlan, KernelConfig, tl, triton  # noqa: F401  (triton: None without it; tests read it here)
+from ._common import interpret_enabled as _interpret_enabled  # noqa: F401  (the kernel tests read it here)
+from ._common import sm_count as _sm_count
 
-try:  # Triton is optional: CPU-only installs use the reference path and never need it.
-    import triton
-    import triton.language as tl
-except ImportError:  # tested by hiding triton from the import system
-    triton = None
-    tl = None
+__all__ = ["DeltaZipKernelConfig", "deltazip_kernel_supports", "deltazip_matmul", "deltazip_matmul_reference"]
 
-__all__ = [
-    "DeltaZipKernelConfig",
-    "deltazip_kernel_supports",
-    "deltazip_matmul",
-    "deltazip_matmul_reference",
-]
-
-_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_OP = "deltazip_matmul"
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SLOT_DTYPES = (torch.int32, torch.int64)
 _BITS = (2, 3, 4, 8)
 _KERNEL_BITS = (2, 4, 8)
 _LAYOUTS = ("dense", "2:4")
-Backend = Literal["auto", "triton", "torch"]
+
+
+class _Deltas(NamedTuple):
+    """The stacked deltas of one call and their format: the arguments of the public ops after ``slots``."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    positions: torch.Tensor | None
+    bits: int
+    layout: str
+    group_size: int | None
 
 
 def deltazip_kernel_supports(bits: int, layout: str) -> bool:
@@ -123,9 +117,10 @@ def deltazip_matmul_reference(
     Raises:
         TypeError, ValueError: see :func:`deltazip_matmul`.
     """
-    _check_inputs(x, out, slots, qweight, scales, bits, layout, group_size, positions)
-    _check_slot_range(slots, qweight.shape[0], op="deltazip_matmul")
-    return _reference(x, out, slots, qweight, scales, bits, layout, group_size, positions)
+    deltas = _Deltas(qweight, scales, positions, bits, layout, group_size)
+    _check_inputs(x, out, slots, deltas)
+    _common.check_slot_range(slots, qweight.shape[0], op=_OP)
+    return _reference(x, out, slots, deltas)
 
 
 def _dequantize(
@@ -138,7 +133,7 @@ def _dequantize(
     group_size: int | None,
 ) -> torch.Tensor:
     """One delta ``[N, K]`` in fp32 (the same maths as ``DeltaZipWeight.to_dense``)."""
-    # Imported here so this file also loads on its own, without the hf_delta package (ahead-of-time
+    # Imported here so kernels/ also loads as a bare package, without hf_delta (ahead-of-time
     # compile checks in a bare subprocess); after the first call it is a dictionary lookup.
     from hf_delta.packing import unpack_2of4_u8, unpack_lowbit_u8
 
@@ -156,27 +151,13 @@ def _dequantize(
     return q.float() * s
 
 
-def _reference(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    slots: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    bits: int,
-    layout: str,
-    group_size: int | None,
-    positions: torch.Tensor | None,
-) -> torch.Tensor:
+def _reference(x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, deltas: _Deltas) -> torch.Tensor:
+    qweight, scales, positions, bits, layout, group_size = deltas
     k = x.shape[1]
-    slots = slots.long()
-    for d in torch.unique(slots).tolist():
-        if d < 0:
-            continue
-        idx = (slots == d).nonzero().squeeze(1)
+    for d, idx in _common.rows_by_delta(slots):
         pos = positions[d] if positions is not None else None
         delta = _dequantize(qweight[d], scales[d], pos, k, bits, layout, group_size)
-        acc = x.index_select(0, idx).float() @ delta.T
-        out.index_copy_(0, idx, (out.index_select(0, idx).float() + acc).to(out.dtype))
+        _common.add_into_rows(out, idx, x.index_select(0, idx).float() @ delta.T)
     return out
 
 
@@ -185,19 +166,10 @@ def _reference(
 # ===================================================================================================
 
 
-def _check_inputs(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    slots: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    bits: int,
-    layout: str,
-    group_size: int | None,
-    positions: torch.Tensor | None,
-) -> None:
+def _check_inputs(x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, deltas: _Deltas) -> None:
     """Shapes, dtypes, devices, layout options; no device synchronisation."""
-    fn = "deltazip_matmul"
+    qweight, scales, positions, bits, layout, group_size = deltas
+    fn = _OP
     if bits not in _BITS:
         raise ValueError(f"{fn}: bits must be one of {_BITS}, got {bits!r}.")
     if layout not in _LAYOUTS:
@@ -205,38 +177,19 @@ def _check_inputs(
         raise ValueError(f"{fn}: layout must be 'dense' or '2:4', got {layout!r}{hint}.")
     if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1):
         raise ValueError(f"{fn}: group_size must be a positive int or None (per channel), got {group_size!r}.")
-    named = [("x", x), ("out", out), ("slots", slots), ("qweight", qweight), ("scales", scales)]
+    weights = [("qweight", qweight), ("scales", scales)]
     if layout == "2:4":
-        named.append(("positions", positions))
+        weights.append(("positions", positions))
     elif positions is not None:
         raise ValueError(f"{fn}: positions are only for layout='2:4'; pass positions=None for 'dense'.")
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
-    if x.dtype not in _ACT_DTYPES:
-        raise TypeError(f"{fn}: x must be float16, bfloat16 or float32, got {x.dtype}.")
-    if out.dtype != x.dtype:
-        raise TypeError(f"{fn}: out dtype {out.dtype} must equal x dtype {x.dtype}.")
-    if slots.dtype not in _SLOT_DTYPES:
-        raise TypeError(f"{fn}: slots must be int32 or int64, got {slots.dtype}.")
+    _common.check_batch_dtypes(fn, x, out, slots, weights)
     if qweight.dtype != torch.uint8:
         raise TypeError(f"{fn}: qweight must be uint8 packed ints, got {qweight.dtype}.")
     if scales.dtype not in _SCALE_DTYPES:
         raise TypeError(f"{fn}: scales must be float16, bfloat16 or float32, got {scales.dtype}.")
     if positions is not None and positions.dtype != torch.uint8:
         raise TypeError(f"{fn}: positions must be uint8 2:4 metadata, got {positions.dtype}.")
-    devices = {t.device for _, t in named}
-    if len(devices) != 1:
-        where = ", ".join(f"{name}={t.device}" for name, t in named)
-        raise ValueError(f"{fn}: all tensors must be on one device, got {where}.")
-    if x.dim() != 2:
-        raise ValueError(f"{fn}: x must be 2-D [M, K] (flatten tokens), got {tuple(x.shape)}.")
-    m, k = x.shape
-    if out.dim() != 2 or out.shape[0] != m:
-        raise ValueError(f"{fn}: out must be [M={m}, N], got shape {tuple(out.shape)}.")
-    n = out.shape[1]
-    if slots.shape != (m,):
-        raise ValueError(f"{fn}: slots must be [M={m}], got shape {tuple(slots.shape)}.")
+    _, k, n = _common.check_batch_shapes(fn, x, out, slots, weights)
     if layout == "2:4" and k % 4:
         raise ValueError(f"{fn}: layout '2:4' needs K divisible by 4, got K={k}.")
     values = k if layout == "dense" else k // 2
@@ -257,13 +210,7 @@ def _check_inputs(
         raise ValueError(
             f"{fn}: scales must be {want} with D={d}, N={n}, group_size={group_size}, got shape {tuple(scales.shape)}."
         )
-    if not x.is_contiguous():
-        raise ValueError(f"{fn}: x must be contiguous; call x.contiguous() first.")
-    if out.stride(1) != 1 and n > 1:
-        raise ValueError(f"{fn}: out rows must be contiguous (stride(1) 1), got {out.stride()}.")
-    for name, t in (("qweight", qweight), ("positions", positions)):
-        if t is not None and t.stride(2) != 1 and t.shape[2] > 1:
-            raise ValueError(f"{fn}: {name}' last dim must be contiguous, got strides {t.stride()}.")
+    _common.check_batch_strides(fn, x, out, [("qweight", qweight), ("positions", positions)])
 
 
 # ===================================================================================================
@@ -272,24 +219,14 @@ def _check_inputs(
 
 
 @dataclass(frozen=True)
-class DeltaZipKernelConfig:
+class DeltaZipKernelConfig(KernelConfig):
     """Tile sizes of the Triton kernel (powers of two; ``tl.dot`` needs each >= 16 on GPUs).
 
     ``block_m`` rows of one delta × ``block_n`` outputs per program, ``block_k`` inputs per loop step. With
     group scales, a ``block_k`` that divides ``group_size`` scales per step; any other scales per element.
     """
 
-    block_m: int = 16
     block_n: int = 64
-    block_k: int = 128
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"DeltaZipKernelConfig.{name} must be a power of two >= 16, got {v}.")
 
 
 def _default_config(
@@ -318,12 +255,9 @@ def _default_config(
     if block_m > 16:  # prefill: tensor-core bound, one decode of the packed bytes serves block_m rows
         return DeltaZipKernelConfig(block_m=block_m, block_n=128, block_k=min(64, group_cap), num_warps=8, num_stages=3)
     # Decode: bound by streaming and decoding the packed bytes. A 2:4 step reads half the values, so it can
-    # cover more K per step for the same bytes. Narrow N tiles when few deltas must still fill the SMs.
+    # cover more K per step for the same bytes; N tiles as wide as still fill the SMs.
     block_k = min(256 if layout == "2:4" else 128, group_cap)
-    want = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    block_n = 128
-    while block_n > 32 and num_tiles * -(-n // block_n) < want:
-        block_n //= 2
+    block_n = _common.fill_block_n(n, num_tiles, _sm_count(_common.device_index(device)), widest=128)
     return DeltaZipKernelConfig(block_m=16, block_n=block_n, block_k=block_k, num_warps=4, num_stages=3)
 
 
@@ -492,12 +426,7 @@ def _deltazip_kernel(
     tl.store(o_ptrs, (prev.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-@functools.cache
-def _jitted(interpret: bool):
-    # Decorated on first use, not at import: triton.jit picks interpreter vs. compiler from TRITON_INTERPRET
-    # at decoration time, and tests set that variable after this module may already have been imported.
-    del interpret  # only the cache key; triton.jit reads the environment itself
-    return triton.jit(_deltazip_kernel)
+_jitted = _common.jit_on_first_use(_deltazip_kernel)
 
 
 def _kernel_constexprs(
@@ -528,11 +457,7 @@ def _kernel_constexprs(
         "DECODE": decode,
         "MAGIC_BITS": magic_bits,
         "MAGIC_BIAS": magic_value + (1 << (bits - 1)),
-        # Interpreter + bf16 only (its bf16 dot is wrong): bf16 -> fp32 is exact, so products and fp32
-        # accumulation match the GPU's bf16 tensor-core dot.
-        "DOT_FP32": interpret and dtype == torch.bfloat16,
-        # fp32 operands must not be rounded to TF32 (1e-3 error); the setting only affects fp32 operands.
-        "DOT_PRECISION": "ieee" if dtype == torch.float32 or scale_mode == 2 else "tf32",
+        **_common.dot_constexprs(dtype, interpret, exact=scale_mode == 2),
     }
 
 
@@ -545,16 +470,12 @@ def _scale_mode(scales: torch.Tensor, group_size: int | None, block_k: int) -> i
 def _launch_triton(
     x: torch.Tensor,
     out: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    positions: torch.Tensor | None,
-    bits: int,
-    layout: str,
-    group_size: int | None,
+    deltas: _Deltas,
     plan: BitDeltaPlan,
     config: DeltaZipKernelConfig,
     interpret: bool,
 ) -> None:
+    qweight, scales, positions, bits, layout, group_size = deltas
     k = x.shape[1]
     n = out.shape[1]
     scale_mode = _scale_mode(scales, group_size, config.block_k)
@@ -571,14 +492,12 @@ def _launch_triton(
         k % config.block_k == 0,
         interpret,
     )
-    grid = (plan.tile_slot.numel(), triton.cdiv(n, config.block_n))
-    _jitted(interpret)[grid](
+    _common.launch_over_tiles(
+        _jitted(interpret),
+        plan,
+        config,
         x,
         out,
-        plan.rows,
-        plan.tile_slot,
-        plan.tile_start,
-        plan.tile_end,
         qweight,
         pos,
         scales,
@@ -596,8 +515,6 @@ def _launch_triton(
         scales.stride(1),
         scales.stride(2),
         **constexprs,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
     )
 
 
@@ -667,47 +584,29 @@ def deltazip_matmul(
         >>> deltazip_matmul(x, out, torch.tensor([1, -1, 0]), qweight, scales, bits=4, layout="dense").shape
         torch.Size([3, 4])
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"deltazip_matmul: backend must be 'auto', 'triton' or 'torch', got {backend!r}.")
-    _check_inputs(x, out, slots, qweight, scales, bits, layout, group_size, positions)
+    _common.check_backend_name(backend, op=_OP)
+    deltas = _Deltas(qweight, scales, positions, bits, layout, group_size)
+    _check_inputs(x, out, slots, deltas)
     num_deltas = qweight.shape[0]
-    if plan is not None and (plan.num_rows != x.shape[0] or plan.num_deltas != num_deltas):
-        raise ValueError(
-            f"deltazip_matmul: plan was built for M={plan.num_rows}, D={plan.num_deltas}, but the call has "
-            f"M={x.shape[0]}, D={num_deltas}; build it from these slots with plan_bitdelta_batch."
-        )
-    args = (x, out, slots, qweight, scales, bits, layout, group_size, positions)
+    _common.check_plan_matches(plan, x.shape[0], num_deltas, op=_OP)
 
     use_triton, interpret = _choose_backend(backend, x.device, bits)
     if not use_triton:
-        if plan is None:
-            _check_slot_range(slots, num_deltas, op="deltazip_matmul")
-        elif not plan.any_rows:
-            return out
-        return _reference(*args)
+        has_rows = _common.reference_has_rows(slots, num_deltas, plan, op=_OP)
+        return _reference(x, out, slots, deltas) if has_rows else out
 
     m, n = x.shape[0], out.shape[1]
-    if m == 0 or n == 0 or num_deltas == 0 or x.shape[1] == 0:
-        _check_slot_range(slots, num_deltas, op="deltazip_matmul")
-        return out
-    if plan is None:
-        block_m = config.block_m if config is not None else _default_block_m(m)
-        try:
-            plan = plan_bitdelta_batch(slots, num_deltas, block_m=block_m)
-        except ValueError as err:  # the shared plan words its slot-range error for the 1-bit kernel
-            raise ValueError(str(err).replace("bitdelta_matmul:", "deltazip_matmul:")) from None
-    elif plan.rows.device != x.device:
-        raise ValueError(f"deltazip_matmul: plan is on {plan.rows.device}, tensors on {x.device}.")
-    if plan.any_rows:
+    empty = m == 0 or n == 0 or num_deltas == 0 or x.shape[1] == 0
+    block_m = config.block_m if config is not None else None
+    plan = _common.launch_plan(slots, num_deltas, plan, block_m, device=x.device, empty=empty, op=_OP)
+    if plan is not None:
         if config is None:
             group = group_size if scales.shape[2] > 1 else None
             tiles = plan.tile_slot.numel()
             config = _default_config(plan.block_m, n, tiles, x.dtype, layout, group, x.device, interpret)
         if config.block_m != plan.block_m:
-            config = DeltaZipKernelConfig(
-                plan.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages
-            )
-        _launch_triton(x, out, qweight, scales, positions, bits, layout, group_size, plan, config, interpret)
+            config = dataclasses.replace(config, block_m=plan.block_m)
+        _launch_triton(x, out, deltas, plan, config, interpret)
     return out
 
 
@@ -716,8 +615,8 @@ def _choose_backend(backend: Backend, device: torch.device, bits: int) -> tuple[
     if bits not in _KERNEL_BITS:
         if backend == "triton":
             raise ValueError(
-                f"deltazip_matmul(backend='triton') supports bits {_KERNEL_BITS}, got {bits}; 3-bit deltas run on "
+                f"{_OP}(backend='triton') supports bits {_KERNEL_BITS}, got {bits}; 3-bit deltas run on "
                 "the reference: use backend='auto' or 'torch'."
             )
         return False, False
-    return _choose_triton_backend(backend, device, op="deltazip_matmul", stacklevel=4)
+    return _common.choose_backend(backend, device, op=_OP, stacklevel=4)

@@ -8,15 +8,10 @@ the kernel is checked against the format, not against a second copy of the kerne
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import hf_delta.kernels.deltazip as dzk
+import kernel_helpers as kh
 import pytest
 import torch
 from hf_delta.kernels import (
@@ -26,45 +21,14 @@ from hf_delta.kernels import (
     deltazip_matmul_reference,
     plan_bitdelta_batch,
 )
+from kernel_helpers import DTYPES, SLOT_MODES, TOLERANCES, TRITON_DEVICES, given, settings, st
 
 from hf_delta.methods.deltazip import DeltaZipWeight
 from hf_delta.packing import pack_1bit_u8, pack_2of4_u8, pack_lowbit_u8
 
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # a bare GPU box may lack the dev extras: the deterministic tests must still run there
-    given = None
-
-# dtype -> max relative error (max-abs error / max-abs of the oracle) vs. fp64 and vs. the reference.
-# fp16/bf16 outputs are rounded once; a different fp32 summation order may flip that rounding by one ulp,
-# and the interpreter's fp32 -> bf16 cast truncates where GPUs round to nearest (up to 2**-7 relative).
-TOLERANCES = {
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (1e-2, 1e-2),
-}
-DTYPES = list(TOLERANCES)
-SLOT_MODES = ("random", "one_delta", "no_delta", "gaps")
-
-
-def _triton_devices() -> list[str]:
-    """Devices on which the Triton path can run in this process."""
-    if dzk.triton is None:
-        return []
-    if dzk._interpret_enabled():
-        return ["cpu"]
-    return ["cuda"] if torch.cuda.is_available() else []
-
-
-TRITON_DEVICES = _triton_devices()
-# Interpreter cost grows with tile area, so tiles stay small. With group scales, a block_k dividing the group
+# Small tiles (interpreter cost grows with tile area). With group scales, a block_k dividing the group
 # size scales once per step (mode 1); any other block_k scales per element (mode 2): hypothesis draws both.
-SMALL_CONFIGS = [
-    DeltaZipKernelConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1),
-    DeltaZipKernelConfig(block_m=16, block_n=16, block_k=32, num_warps=1, num_stages=1),
-    DeltaZipKernelConfig(block_m=16, block_n=32, block_k=64, num_warps=2, num_stages=2),
-]
+SMALL_CONFIGS = [DeltaZipKernelConfig(**tiles) for tiles in kh.SMALL_TILES]
 
 
 # ===================================================================================================
@@ -73,10 +37,7 @@ SMALL_CONFIGS = [
 
 
 @dataclass
-class Case:
-    x: torch.Tensor
-    out: torch.Tensor
-    slots: torch.Tensor
+class Case(kh.Batch):
     weights: list[DeltaZipWeight]  # the D deltas, as the library stores them (CPU)
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -131,16 +92,7 @@ def make_case(
     weights = [make_weight(n, k, bits=bits, layout=layout, group_size=group_size, g=g) for _ in range(d)]
     x = torch.randn(m, k, generator=g).to(dtype)
     out = (0.5 * torch.randn(m, n, generator=g)).to(dtype)
-    if slot_mode == "random":
-        slots = torch.randint(-1, d, (m,), generator=g)
-    elif slot_mode == "one_delta":
-        slots = torch.full((m,), d - 1)
-    elif slot_mode == "no_delta":
-        slots = torch.full((m,), -1)
-    elif slot_mode == "gaps":  # deltas 0 .. d-2 get no rows: empty segments between used ones
-        slots = torch.where(torch.rand(m, generator=g) < 0.3, -1, d - 1)
-    else:
-        raise AssertionError(slot_mode)
+    slots = kh.make_slots(slot_mode, m, d, g)
     qweight = torch.stack([w.qweight for w in weights])
     scales = torch.stack([w.scales for w in weights])
     positions = torch.stack([w.mask for w in weights]) if layout == "2:4" else None
@@ -170,26 +122,11 @@ def dense_fp64(case: Case) -> torch.Tensor:
     return expected
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    if got.numel() == 0:
-        return 0.0
-    got, want = got.cpu().double(), want.cpu().double()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-
-
 MAX_SEEN: dict[torch.dtype, float] = {}  # largest relative error vs fp64 per dtype (printed with -s)
 
 
 def check(case: Case, got: torch.Tensor, *, reference: torch.Tensor | None = None) -> None:
-    tol_fp64, tol_ref = TOLERANCES[case.x.dtype]
-    assert got.dtype == case.out.dtype and got.shape == case.out.shape
-    err = rel_err(got, dense_fp64(case))
-    MAX_SEEN[case.x.dtype] = max(MAX_SEEN.get(case.x.dtype, 0.0), err)
-    assert err <= tol_fp64, f"relative error vs fp64 {err:.2e}"
-    if reference is not None:
-        assert rel_err(got, reference) <= tol_ref
-    untouched = case.slots < 0  # base-model rows must come back bit for bit
-    assert torch.equal(got[untouched], case.out[untouched])
+    kh.check_result(got, case.out, case.slots, dense_fp64(case), reference=reference, max_seen=MAX_SEEN)
 
 
 def run_triton(case: Case, config: DeltaZipKernelConfig | None = None, **kw) -> torch.Tensor:
@@ -322,25 +259,13 @@ def test_three_bit_runs_on_the_reference_only():
 
 def test_imports_and_runs_without_triton(monkeypatch):
     # CPU-only installs have no triton: the package must import and the reference path must work.
-    monkeypatch.setitem(sys.modules, "triton", None)
-    monkeypatch.setitem(sys.modules, "triton.language", None)
-    folder = Path(dzk.__file__).parent
-    name = "_kernels_without_triton"
-    init = folder / "__init__.py"
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(folder)])
-    package = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, package)
-    try:
-        spec.loader.exec_module(package)  # imports the submodules under this package name too
-        module = sys.modules[f"{name}.deltazip"]
+    with kh.kernels_without_triton(monkeypatch, "_kernels_without_triton") as package:
+        module = package.deltazip
         assert module.triton is None
         case = make_case(m=4, k=10, n=3, seed=9)
         check(case, module.deltazip_matmul(*case.args(), **case.kw()))
         with pytest.raises(ImportError, match="triton"):
             module.deltazip_matmul(*case.args(), **case.kw(), backend="triton")
-    finally:
-        for sub in ("bitdelta", "deltazip"):
-            sys.modules.pop(f"{name}.{sub}", None)
 
 
 # ===================================================================================================
@@ -410,7 +335,7 @@ def test_add_to_rows_routes_kernel_formats_and_falls_back_for_the_rest(monkeypat
         weight.add_to_rows(x, got, rows)
         assert calls == (["triton"] if fused else []), name
         calls.clear()
-        assert rel_err(got, want) < 1e-5, name
+        assert kh.rel_err(got, want) < 1e-5, name
         assert torch.equal(got[[1, 2, 5, 6, 7, 8]], base[[1, 2, 5, 6, 7, 8]]), name
 
 
@@ -523,11 +448,8 @@ def _valid() -> dict[str, object]:
 
 BAD_INPUTS = {
     # name: (change to the valid arguments, exception, message fragment)
-    "x_not_tensor": (lambda a: {**a, "x": a["x"].tolist()}, TypeError, "torch.Tensor"),
+    **kh.batch_bad_inputs("deltazip_matmul", "qweight"),
     "positions_missing": (lambda a: {**a, "positions": None}, TypeError, "`positions` must be a torch.Tensor"),
-    "x_int": (lambda a: {**a, "x": a["x"].long()}, TypeError, "x must be float16"),
-    "out_dtype": (lambda a: {**a, "out": a["out"].half()}, TypeError, "out dtype"),
-    "slots_float": (lambda a: {**a, "slots": a["slots"].float()}, TypeError, "slots must be int32"),
     "qweight_int8": (lambda a: {**a, "qweight": a["qweight"].to(torch.int8)}, TypeError, "uint8"),
     "scales_int": (lambda a: {**a, "scales": a["scales"].to(torch.int32)}, TypeError, "scales must be"),
     "positions_int": (lambda a: {**a, "positions": a["positions"].int()}, TypeError, "positions must be uint8"),
@@ -542,66 +464,32 @@ BAD_INPUTS = {
         "only for layout='2:4'",
     ),
     "k_not_multiple_of_4": (lambda a: {**a, "x": torch.randn(5, 18)}, ValueError, "divisible by 4"),
-    "x_1d": (lambda a: {**a, "x": a["x"][0]}, ValueError, "2-D"),
-    "out_rows": (lambda a: {**a, "out": a["out"][:4]}, ValueError, "out must be"),
-    "slots_len": (lambda a: {**a, "slots": a["slots"][:4]}, ValueError, "slots must be"),
     "qweight_k": (lambda a: {**a, "qweight": a["qweight"][..., :3]}, ValueError, "qweight must be"),
     "qweight_bits": (lambda a: {**a, "bits": 2}, ValueError, "qweight must be"),
     "qweight_n": (lambda a: {**a, "qweight": a["qweight"][:, :5]}, ValueError, "qweight must be"),
     "positions_shape": (lambda a: {**a, "positions": a["positions"][:1]}, ValueError, "positions must be"),
     "scales_d": (lambda a: {**a, "scales": a["scales"][:1]}, ValueError, "scales must be"),
     "scales_n": (lambda a: {**a, "scales": a["scales"][:, :5]}, ValueError, "scales must be"),
-    "slot_too_big": (lambda a: {**a, "slots": torch.tensor([0, 1, 2, -1, 0])}, ValueError, r"deltazip_matmul: .*-1, 2"),
-    "slot_below_minus_1": (lambda a: {**a, "slots": torch.tensor([0, -2, 1, 1, 0])}, ValueError, r"\[-1, 2"),
-    "x_not_contiguous": (
-        lambda a: {**a, "x": torch.cat([a["x"], a["x"]], 1)[:, ::2]},
-        ValueError,
-        "contiguous",
-    ),
     "out_columns_strided": (lambda a: {**a, "out": a["out"].T.contiguous().T}, ValueError, "out rows"),
-    "device_mismatch": (lambda a: {**a, "qweight": a["qweight"].to("meta")}, ValueError, "one device"),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 @pytest.mark.parametrize("fn", ["auto", "triton", "reference"])
 def test_bad_inputs_raise(name, fn):
-    change, exc, match = BAD_INPUTS[name]
-    args = change(_valid())
-    if fn == "reference":
-        call = deltazip_matmul_reference
-    elif fn == "triton":
-        if "cpu" not in TRITON_DEVICES:
-            pytest.skip("needs the Triton interpreter on CPU tensors")
-
-        def call(**kw):
-            return deltazip_matmul(**kw, backend="triton")
-    else:
-        call = deltazip_matmul
-    with pytest.raises(exc, match=match):
-        call(**args)
+    call = kh.bad_input_call(fn, deltazip_matmul, deltazip_matmul_reference)
+    kh.assert_bad_input_raises(call, _valid(), *BAD_INPUTS[name])
 
 
 def test_bad_backend_plan_and_config():
     a = _valid()
-    with pytest.raises(ValueError, match="backend must be"):
-        deltazip_matmul(**a, backend="cuda")
-    with pytest.raises(ValueError, match="plan was built"):
-        deltazip_matmul(**a, plan=plan_bitdelta_batch(a["slots"][:4], 2))
+    kh.assert_rejects_backend_plan_and_config(deltazip_matmul, a, DeltaZipKernelConfig)
     with pytest.raises(ValueError, match="plan was built"):
         deltazip_matmul(**a, plan=plan_bitdelta_batch(a["slots"], 3))
-    with pytest.raises(ValueError, match="power of two"):
-        DeltaZipKernelConfig(block_n=24)
-    with pytest.raises(ValueError, match=">= 16"):
-        DeltaZipKernelConfig(block_k=8)
 
 
 def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
-    if dzk.triton is None:
-        pytest.skip("triton not installed")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        deltazip_matmul(**_valid(), backend="triton")
+    kh.assert_triton_needs_interpreter(monkeypatch, lambda: deltazip_matmul(**_valid(), backend="triton"))
 
 
 def test_default_config_heuristic(monkeypatch):
@@ -645,50 +533,19 @@ def test_cuda_default_configs_match_cpu_reference(dtype, m, layout, bits, group_
     want = run_reference(case)
     kw = {**case.kw(), "positions": None if case.positions is None else case.positions.cuda()}
     got = deltazip_matmul(*(t.cuda() for t in case.args()), **kw)
-    assert rel_err(got, want) <= TOLERANCES[dtype][1]
-    assert rel_err(got, dense_fp64(case)) <= TOLERANCES[dtype][0]
+    assert kh.rel_err(got, want) <= TOLERANCES[dtype][1]
+    assert kh.rel_err(got, dense_fp64(case)) <= TOLERANCES[dtype][0]
 
 
-# Runs in a fresh interpreter: once triton is imported with TRITON_INTERPRET=1 its own library functions are
-# interpreter objects and the real compiler refuses them.
-_AOT_COMPILE = """
-import importlib.util, inspect, json, sys
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
-
-# kernels/ as a bare package: importing the hf_delta package would pull in transformers for nothing.
-folder = sys.argv[2]
-spec = importlib.util.spec_from_file_location("_kernels_aot", folder + "/__init__.py",
-                                              submodule_search_locations=[folder])
-package = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = package
-spec.loader.exec_module(package)
+_AOT_LOOP = """
 dz = sys.modules["_kernels_aot.deltazip"]
-
-if "constexprs" not in inspect.signature(ASTSource).parameters or "nvidia" not in triton.backends.backends:
-    print("SKIP: this triton has another ahead-of-time compile API or no NVIDIA backend")
-    sys.exit(0)
 dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-for dtype, bits, layout, mode, even, cfg in json.loads(sys.argv[1]):
+for dtype, bits, layout, mode, even, cfg in cases:
     config = dz.DeltaZipKernelConfig(**cfg)
     constexprs = dz._kernel_constexprs(dtypes[dtype], bits, layout, mode, config, even, even, False)
-    kernel = JITFunction(dz._deltazip_kernel)
     pointers = {"x_ptr": dtype, "out_ptr": dtype, "q_ptr": "u8", "pos_ptr": "u8", "scales_ptr": "fp16"}
-    signature = {
-        name: "constexpr" if name in constexprs
-        else "*" + pointers.get(name, "i32") if name.endswith("_ptr")
-        else "i32"
-        for name in kernel.arg_names
-    }
-    compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-    )
-    assert compiled.asm["cubin"], (dtype, bits, layout, mode, even, cfg)
+    cubin = compile_sm90(dz._deltazip_kernel, pointers, constexprs, config.num_warps, config.num_stages)
+    assert cubin, (dtype, bits, layout, mode, even, cfg)
 print("OK")
 """
 
@@ -704,9 +561,4 @@ def test_kernel_compiles_for_h100():
         ("bf16", 4, "2:4", 1, True, {"block_m": 16, "block_n": 64, "block_k": 128}),
         ("bf16", 8, "dense", 2, False, {"block_m": 64, "block_n": 32, "block_k": 32, "num_warps": 8}),
     ]
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    command = [sys.executable, "-c", _AOT_COMPILE, json.dumps(cases), str(Path(dzk.__file__).parent)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    if result.stdout.startswith("SKIP"):
-        pytest.skip(result.stdout.strip())
-    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    kh.compile_for_h100(_AOT_LOOP, cases)
