@@ -7,8 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_delta.errors import DeltaConfigError
+from hf_delta.errors import DeltaConfigError, DeltaFormatError
 from hf_delta.packing import (
+    compact_2of4_u8,
+    compact_2of4_width,
+    expand_2of4_u8,
     pack_1bit_u8,
     pack_2of4_u8,
     pack_lowbit_u8,
@@ -59,6 +62,54 @@ def test_2of4_metadata_round_trip(rows, groups, seed):
     packed = pack_2of4_u8(keep)
     assert packed.shape[-1] == (groups + 1) // 2  # 2 positions x 2 bits per group of 4 = half a byte
     assert torch.equal(unpack_2of4_u8(packed, groups * 4), keep)
+
+
+def _random_2of4(rows: int, groups: int, seed: int) -> torch.Tensor:
+    order = torch.rand(rows, groups, 4, generator=torch.Generator().manual_seed(seed)).argsort(-1)
+    return (order < 2).reshape(rows, groups * 4)
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.integers(0, 4), groups=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_compact_2of4_round_trip(rows, groups, seed):
+    """Any mask, any multiple of 4 columns (most of them not a multiple of 12): compact then expand is the identity."""
+    keep = _random_2of4(rows, groups, seed)
+    meta = pack_2of4_u8(keep)
+    compact = compact_2of4_u8(meta, 4 * groups)
+    assert compact.dtype == torch.uint8 and compact.shape == (rows, compact_2of4_width(4 * groups))
+    assert compact.shape[-1] == -(-groups // 3)  # three groups of 4 per byte
+    assert compact.numel() == 0 or int(compact.max()) < 216
+    expanded = expand_2of4_u8(compact, 4 * groups)
+    assert expanded.dtype == torch.uint8 and torch.equal(expanded, meta)
+    assert torch.equal(unpack_2of4_u8(expanded, 4 * groups), keep)
+
+
+def test_compact_2of4_layout():
+    # Pair codes in lexicographic order, three groups a byte: c0 + 6·c1 + 36·c2; a short last byte pads with 0.
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    codes = [5, 0, 3, 2, 4]
+    keep = torch.zeros(1, 4 * len(codes), dtype=torch.bool)
+    for g, c in enumerate(codes):
+        keep[0, [4 * g + pairs[c][0], 4 * g + pairs[c][1]]] = True
+    compact = compact_2of4_u8(pack_2of4_u8(keep), keep.shape[1])
+    assert compact.tolist() == [[5 + 6 * 0 + 36 * 3, 2 + 6 * 4]]
+
+
+def test_bad_compact_2of4_input_is_a_clear_error():
+    meta = pack_2of4_u8(_random_2of4(2, 6, 0))
+    compact = compact_2of4_u8(meta, 24)
+    with pytest.raises(DeltaFormatError, match="byte 216"):
+        expand_2of4_u8(torch.full_like(compact, 216), 24)
+    with pytest.raises(DeltaFormatError, match="2 bytes a row"):
+        expand_2of4_u8(compact[:, :1], 24)
+    with pytest.raises(DeltaFormatError, match="must be uint8"):
+        expand_2of4_u8(compact.to(torch.int16), 24)
+    with pytest.raises(DeltaConfigError, match="multiple of 4 columns"):
+        expand_2of4_u8(compact, 22)
+    with pytest.raises(DeltaConfigError, match="distinct and ascending"):
+        compact_2of4_u8(torch.zeros_like(meta), 24)  # nibble 0: both positions 0
+    with pytest.raises(DeltaConfigError, match="3 bytes a row"):
+        compact_2of4_u8(meta[:, :2], 24)
 
 
 def test_out_of_range_and_bad_masks_are_clear_errors():

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GenerationConfig
 
 import hf_delta.storage as storage
 from hf_delta.config import CONFIG_NAME, FORMAT_VERSION
 from hf_delta.errors import DeltaFormatError
 from hf_delta.methods.bitdelta import BitDeltaConfig, BitDeltaWeight
+from hf_delta.methods.deltazip import DeltaZipConfig, DeltaZipWeight, prune_quantize
+from hf_delta.packing import compact_2of4_width
 from hf_delta.storage import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Delta
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -102,6 +104,96 @@ def test_carried_files_travel_with_the_chat_delta_only(micro_zoo, micro_delta, c
     assert Delta.from_folder(chat_folder).files.keys() >= {"tokenizer.json", "generation_config.json"}
 
 
+# ------------------------------------------------------------------- DeltaZip: compact 2:4 masks on disk
+def _deltazip_delta() -> Delta:
+    """DeltaZip weights of every layout; 2:4 ones with column counts that are not multiples of 12 (nor of 8)."""
+    g = torch.Generator().manual_seed(0)
+    weights = {}
+    for name, (shape, bits, group, sparsity, zero_rows) in {
+        "a": ((12, 40), 4, None, "2:4", False),
+        "b": ((9, 20), 2, 4, "2:4", True),  # 5 groups of 4: the in-memory metadata ends in half a byte
+        "c": ((5, 24), 3, None, None, False),
+        "d": ((6, 16), 4, 8, 0.6, False),
+    }.items():
+        w = torch.randn(shape, generator=g)
+        if zero_rows:  # stored with a row_index
+            w[[0, 3, 4, 5, 8]] = 0
+        qm = prune_quantize(w, None, bits=bits, group_size=group, sparsity=sparsity)
+        layout = {None: "dense", "2:4": "2:4"}.get(sparsity, "bitmap")
+        weights[name] = DeltaZipWeight.from_quantized(qm.q, qm.scales, qm.keep, bits=bits, group_size=group,
+                                                      layout=layout)
+    return Delta(config=DeltaZipConfig(), weights=weights, exact={"norm.weight": torch.ones(3)}, vocab_size=12)
+
+
+def test_deltazip_masks_are_compact_on_disk_and_expanded_on_load(tmp_path):
+    delta = _deltazip_delta()
+    dense = {m: w.to_dense() for m, w in delta.weights.items()}
+    delta.save_pretrained(tmp_path / "repo")
+    on_disk = load_file(tmp_path / "repo" / WEIGHTS_NAME)
+    assert set(on_disk) == set(delta.tensors())
+    for module, k in (("a", 40), ("b", 20)):
+        rows = delta.weights[module].mask.shape[0]
+        assert on_disk[f"{module}::mask"].shape == (rows, compact_2of4_width(k))  # 2/3 bit per weight
+    assert on_disk["d::mask"].shape == delta.weights["d"].mask.shape  # bitmaps are saved as they are
+    config = json.loads((tmp_path / "repo" / CONFIG_NAME).read_text())
+    assert config["format_version"] == FORMAT_VERSION == 2
+    assert config["modules"]["weights"]["a"]["mask_encoding"] == "2of4-compact"
+    assert "mask_encoding" not in config["modules"]["weights"]["d"]
+    loaded = Delta.from_folder(tmp_path / "repo")
+    _assert_same_delta(delta, loaded)  # the in-memory layout (what the kernels read) comes back exactly
+    assert all(torch.equal(loaded.weights[m].to_dense(), d) for m, d in dense.items())
+    # Shards and their index count the bytes as saved.
+    delta.save_pretrained(tmp_path / "sharded", max_shard_size=100)
+    index = json.loads((tmp_path / "sharded" / WEIGHTS_INDEX_NAME).read_text())
+    saved = {k: v for f in storage.weight_files(tmp_path / "sharded") for k, v in load_file(f).items()}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in saved.values())
+    assert index["metadata"]["total_size"] < delta.nbytes()
+    _assert_same_delta(delta, Delta.from_folder(tmp_path / "sharded"))
+
+
+def test_format_1_repo_still_loads_and_is_resaved_in_the_current_format(tmp_path):
+    delta = _deltazip_delta()
+    folder = tmp_path / "v1"
+    delta.save_pretrained(folder)
+    # Format 1 = the in-memory tensors as they are, no mask_encoding.
+    save_file(delta.tensors(), folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["format_version"] = 1
+    for meta in config["modules"]["weights"].values():
+        meta.pop("mask_encoding", None)
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    old = Delta.from_folder(folder)
+    assert old.config.format_version == 1
+    for module, w in delta.weights.items():
+        assert torch.equal(old.weights[module].to_dense(), w.to_dense()), module
+        assert all(torch.equal(t, dict(old.weights[module].named_buffers())[b]) for b, t in w.named_buffers())
+    old.save_pretrained(tmp_path / "v2")
+    assert json.loads((tmp_path / "v2" / CONFIG_NAME).read_text())["format_version"] == FORMAT_VERSION
+    again = Delta.from_folder(tmp_path / "v2")
+    assert all(torch.equal(again.weights[m].to_dense(), w.to_dense()) for m, w in delta.weights.items())
+
+
+def _set_tensor(folder: Path, name: str, value) -> None:
+    tensors = load_file(folder / WEIGHTS_NAME)
+    tensors[name] = value(tensors[name])
+    save_file(tensors, folder / WEIGHTS_NAME)
+
+
+@pytest.mark.parametrize(("breaks", "message"), [
+    (lambda f: _set_tensor(f, "a::mask", lambda t: torch.full_like(t, 250)), r"byte 250.*corrupt"),
+    (lambda f: _set_tensor(f, "a::mask", lambda t: t[:, :2].contiguous()), r"4 bytes a row.*corrupt"),
+    (lambda f: _edit_modules(f, lambda m: m["weights"]["a"].update(mask_encoding="zstd")),
+     r"Unknown mask_encoding 'zstd'"),
+    (lambda f: _edit_modules(f, lambda m: m["weights"]["d"].update(mask_encoding="2of4-compact")),
+     r"mask_encoding '2of4-compact' for layout 'bitmap'"),
+])
+def test_corrupt_compact_mask_is_a_format_error(tmp_path, breaks, message):
+    _deltazip_delta().save_pretrained(tmp_path)
+    breaks(tmp_path)
+    with pytest.raises(DeltaFormatError, match=message):
+        Delta.from_folder(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------ broken repos
 def _truncate(folder: Path) -> None:
     path = folder / WEIGHTS_NAME
@@ -147,8 +239,10 @@ BROKEN = {
     "missing config": (lambda f: (f / CONFIG_NAME).unlink(), r"delta_config.json not found.*not an hf_delta"),
     "malformed json": (lambda f: (f / CONFIG_NAME).write_text('{"method": "bitdelta",'), r"not valid JSON"),
     "json list": (lambda f: (f / CONFIG_NAME).write_text("[1, 2]"), r"must hold a JSON object"),
-    "newer format": (_edit_config(format_version=FORMAT_VERSION + 1), r"format_version 2.*Upgrade hf_delta"),
-    "bad format": (_edit_config(format_version="one"), r"format_version 'one'"),
+    "newer format": (_edit_config(format_version=FORMAT_VERSION + 1),
+                     rf"format_version {FORMAT_VERSION + 1}.*Upgrade hf_delta"),
+    "bad format": (_edit_config(format_version="one"), r"format_version 'one'.*integer from 1"),
+    "format zero": (_edit_config(format_version=0), r"format_version 0.*integer from 1"),
     "unknown method": (_edit_config(method="magicdelta"), r"Unknown delta method 'magicdelta'.*bitdelta"),
     "no method": (lambda f: _strip_key(f, "method"), r"no 'method' field"),
     "unknown weight type": (

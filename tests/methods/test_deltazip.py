@@ -121,6 +121,10 @@ def test_weight_layouts_round_trip(bits, sparsity, group_size, zero_rows):
     torch.testing.assert_close(weight.apply(x), x @ dense.T, rtol=1e-5, atol=1e-5)
     again = DeltaZipWeight.from_tensors(dict(weight.named_buffers()), weight.meta())
     assert torch.equal(again.to_dense(), dense)
+    saved, meta = weight.saved_tensors()  # the disk encoding: compact 2:4 masks, everything else as in memory
+    assert (meta.get("mask_encoding") == "2of4-compact") == (layout == "2:4")
+    from_disk = DeltaZipWeight.from_tensors(saved, meta)
+    assert all(torch.equal(t, dict(from_disk.named_buffers())[b]) for b, t in weight.named_buffers())
     assert weight.scales.dtype == torch.float16
 
 
@@ -208,10 +212,59 @@ def test_compress_save_load_round_trip(micro_zoo, zoo_models, zoo_texts, tmp_pat
     assert folder_bytes(tmp_path)["weights"] < bf16_weight_bytes(ft) / 2
 
 
+def _spy_solver(monkeypatch) -> list[dict]:
+    """Record what ``prune_quantize`` is asked to do for each matrix."""
+    module = importlib.import_module("hf_delta.methods.deltazip")
+    real, calls = module.prune_quantize, []
+
+    def spy(w, hessian, **kwargs):
+        calls.append({"shape": tuple(w.shape), "hessian": hessian, **kwargs})
+        return real(w, hessian, **kwargs)
+
+    monkeypatch.setattr(module, "prune_quantize", spy)
+    return calls
+
+
+def test_tied_vocabulary_matrix_is_calibrated_as_the_output_head(micro_zoo, zoo_models, zoo_texts, tmp_path,
+                                                                 monkeypatch):
+    base, ft, tok = zoo_models("qwen2-arith")
+    entry = micro_zoo["qwen2-arith"]
+    calls = _spy_solver(monkeypatch)
+    config = DeltaZipConfig(bits=4, sparsity="2:4", embedding_method="gptq", embedding_bits=None, head_bits=2)
+    model = compress(micro_zoo[entry.base].path, entry.path, config, zoo_texts("qwen2-arith", 32), progress=False)
+    delta = model.get_delta("default")
+    assert delta.tied == {"lm_head": "model.embed_tokens"}
+    vocab = delta.weights["model.embed_tokens"]
+    assert (vocab.bits, vocab.layout) == (2, "2:4")
+    (call,) = [c for c in calls if c["shape"] == vocab.shape]
+    hidden = ft.config.hidden_size
+    assert call["sparsity"] == "2:4" and call["hessian"] is not None and call["hessian"].shape == (hidden, hidden)
+    # The head's input Hessian is the last one computed: the tied matrix is compressed after every decoder layer.
+    assert calls[-1] is call
+    assert all(c["bits"] == 4 for c in calls if c is not call)
+    model.save_pretrained(tmp_path)
+    again = DeltaModel.from_pretrained(micro_zoo[entry.base].path, tmp_path)
+    assert torch.equal(again.get_delta("default").weights["model.embed_tokens"].to_dense(), vocab.to_dense())
+    task = micro_zoo.task("qwen2-arith")
+    assert mean_kl(ft, again, tok, task) < 0.5 * mean_kl(ft, base, tok, task)
+
+
+def test_head_bits_apply_to_the_head_and_embedding_bits_to_the_embedding(micro_zoo, zoo_texts, monkeypatch):
+    entry = micro_zoo["llama-arith"]
+    calls = _spy_solver(monkeypatch)
+    config = DeltaZipConfig(bits=4, sparsity="2:4", embedding_method="gptq", embedding_bits=8, head_bits=2)
+    delta = compress(micro_zoo[entry.base].path, entry.path, config, zoo_texts("llama-arith", 16),
+                     progress=False).get_delta("default")
+    head, embed = delta.weights["lm_head"], delta.weights["model.embed_tokens"]
+    assert (head.bits, head.layout, embed.bits, embed.layout) == (2, "2:4", 8, "dense")
+    by_bits = {c["bits"]: c for c in calls}
+    assert by_bits[8]["hessian"] is None and by_bits[2]["hessian"] is not None  # RTN embedding, calibrated head
+
+
 def test_bad_inputs_fail_before_any_work(micro_zoo, monkeypatch):
     for bad in ({"bits": 5}, {"damp": 0}, {"damp": -0.1}, {"sparsity": 1.0}, {"sparsity": "3:4"},
                 {"sparsity": True}, {"group_size": 0}, {"block_size": 6}, {"embedding_method": "svd"},
-                {"prune": "random"}, {"calibration_samples": 0}):
+                {"prune": "random"}, {"calibration_samples": 0}, {"head_bits": 1}, {"embedding_bits": 6}):
         with pytest.raises(DeltaConfigError):
             DeltaZipConfig(**bad).validate()
 
@@ -231,3 +284,10 @@ def test_bad_inputs_fail_before_any_work(micro_zoo, monkeypatch):
     odd_base, odd_ft = LlamaForCausalLM(config), LlamaForCausalLM(config)
     with pytest.raises(DeltaConfigError, match="in_features divisible by 4"):
         compress(odd_base, odd_ft, DeltaZipConfig(sparsity="2:4"), progress=False)
+    # A head calibrated like a linear layer is pruned like one, so it must fit 2:4 too (an RTN head need not).
+    config = LlamaConfig(vocab_size=64, hidden_size=30, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1)
+    odd_base, odd_ft = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    with pytest.raises(DeltaConfigError, match="divisible by 4, but 'lm_head' has 30"):
+        compress(odd_base, odd_ft, DeltaZipConfig(sparsity="2:4", embedding_method="gptq",
+                                                  target_modules=["down_proj"]), progress=False)
