@@ -11,12 +11,10 @@ The same from the command line / HTTP:
 import tempfile
 
 from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM
 
 from hf_delta import BitDeltaConfig, compress
-from hf_delta._loading import load_model
-from hf_delta.serving import Engine, EngineConfig, SamplingParams
-from hf_delta.serving.coserve import CoServeScheduler
-from hf_delta.serving.lora_trainer import CoServingTrainer
+from hf_delta.serving import CoServeScheduler, CoServingTrainer, Engine, EngineConfig, SamplingParams
 from hf_delta.zoo import build_zoo
 
 zoo = build_zoo("micro")
@@ -46,5 +44,5 @@ with tempfile.TemporaryDirectory() as tmp:
         print(r.model, repr(r.text))
     engine.close()
     # ... and it is a standard PEFT adapter.
-    peft_model = PeftModel.from_pretrained(load_model(base), job.final_dir)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), job.final_dir)
     print("PEFT loaded", type(peft_model).__name__, "from", job.final_dir)

@@ -9,18 +9,25 @@ from __future__ import annotations
 from typing import Any
 
 from .cli import add_bench_serve_arguments, add_serve_arguments, bench_serve_main, serve_main
+from .coserve import CoServeScheduler
 from .engine import Engine, EngineConfig
+from .finetune import FineTuneJob, Hyperparameters
 from .handles import GenerationChunk, GenerationResult, RequestHandle
 from .kv_cache import PagedKVCache
+from .lora_trainer import CoServingTrainer
 from .residency import ResidencyManager
 from .sampling import SamplingParams
 from .step import Segment, StepBatch, StepOutput, forward_step
 
 __all__ = [
+    "CoServeScheduler",
+    "CoServingTrainer",
     "Engine",
     "EngineConfig",
+    "FineTuneJob",
     "GenerationChunk",
     "GenerationResult",
+    "Hyperparameters",
     "PagedKVCache",
     "RequestHandle",
     "ResidencyManager",
