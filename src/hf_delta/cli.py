@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     bserve = bench_sub.add_parser("serve", help="serving throughput/latency vs naive swapping, merged, PEFT loop")
     add_bench_serve_arguments(bserve)
     bserve.set_defaults(func=_bench_serve)
+    from .serving.ray_bench import add_bench_ray_arguments
+
+    bray = bench_sub.add_parser("ray", help="engine replicas on Ray Serve: 1 vs 2 replicas, delta affinity on/off")
+    add_bench_ray_arguments(bray)
+    bray.set_defaults(func=_bench_ray)
     from .serving.coserve_bench import add_bench_coserve_arguments
 
     bcoserve = bench_sub.add_parser("coserve", help="LoRA fine-tuning co-served with inference vs alone / turn-taking")
@@ -161,6 +166,12 @@ def _bench_coserve(args: argparse.Namespace) -> int:
     from .serving.coserve_bench import bench_coserve_main
 
     return bench_coserve_main(args, command=args.command_line)
+
+
+def _bench_ray(args: argparse.Namespace) -> int:
+    from .serving.ray_bench import bench_ray_main
+
+    return bench_ray_main(args, command=args.command_line)
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:

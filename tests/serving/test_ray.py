@@ -1,0 +1,244 @@
+"""Scale-out on Ray Serve: a local Ray instance on 127.0.0.1, two engine replicas behind Serve's HTTP proxy.
+
+One module-scoped cluster (starting it costs most of this file's time); the replica-kill test runs last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from hf_delta.errors import EngineConfigError, MissingDependencyError  # noqa: E402
+from hf_delta.serving import EngineConfig, add_serve_arguments  # noqa: E402
+from hf_delta.serving.ray import (  # noqa: E402
+    APP_NAME,
+    REPLICA_HEADER,
+    RESIDENCY_HEADER,
+    app_builder,
+    build_app,
+)
+
+KEY = "ray-key"
+MAX = 8
+DELTAS = ("arith-x1", "arith-x6", "cipher-x3", "cipher-x10", "facts-x1", "facts-x6", "chat-x3", "chat-x10")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(micro_base, serving_deltas, broken_delta):
+    port = _free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = EngineConfig(device_slots=4, cpu_slots=4, kv_cache_tokens=2048, block_size=8, max_running=32)
+        deltas = {**{name: serving_deltas[name] for name in DELTAS}, "broken": broken_delta}
+        serve.run(build_app(base=micro_base, deltas=deltas, replicas=2, config=config, api_key=KEY),
+                  name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture
+def client(cluster):
+    return openai.OpenAI(base_url=cluster + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _complete(client, name: str, prompt: str, max_tokens: int = MAX) -> tuple[str, str, str | None]:
+    """(text, replica id, residency) of one greedy completion."""
+    raw = client.completions.with_raw_response.create(model=name, prompt=prompt, max_tokens=max_tokens,
+                                                      temperature=0)
+    return raw.parse().choices[0].text, raw.headers[REPLICA_HEADER], raw.headers.get(RESIDENCY_HEADER)
+
+
+def _stats(client) -> dict:
+    return client.get("/stats", cast_to=object)
+
+
+def _post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url + "/v1/completions", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+# ------------------------------------------------------------------------------------------ without Ray running
+def test_missing_ray_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.delitem(sys.modules, "hf_delta.serving.ray")
+    with pytest.raises(MissingDependencyError, match=r"pip install 'hf_delta\[ray\]'"):
+        importlib.import_module("hf_delta.serving.ray")
+
+
+def test_cli_flags_and_serve_config_args(micro_base):
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--base", "b", "--ray", "--replicas", "3", "--ray-address", "auto"])
+    assert args.ray and args.replicas == 3 and args.ray_address == "auto" and args.serve_config is None
+    with pytest.raises(EngineConfigError, match="'base'"):
+        app_builder({"deltas": {"a": "org/a"}})
+    with pytest.raises(EngineConfigError, match="unknown: \\['replica'\\]"):
+        app_builder({"base": "b", "replica": 2})
+    with pytest.raises(EngineConfigError, match="slots"):
+        app_builder({"base": "b", "engine": {"slots": 2}})
+    with pytest.raises(EngineConfigError, match="replicas"):
+        app_builder({"base": "b", "replicas": 0})
+    app = app_builder({"base": str(micro_base), "deltas": {"a": "org/a@v1"}, "replicas": 2,
+                       "engine": {"device_slots": 2}})
+    assert isinstance(app, serve.Application)
+
+
+# ------------------------------------------------------------------------------------------------ on the cluster
+def test_same_routes_and_errors_as_hf_delta_serve(cluster, client, serving_prompts, reference):
+    assert [m.id for m in client.models.list()] == ["base", *DELTAS, "broken"]
+    with pytest.raises(openai.NotFoundError, match="arith-x1"):  # lists the served models
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="arith-x1", prompt="hi", max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="arith-x1", prompt="hi", max_tokens=0)
+    status, body = _post(cluster, b'{"model": "arith-x1", "prompt": ')
+    assert status == 422 and "JSON" in body["error"]["message"]
+    assert _post(cluster, b'{"model": "arith-x1", "prompt": "x"}', key=None)[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=cluster + "/v1", api_key="wrong", max_retries=0).get("/stats", cast_to=object)
+
+    prompt = serving_prompts("cipher-x3", 1)[0]
+    with ThreadPoolExecutor(6) as pool:
+        goods = [pool.submit(_complete, client, "cipher-x3", prompt) for _ in range(4)]
+        bads = [pool.submit(client.completions.create, model="broken", prompt=prompt, max_tokens=MAX, stream=s)
+                for s in (False, True)]
+        for f in goods:
+            assert f.result()[0] == reference("cipher-x3", prompt, MAX)
+        for f in bads:  # a stream that fails before its first token is a plain HTTP error too
+            with pytest.raises(openai.InternalServerError, match=r"broken.*corrupt"):
+                f.result()
+    chat = client.chat.completions.create(model="chat-x3", messages=[{"role": "user", "content": "first: ka lo"}],
+                                          max_tokens=MAX, temperature=0)
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_requests_go_to_the_replica_that_holds_their_delta(client, serving_prompts, reference):
+    names = DELTAS[:6]
+    first = {}
+    for name in names:  # one request each: Serve places each delta on a replica, which loads it
+        text, replica, _ = _complete(client, name, serving_prompts(name, 1)[0])
+        first[name] = replica
+    assert len(set(first.values())) == 2  # new deltas go to the replica holding fewer
+    time.sleep(1.0)  # replicas report their deltas to Serve's controller, which tells the router
+    landed = []
+    for round_ in range(2):
+        for name in names:
+            prompt = serving_prompts(name, 2)[round_]
+            text, replica, residency = _complete(client, name, prompt)
+            landed.append((replica, residency) == (first[name], "hit"))
+            assert text == reference(name, prompt, MAX)
+    # Serve sends a request elsewhere when its replica looks busy (on a loaded machine a slow queue-length probe
+    # counts as busy); without affinity about half would land on the first replica.
+    assert sum(landed) >= len(landed) - 2, landed
+    replicas = _stats(client)["replicas"]
+    for replica in set(first.values()):
+        held = {n for n in names if first[n] == replica}
+        assert held <= set(replicas[replica]["resident"])
+
+
+def test_each_replica_batches_several_deltas(client, serving_prompts, reference):
+    jobs = [(name, p) for name in DELTAS for p in serving_prompts(name, 3)]
+
+    def stream(job):
+        name, prompt = job
+        text = ""
+        for chunk in client.completions.create(model=name, prompt=prompt, max_tokens=2 * MAX, temperature=0,
+                                               stream=True):
+            text += chunk.choices[0].text
+        return text
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        outputs = list(pool.map(stream, jobs))
+    for (name, prompt), text in zip(jobs, outputs, strict=True):
+        assert text == reference(name, prompt, 2 * MAX), name
+    stats = _stats(client)
+    replicas = stats["replicas"]
+    assert len(replicas) == 2
+    for summary in replicas.values():
+        assert summary["peak_deltas_per_step"] >= 2, summary  # one forward pass over several deltas
+    assert stats["router"]["with_affinity"] >= len(jobs)
+
+
+def test_killed_replica_is_replaced_and_its_clients_never_get_a_wrong_answer(client, serving_prompts, reference):
+    name = "facts-x6"
+    prompts = serving_prompts(name, 4)
+    victim = _complete(client, name, prompts[0])[1]
+    started = threading.Event()
+
+    def call(i: int):
+        prompt = prompts[i % len(prompts)]
+        try:
+            if i % 2:
+                text = ""
+                for chunk in client.completions.create(model=name, prompt=prompt, max_tokens=48, temperature=0,
+                                                       stream=True):
+                    started.set()
+                    text += chunk.choices[0].text
+            else:
+                text = client.completions.create(model=name, prompt=prompt, max_tokens=48,
+                                                 temperature=0).choices[0].text
+        except openai.APIError as err:
+            return prompt, None, err
+        return prompt, text, None
+
+    actor = ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#EngineReplica#{victim}", namespace="serve")
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call, i) for i in range(8)]
+        assert started.wait(60)
+        ray.kill(actor, no_restart=True)
+        results = [f.result() for f in futures]
+    assert _stats(client)["router"]["lost"] >= 1  # the kill hit requests in flight (retried or failed)
+    for prompt, text, err in results:
+        if err is None:  # served before the kill, or retried on the other replica
+            assert text == reference(name, prompt, 48)
+        else:
+            assert isinstance(err, openai.APIError)
+
+    deadline = time.monotonic() + 120
+    while True:  # Serve's controller notices the death and starts a new replica
+        status = serve.status().applications[APP_NAME].deployments["EngineReplica"]
+        actors = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        fresh = {a for a in actors if "#EngineReplica#" in a and not a.endswith(victim)}
+        if len(fresh) == 2 and status.replica_states.get("RUNNING", 0) == 2:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    seen = set()
+    for i in range(12):
+        other = DELTAS[i % len(DELTAS)]
+        prompt = serving_prompts(other, 1)[0]
+        text, replica, _ = _complete(client, other, prompt)
+        assert text == reference(other, prompt, MAX)
+        seen.add(replica)
+    assert victim not in seen and len(seen) == 2  # the replacement serves
