@@ -121,24 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--finetunes", default=None, help="comma-separated zoo fine-tunes (default: all)")
     fid.add_argument("--calibration", choices=["task", "sampled"], default="task",
                      help="calibration texts: the fine-tune's training split, or sampled from it (data-free)")
-    from .serving.cli import add_bench_serve_arguments, add_serve_arguments
+    from .serving.cli import add_serve_arguments
 
     serve = sub.add_parser("serve", help="OpenAI-compatible server: one base, many deltas, continuous batching")
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
-    bserve = bench_sub.add_parser("serve", help="serving throughput/latency vs naive swapping, merged, PEFT loop")
-    add_bench_serve_arguments(bserve)
-    bserve.set_defaults(func=_bench_serve)
-    from .serving.ray_bench import add_bench_ray_arguments
+    from .serving import cli as serving_cli
+    from .serving import coserve_bench, ray_bench
 
-    bray = bench_sub.add_parser("ray", help="engine replicas on Ray Serve: 1 vs 2 replicas, delta affinity on/off")
-    add_bench_ray_arguments(bray)
-    bray.set_defaults(func=_bench_ray)
-    from .serving.coserve_bench import add_bench_coserve_arguments
-
-    bcoserve = bench_sub.add_parser("coserve", help="LoRA fine-tuning co-served with inference vs alone / turn-taking")
-    add_bench_coserve_arguments(bcoserve)
-    bcoserve.set_defaults(func=_bench_coserve)
+    for name, module, suffix, help_text in (
+        ("serve", serving_cli, "serve", "serving throughput/latency vs naive swapping, merged, PEFT loop"),
+        ("ray", ray_bench, "ray", "engine replicas on Ray Serve: 1 vs 2 replicas, delta affinity on/off"),
+        ("coserve", coserve_bench, "coserve", "LoRA fine-tuning co-served with inference vs alone / turn-taking"),
+    ):
+        bench = bench_sub.add_parser(name, help=help_text)
+        getattr(module, f"add_bench_{suffix}_arguments")(bench)
+        bench.set_defaults(func=_bench_main(getattr(module, f"bench_{suffix}_main")))
 
     demo = sub.add_parser("demo", help="Gradio demo: chat, side-by-side compare, models panel (the main job)")
     _add_demo_arguments(demo)
@@ -156,22 +154,9 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_main(args)
 
 
-def _bench_serve(args: argparse.Namespace) -> int:
-    from .serving.cli import bench_serve_main
-
-    return bench_serve_main(args, command=args.command_line)
-
-
-def _bench_coserve(args: argparse.Namespace) -> int:
-    from .serving.coserve_bench import bench_coserve_main
-
-    return bench_coserve_main(args, command=args.command_line)
-
-
-def _bench_ray(args: argparse.Namespace) -> int:
-    from .serving.ray_bench import bench_ray_main
-
-    return bench_ray_main(args, command=args.command_line)
+def _bench_main(main):
+    """A benchmark's entry point, given the command line to record with its results."""
+    return lambda args: main(args, command=args.command_line)
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
