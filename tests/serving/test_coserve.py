@@ -73,12 +73,12 @@ def test_fine_tuning_jobs_api(micro_base, tmp_path, torch_one_thread):
                                                     max_batch_tokens=64))
     records = [{"prompt": f"add {i} to 1 =", "completion": f" {i + 1}"} for i in range(6)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    with ServerThread(create_app(engine)) as srv:
+    with ServerThread(create_app(engine, fine_tuning_dir=tmp_path / "jobs")) as srv:
         url = srv.url + "/v1/fine_tuning/jobs"
         body = {"model": "base", "training_file": str(tmp_path / "train.jsonl"), "suffix": "adder",
                 "hyperparameters": {"n_epochs": 2, "batch_size": 3, "learning_rate_multiplier": 5},
                 "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-                "output_dir": str(tmp_path / "out")}
+                "output_dir": "out"}
         status, job = _call(url, "POST", body)
         assert status == 200, job
         assert job["object"] == "fine_tuning.job" and job["hyperparameters"]["learning_rate"] == pytest.approx(5e-3)
@@ -88,6 +88,7 @@ def test_fine_tuning_jobs_api(micro_base, tmp_path, torch_one_thread):
             job = _call(f"{url}/{job['id']}")[1]
         assert job["status"] == "succeeded", job
         assert job["fine_tuned_model"] == "adder" and job["hf_delta"]["step"] == 4
+        assert (tmp_path / "jobs" / "out" / "final" / "adapter_config.json").is_file()
         events = _call(f"{url}/{job['id']}/events")[1]["data"]
         assert [e["data"]["step"] for e in events] == [4, 3, 2, 1]
         assert all(e["data"]["train_loss"] > 0 for e in events)
@@ -96,7 +97,7 @@ def test_fine_tuning_jobs_api(micro_base, tmp_path, torch_one_thread):
         assert [j["id"] for j in _call(url)[1]["data"]] == [job["id"]]
         # Cancel: a second, long job stops at a step boundary; the served models are untouched.
         status, long_job = _call(url, "POST", {**body, "suffix": "long", "hyperparameters": {"n_epochs": 50},
-                                               "output_dir": str(tmp_path / "long")})
+                                               "output_dir": "long"})
         assert status == 200
         cancelled = _call(f"{url}/{long_job['id']}/cancel", "POST")[1]
         assert cancelled["id"] == long_job["id"]
@@ -110,6 +111,10 @@ def test_fine_tuning_jobs_api(micro_base, tmp_path, torch_one_thread):
         assert _call(url, "POST", {**body, "suffix": "adder"})[0] == 400  # already served
         assert _call(url, "POST", {**body, "suffix": "y", "lora": {"r": 4, "target_modules": ["nope"]}})[0] == 400
         assert _call(f"{url}/ftjob-missing")[0] == 404
+        for outside in (str(tmp_path / "elsewhere"), "../escape", "a/../../b"):  # the server picks where jobs write
+            status, err = _call(url, "POST", {**body, "suffix": "z", "output_dir": outside})
+            assert status == 400 and "inside the server's fine-tuning directory" in err["error"]["message"]
+        assert _call(url, "POST", {**body, "suffix": "../../z", "output_dir": None})[0] == 400
     engine.close()
 
 

@@ -55,6 +55,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-name", default="base", help="model name that selects the base without a delta")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--fine-tuning-dir", default=None,
+                        help="where fine-tuning jobs write (default ~/.cache/hf_delta/fine_tuning)")
     parser.add_argument("--api-key", default=os.environ.get("HF_DELTA_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $HF_DELTA_API_KEY)")
     parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion")
@@ -109,7 +111,8 @@ def serve_main(args: argparse.Namespace) -> int:
     for name, (repo, revision) in deltas.items():
         engine.register_delta(name, repo, revision=revision)
     logger.info("Serving %s on http://%s:%d/v1", engine.model_names(), args.host, args.port)
-    uvicorn.run(create_app(engine, api_key=args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(engine, api_key=args.api_key, fine_tuning_dir=args.fine_tuning_dir)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     engine.close()
     return 0
 

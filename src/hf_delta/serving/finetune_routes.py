@@ -72,6 +72,12 @@ def _answer(err: BaseException) -> JSONResponse:
     return _from_exception(err)
 
 
+def _inside(root: Path, folder: str) -> bool:
+    """Whether ``folder`` is a relative path that stays inside ``root`` (no absolute paths, no ``..``)."""
+    path = Path(folder)
+    return not path.is_absolute() and ".." not in path.parts and path.parts != ()
+
+
 def add_fine_tuning_routes(app: FastAPI, engine, *, output_root: str | Path | None = None) -> None:
     """Mount the fine-tuning routes; jobs run in ``engine`` (a ``CoServingTrainer`` is attached if none is)."""
     from .lora_trainer import CoServingTrainer
@@ -90,11 +96,15 @@ def add_fine_tuning_routes(app: FastAPI, engine, *, output_root: str | Path | No
         if data is None:
             return _error(400, "Give training_file (a .jsonl path on the server) or training_data (inline records).")
         name = body.suffix
+        folder = body.output_dir or name or uuid.uuid4().hex[:12]
+        if not _inside(root, folder):
+            return _error(400, f"output_dir {folder!r} must be a relative folder inside the server's fine-tuning "
+                               f"directory ({root}); the server decides where jobs write.")
         try:
             job = await run_in_threadpool(
                 trainer().submit, lora=body.lora or DEFAULT_LORA, data=data, model=body.model,
-                output_dir=Path(body.output_dir) if body.output_dir else root / (name or uuid.uuid4().hex[:12]),
-                adapter_name=name, hyperparameters=body.hyper(), hub_model_id=body.hub_model_id)
+                output_dir=root / folder, adapter_name=name, hyperparameters=body.hyper(),
+                hub_model_id=body.hub_model_id)
         except Exception as err:
             return _answer(err)
         return job.to_openai()

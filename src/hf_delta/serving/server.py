@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -67,8 +68,13 @@ def unauthorized() -> JSONResponse:
                   "invalid_api_key")
 
 
-def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` (its thread is started and stopped with the app)."""
+def create_app(engine: Engine, *, api_key: str | None = None,
+               fine_tuning_dir: str | Path | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` (its thread is started and stopped with the app).
+
+    ``fine_tuning_dir`` is where fine-tuning jobs write (default ``~/.cache/hf_delta/fine_tuning``); a request's
+    ``output_dir`` is a folder inside it.
+    """
     owns_thread = not engine.is_running
 
     @asynccontextmanager
@@ -143,7 +149,7 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
 
     from .finetune_routes import add_fine_tuning_routes
 
-    add_fine_tuning_routes(app, engine)
+    add_fine_tuning_routes(app, engine, output_root=fine_tuning_dir)
     return app
 
 
