@@ -72,10 +72,11 @@ def test_fine_tuning_jobs_api(micro_base, tmp_path, torch_one_thread):
     engine = Engine(micro_base, config=EngineConfig(kv_cache_tokens=1024, block_size=4, max_running=16,
                                                     max_batch_tokens=64))
     records = [{"prompt": f"add {i} to 1 =", "completion": f" {i + 1}"} for i in range(6)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     with ServerThread(create_app(engine, fine_tuning_dir=tmp_path / "jobs")) as srv:
         url = srv.url + "/v1/fine_tuning/jobs"
-        body = {"model": "base", "training_file": str(tmp_path / "train.jsonl"), "suffix": "adder",
+        body = {"model": "base", "training_file": "train.jsonl", "suffix": "adder",
                 "hyperparameters": {"n_epochs": 2, "batch_size": 3, "learning_rate_multiplier": 5},
                 "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
                 "output_dir": "out"}
@@ -115,6 +116,7 @@ def test_fine_tuning_jobs_api(micro_base, tmp_path, torch_one_thread):
             status, err = _call(url, "POST", {**body, "suffix": "z", "output_dir": outside})
             assert status == 400 and "inside the server's fine-tuning directory" in err["error"]["message"]
         assert _call(url, "POST", {**body, "suffix": "../../z", "output_dir": None})[0] == 400
+        assert _call(url, "POST", {**body, "suffix": "z", "training_file": "/etc/passwd"})[0] == 400
     engine.close()
 
 

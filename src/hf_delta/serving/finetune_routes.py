@@ -4,7 +4,8 @@
 ``seed``, ``method``; extensions: ``training_data`` inline records, ``lora`` as ``LoraConfig`` fields,
 ``output_dir``, ``hub_model_id``), ``GET /v1/fine_tuning/jobs``, ``GET /v1/fine_tuning/jobs/{id}``,
 ``GET .../events`` (the loss history as ``fine_tuning.job.event`` metrics), ``GET .../checkpoints`` and
-``POST .../cancel``. ``training_file`` is a JSONL path on the server (there is no files API). The trained
+``POST .../cancel``. ``training_file`` is a JSONL file in the server's fine-tuning directory (there is
+no files API). The trained
 adapter is served under ``suffix`` (or ``ft-<id>``) once the job succeeds.
 """
 
@@ -92,9 +93,15 @@ def add_fine_tuning_routes(app: FastAPI, engine, *, output_root: str | Path | No
 
     @app.post("/v1/fine_tuning/jobs")
     async def create_job(body: FineTuningJobRequest):
-        data = body.training_data if body.training_data is not None else body.training_file
+        data = body.training_data
         if data is None:
-            return _error(400, "Give training_file (a .jsonl path on the server) or training_data (inline records).")
+            if body.training_file is None:
+                return _error(400, "Give training_file (a .jsonl file in the server's fine-tuning directory) or "
+                                   "training_data (inline records).")
+            if not _inside(root, body.training_file):
+                return _error(400, f"training_file {body.training_file!r} must be a relative path inside the "
+                                   f"server's fine-tuning directory ({root}); or send the records as training_data.")
+            data = root / body.training_file
         name = body.suffix
         folder = body.output_dir or name or uuid.uuid4().hex[:12]
         if not _inside(root, folder):
