@@ -47,8 +47,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster(micro_base, serving_deltas, broken_delta):
     port = _free_port()
+    # On a loaded 2-core CI machine a replica's queue-length answer can take longer than Serve's 0.1 s probe
+    # deadline, and Serve then routes as if the replica were busy. Patient probes make the tests check the
+    # routing rule rather than the machine's load (docs/ray.md names these settings).
+    patient = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "2.0",
+               "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "5.0"}
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, logging_level=logging.WARNING)
+             log_to_driver=False, logging_level=logging.WARNING, runtime_env={"env_vars": patient})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = EngineConfig(device_slots=4, cpu_slots=4, kv_cache_tokens=2048, block_size=8, max_running=32)
@@ -144,7 +149,8 @@ def test_same_routes_and_errors_as_hf_delta_serve(cluster, client, serving_promp
 
 
 def test_requests_go_to_the_replica_that_holds_their_delta(client, serving_prompts, reference):
-    names = DELTAS[:6]
+    # Deltas no earlier test on this cluster has used: one that already sits on both replicas may go to either.
+    names = ("arith-x6", "cipher-x10", "facts-x1", "facts-x6", "chat-x10")
     first = {}
     for name in names:  # one request each: Serve places each delta on a replica, which loads it
         text, replica, _ = _complete(client, name, serving_prompts(name, 1)[0])
@@ -169,19 +175,22 @@ def test_requests_go_to_the_replica_that_holds_their_delta(client, serving_promp
 
 def test_each_replica_batches_several_deltas(client, serving_prompts, reference):
     jobs = [(name, p) for name in DELTAS for p in serving_prompts(name, 3)]
+    tokens = 6 * MAX  # long enough that requests of different deltas overlap on a busy machine
 
     def stream(job):
         name, prompt = job
         text = ""
-        for chunk in client.completions.create(model=name, prompt=prompt, max_tokens=2 * MAX, temperature=0,
+        for chunk in client.completions.create(model=name, prompt=prompt, max_tokens=tokens, temperature=0,
                                                stream=True):
             text += chunk.choices[0].text
         return text
 
+    for name in DELTAS:  # every delta loaded first: Serve loads a replica's models one at a time
+        _complete(client, name, serving_prompts(name, 1)[0])
     with ThreadPoolExecutor(len(jobs)) as pool:
         outputs = list(pool.map(stream, jobs))
     for (name, prompt), text in zip(jobs, outputs, strict=True):
-        assert text == reference(name, prompt, 2 * MAX), name
+        assert text == reference(name, prompt, tokens), name
     stats = _stats(client)
     replicas = stats["replicas"]
     assert len(replicas) == 2
