@@ -2,7 +2,7 @@
 
 Sections (give new fixtures a section of their own):
 
-* Local Hugging Face Hub: ``hub``, ``hub_cache``, ``hf_offline``.
+* Local Hugging Face Hub: ``hub``, ``hub_errors_fail``, ``repo_id``, ``hub_cache``, ``hf_offline``.
 * Micro zoo and its compressed deltas: ``micro_zoo``, ``micro_delta``, ``torch_one_thread``.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -135,6 +136,20 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
             yield server
         finally:
             _close_hf_session()
+
+
+@pytest.fixture
+def hub_errors_fail(hub: LocalHub) -> Iterator[None]:
+    """Fail a test whose requests hit a LocalHub bug (answered as HTTP 500, recorded in ``hub.errors``)."""
+    yield
+    assert not hub.errors, hub.errors[-1]
+
+
+@pytest.fixture
+def repo_id(request: pytest.FixtureRequest) -> str:
+    """A repo id unique to the test (module and test name), since the session-wide hub keeps every repo."""
+    name = f"{request.node.module.__name__}-{request.node.name}"
+    return "org/" + re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:90]
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,7 @@ from hf_delta.errors import BaseModelMismatchError, DeltaFormatError
 from hf_delta.hub import push_delta_to_hub
 from hf_delta.storage import Delta
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _no_server_errors(hub: LocalHub) -> Iterator[None]:
-    yield
-    assert not hub.errors, hub.errors[-1]
-
-
-@pytest.fixture
-def repo_id(request: pytest.FixtureRequest) -> str:
-    """A repo id unique to the test (the session-wide hub keeps every repo)."""
-    return "org/hub-" + re.sub(r"[^A-Za-z0-9._-]+", "-", request.node.name)[:80]
+pytestmark = pytest.mark.usefixtures("torch_one_thread", "hub_errors_fail")
 
 
 def _tensors_equal(a: Delta, b: Delta) -> bool:

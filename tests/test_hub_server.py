@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,19 +28,7 @@ from huggingface_hub.errors import (
 CONFIG = b'{"hidden_size": 8}\n'
 WEIGHTS = random.Random(0).randbytes(100_000)  # binary, not valid UTF-8
 SHA = re.compile(r"[0-9a-f]{40}")
-
-
-@pytest.fixture(autouse=True)
-def _no_server_errors(hub: LocalHub) -> Iterator[None]:
-    """Fail a test whose requests hit a LocalHub bug (answered as HTTP 500, recorded in hub.errors)."""
-    yield
-    assert not hub.errors, hub.errors[-1]
-
-
-@pytest.fixture
-def repo_id(request: pytest.FixtureRequest) -> str:
-    """A repo id unique to the test, since the session-wide hub keeps every repo."""
-    return "org/" + re.sub(r"[^A-Za-z0-9._-]+", "-", request.node.name)[:90]
+pytestmark = pytest.mark.usefixtures("hub_errors_fail")
 
 
 @pytest.fixture

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 
 import pytest
+from http_helpers import request_json
 
 from hf_delta.serving.coserve import CoServeScheduler, StepTimeModel
 
@@ -56,13 +55,7 @@ def test_bad_scheduler_settings():
 
 # ------------------------------------------------------------------------------------------- HTTP API
 def _call(url: str, method: str = "GET", body: dict | None = None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return request_json(url, method=method, body=json.dumps(body).encode() if body is not None else None)
 
 
 def test_fine_tuning_jobs_api(micro_base, tmp_path, torch_one_thread):

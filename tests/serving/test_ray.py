@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from http_helpers import request_json
 
 openai = pytest.importorskip("openai")
 ray = pytest.importorskip("ray")
@@ -83,13 +81,7 @@ def _stats(client) -> dict:
 
 
 def _post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    req = urllib.request.Request(url + "/v1/completions", data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return request_json(url + "/v1/completions", method="POST", body=body, key=key)
 
 
 # ------------------------------------------------------------------------------------------ without Ray running

@@ -8,6 +8,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from http_helpers import request_json
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -34,15 +35,7 @@ def client(server):
 
 
 def _post(server, path: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(server.url + path, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return request_json(server.url + path, method="POST", body=body, key=key)
 
 
 def test_models_and_health(server, client, serving_deltas):
