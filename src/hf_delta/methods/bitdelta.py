@@ -7,7 +7,6 @@ Scale distillation then trains only the scales so the compressed model's logits 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaFormatError
 from ..packing import pack_1bit_u8, packed_width, unpack_signs
+from ._dispatch import IdentityCache, kernels_forced, stacked_slots, use_kernels
 from .base import CompressedWeight, DeltaMethod, register_delta_method
 
 if TYPE_CHECKING:
@@ -74,10 +74,13 @@ class BitDeltaWeight(CompressedWeight):
             out = y if out is None else out + y
         return out
 
+    def _kernel_scales(self) -> torch.Tensor:
+        scales = self.scales.float()
+        return scales.expand(self.passes, self.shape[0]) if scales.shape[1] == 1 else scales
+
     def add_to_rows(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None) -> None:
-        forced = os.environ.get("HF_DELTA_KERNELS") == "triton"  # run Triton on CPU (TRITON_INTERPRET=1) to test
-        if not (x.is_cuda or forced) or (torch.is_grad_enabled() and self.scales.requires_grad):
-            super().add_to_rows(x, out, rows)  # CPU, or scale distillation (the kernel has no backward)
+        if not use_kernels(x, self.scales):
+            super().add_to_rows(x, out, rows)  # CPU, or autograd (scale distillation; the kernel has no backward)
             return
         from hf_delta.kernels import bitdelta_matmul
 
@@ -85,29 +88,43 @@ class BitDeltaWeight(CompressedWeight):
         # -1 = skip) and adds scale ⊙ (x @ signᵀ) straight into the base output; no gather, no dense delta.
         slots = torch.full((x.shape[0],), -1, dtype=torch.int32, device=x.device)
         slots[slice(None) if rows is None else rows] = 0
-        scales = self.scales.float()
-        scales = scales.expand(self.passes, self.shape[0]) if scales.shape[1] == 1 else scales
-        bitdelta_matmul(x.contiguous(), out, slots, self.signs.unsqueeze(0), scales.unsqueeze(0),
-                        backend="triton" if forced else "auto")
+        bitdelta_matmul(x.contiguous(), out, slots, self.signs.unsqueeze(0), self._kernel_scales().unsqueeze(0),
+                        backend="triton" if kernels_forced() else "auto")
 
     @classmethod
     def add_to_rows_many(cls, weights: list[CompressedWeight], x: torch.Tensor, out: torch.Tensor,
                          rows: list[torch.Tensor | None]) -> None:
-        # The CPU serving path: a step routes its rows to many deltas in every layer. One unpack of all their
-        # signs and one batched matmul over rows gathered per delta replace a Python loop of small operations.
-        batchable = (
-            len(weights) > 1
-            and not x.is_cuda
-            and os.environ.get("HF_DELTA_KERNELS") != "triton"
-            and not (torch.is_grad_enabled() and any(w.scales.requires_grad for w in weights))
-            and all(r is not None for r in rows)
-            # Deltas of one layer share its shape; one pass each and one kind of scale let them stack.
-            and all(w.signs.shape[0] == 1 and w.scales.shape == weights[0].scales.shape for w in weights)
-        )
-        if not batchable:
-            super().add_to_rows_many(weights, x, out, rows)
+        # A serving step routes its rows to many deltas in every layer. Deltas of one layer share its shape;
+        # one sign pass each (CPU) or the same number of passes (kernel) lets them stack.
+        several = len(weights) > 1 and all(r is not None for r in rows)
+        if several and use_kernels(x, *(w.scales for w in weights)):
+            if all(w.passes == weights[0].passes for w in weights):
+                cls._kernel_many(weights, x, out, rows)
+                return
+        elif several and not (torch.is_grad_enabled() and any(w.scales.requires_grad for w in weights)) and all(
+                w.passes == 1 and w.scales.shape == weights[0].scales.shape for w in weights):
+            cls._batched_many(weights, x, out, rows)
             return
-        plan = _row_plan(rows, x.shape[0])
+        super().add_to_rows_many(weights, x, out, rows)
+
+    @staticmethod
+    def _kernel_many(weights: list[BitDeltaWeight], x: torch.Tensor, out: torch.Tensor,
+                     rows: list[torch.Tensor]) -> None:
+        """One kernel launch for every delta of the layer (rows picked by slot), not one launch per delta."""
+        from hf_delta.kernels import bitdelta_matmul
+
+        slots, plan = stacked_slots(rows, x.shape[0], x.device)
+        signs = torch.stack([w.signs for w in weights])
+        scales = torch.stack([w._kernel_scales() for w in weights])
+        bitdelta_matmul(x.contiguous(), out, slots, signs, scales, plan=plan,
+                        backend="triton" if kernels_forced() else "auto")
+
+    @staticmethod
+    def _batched_many(weights: list[BitDeltaWeight], x: torch.Tensor, out: torch.Tensor,
+                      rows: list[torch.Tensor]) -> None:
+        """The CPU serving path: one unpack of all the deltas' signs and one batched matmul over rows gathered
+        per delta replace a Python loop of small operations."""
+        plan = _ROW_PLANS.get(rows, (x.shape[0],), lambda: _RowPlan(rows, x.shape[0]))
         for d in plan.alone:
             weights[d].add_to_rows(x, out, rows[d])
         if plan.together:
@@ -151,7 +168,6 @@ class _RowPlan:
     """
 
     def __init__(self, rows: list[torch.Tensor], n: int):
-        self.rows = rows
         counts = [len(r) for r in rows]
         limit = max(8, 2 * sorted(counts)[len(counts) // 2])
         self.alone = [d for d, c in enumerate(counts) if c > limit]
@@ -166,19 +182,7 @@ class _RowPlan:
         self.targets = self.index.reshape(-1)[self.sources]
 
 
-_LAST_PLAN: list[_RowPlan] = []
-
-
-def _row_plan(rows: list[torch.Tensor], n: int) -> _RowPlan:
-    # Every linear layer of a forward pass routes the same row tensors: build their plan once. Identity is a
-    # safe key because the cached plan keeps the tensors alive.
-    if _LAST_PLAN:
-        last = _LAST_PLAN[0]
-        if len(last.rows) == len(rows) and all(a is b for a, b in zip(last.rows, rows, strict=True)):
-            return last
-    plan = _RowPlan(rows, n)
-    _LAST_PLAN[:] = [plan]
-    return plan
+_ROW_PLANS = IdentityCache()
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,7 @@ from ..packing import (
     unpack_2of4_u8,
     unpack_lowbit_u8,
 )
+from ._dispatch import kernels_forced, stacked_slots, use_kernels
 from .base import CompressedWeight, DeltaMethod, register_delta_method
 
 if TYPE_CHECKING:
@@ -178,32 +178,57 @@ class DeltaZipWeight(CompressedWeight):
         out = torch.zeros((*x.shape[:-1], self.shape[0]), dtype=y.dtype, device=y.device)
         return out.index_copy_(-1, self._row_index.long(), y)
 
+    def _fusable(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether the kernel computes this delta's product on ``x`` (formats it cannot tile: 3-bit, bitmap, only
+        some rows stored; other dtypes and autograd take the generic dense path)."""
+        if not use_kernels(x):
+            return False
+        from hf_delta.kernels import deltazip_kernel_supports
+
+        return (deltazip_kernel_supports(self.bits, self.layout) and self._row_index is None
+                and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and out.dtype == x.dtype)
+
+    def _positions(self) -> torch.Tensor | None:
+        return self.mask if self.layout == "2:4" else None
+
     def add_to_rows(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None) -> None:
         # Fused on CUDA (or on CPU when HF_DELTA_KERNELS=triton forces the interpreted kernel, for tests): the
         # kernel reads the packed ints once, picks this delta's rows by slot (0 = this delta, -1 = skip) and adds
-        # x @ (q * scale)ᵀ straight into the base output; no gather, no dense delta. Formats the kernel cannot
-        # tile (3-bit, bitmap, only some rows stored), other dtypes and autograd take the generic dense path.
+        # x @ (q * scale)ᵀ straight into the base output; no gather, no dense delta.
+        if not self._fusable(x, out):
+            super().add_to_rows(x, out, rows)
+            return
+        from hf_delta.kernels import deltazip_matmul
 
-        forced = os.environ.get("HF_DELTA_KERNELS") == "triton"
-        if x.is_cuda or forced:
-            from hf_delta.kernels import deltazip_kernel_supports, deltazip_matmul
+        slots = torch.full((x.shape[0],), -1, dtype=torch.int32, device=x.device)
+        slots[slice(None) if rows is None else rows] = 0
+        positions = self._positions()
+        deltazip_matmul(x.contiguous(), out, slots, self.qweight.unsqueeze(0), self.scales.unsqueeze(0),
+                        bits=self.bits, layout=self.layout, group_size=self.group_size,
+                        positions=None if positions is None else positions.unsqueeze(0),
+                        backend="triton" if kernels_forced() else "auto")
 
-            fused = (
-                deltazip_kernel_supports(self.bits, self.layout)
-                and self._row_index is None
-                and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                and out.dtype == x.dtype
-                and not (torch.is_grad_enabled() and x.requires_grad)
-            )
-            if fused:
-                slots = torch.full((x.shape[0],), -1, dtype=torch.int32, device=x.device)
-                slots[slice(None) if rows is None else rows] = 0
-                positions = self.mask.unsqueeze(0) if self.layout == "2:4" else None
-                deltazip_matmul(x.contiguous(), out, slots, self.qweight.unsqueeze(0), self.scales.unsqueeze(0),
-                                bits=self.bits, layout=self.layout, group_size=self.group_size, positions=positions,
-                                backend="triton" if forced else "auto")
-                return
-        super().add_to_rows(x, out, rows)
+    @classmethod
+    def add_to_rows_many(cls, weights: list[CompressedWeight], x: torch.Tensor, out: torch.Tensor,
+                         rows: list[torch.Tensor | None]) -> None:
+        # Deltas of one layer in the same format (bits, layout, scale groups) go through one kernel launch.
+        first = weights[0]
+        same = len(weights) > 1 and all(r is not None for r in rows) and all(
+            isinstance(w, DeltaZipWeight) and w._fusable(x, out) and (w.bits, w.layout, w.group_size)
+            == (first.bits, first.layout, first.group_size) and w.scales.shape == first.scales.shape
+            and w.scales.dtype == first.scales.dtype for w in weights)
+        if not same:
+            super().add_to_rows_many(weights, x, out, rows)
+            return
+        from hf_delta.kernels import deltazip_matmul
+
+        slots, plan = stacked_slots(rows, x.shape[0], x.device)
+        positions = first._positions()
+        deltazip_matmul(x.contiguous(), out, slots, torch.stack([w.qweight for w in weights]),
+                        torch.stack([w.scales for w in weights]), bits=first.bits, layout=first.layout,
+                        group_size=first.group_size, plan=plan,
+                        positions=None if positions is None else torch.stack([w._positions() for w in weights]),
+                        backend="triton" if kernels_forced() else "auto")
 
     def meta(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size, "layout": self.layout,
