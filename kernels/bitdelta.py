@@ -144,6 +144,9 @@ class BitDeltaKernelConfig(KernelConfig):
     """Tile sizes of the Triton kernel (all powers of two; ``tl.dot`` needs each >= 16 on GPUs).
 
     ``block_m`` rows of one delta × ``block_n`` outputs per program, ``block_k`` inputs per loop step.
+    With float16/bfloat16 activations ``block_k`` must be at least 32 (``MIN_BLOCK_K_16BIT``): compiled for an
+    H200 (Triton 3.6), 16 inputs per step of the paired sign unpack gave wrong sums, though the interpreter's
+    were right; 32 and up matched the fp64 oracle in every test.
     """
 
     block_n: int = 128
@@ -169,6 +172,8 @@ def _default_config(
         block_m=16, block_n=block_n, block_k=128, num_warps=8 if block_n >= 256 else 4, num_stages=3
     )
 
+
+MIN_BLOCK_K_16BIT = 32
 
 # Bit pattern of -1.0 in each activation dtype (the kernel sets the sign bit of +1 where a sign bit is clear).
 _NEG_ONE_BITS = {torch.float16: 0xBC00, torch.bfloat16: 0xBF80, torch.float32: 0xBF800000}
@@ -415,7 +420,8 @@ def bitdelta_matmul(
         TypeError: A dtype is wrong (x/out not fp16/bf16/fp32 or not equal, slots not int, signs not uint8,
             scales not fp32) or an argument is not a tensor.
         ValueError: Shapes disagree, tensors sit on different devices, ``x`` is not contiguous, a slot is
-            outside ``[-1, D)``, ``plan`` does not match, or the requested backend cannot run here.
+            outside ``[-1, D)``, ``plan`` does not match, ``config.block_k`` is below 32 with 16-bit
+            activations, or the requested backend cannot run here.
         ImportError: The Triton backend is needed but triton is not installed.
 
     Example:
@@ -429,6 +435,11 @@ def bitdelta_matmul(
     """
     _common.check_backend_name(backend, op=_OP)
     _check_inputs(x, out, slots, signs, scales)
+    if config is not None and x.dtype != torch.float32 and config.block_k < MIN_BLOCK_K_16BIT:
+        raise ValueError(
+            f"{_OP}: config.block_k={config.block_k} is too small for {x.dtype} activations; use block_k >= "
+            f"{MIN_BLOCK_K_16BIT} (see BitDeltaKernelConfig) or leave config=None for the default tiles."
+        )
     num_deltas = signs.shape[0]
     if scales.shape[2] != out.shape[1]:
         scales = scales.expand(-1, -1, out.shape[1])  # per-matrix scale: stride 0, no copy
