@@ -97,3 +97,15 @@ def test_delta_without_fingerprint_is_not_checked(micro_zoo, micro_delta, tmp_pa
     delta.save_pretrained(tmp_path / "d")
     model = DeltaModel.from_pretrained(_load(micro_zoo, "llama-cipher"), tmp_path / "d")
     assert model.list_deltas() == ["default"]
+
+
+def test_fingerprint_samples_stay_inside_tensors_over_2_24_values():
+    # float32 positions of the last sample round up past the end of such tensors (a 7B model's 32000 x 4096
+    # embedding crashed both fingerprinting and the check); 2**24 + 4 values is the smallest such size.
+    model = torch.nn.Embedding(2**22 + 1, 4, dtype=torch.float16)
+    with torch.no_grad():
+        model.weight.copy_(torch.arange(model.weight.numel()).reshape(model.weight.shape) % 1000)
+    fp = base_fingerprint(model)
+    (name, values), = fp["samples"]
+    assert values[-1] == float((model.weight.numel() - 1) % 1000)
+    assert fingerprint_mismatch(fp, model) is None

@@ -24,6 +24,13 @@ def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted((n, p) for n, p in model.state_dict().items() if p.is_floating_point())
 
 
+def _positions(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` evenly spread positions in ``flat``, on its device."""
+    # float32 positions round past the end of tensors over 2**24 values (a 7B model's embedding): clamp.
+    idx = torch.linspace(0, flat.numel() - 1, k).long().clamp_(max=flat.numel() - 1)
+    return idx.to(flat.device)
+
+
 def base_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     """Fingerprint of ``model``: a hash of names and shapes, and a few values from evenly spread tensors."""
     tensors = _named_tensors(model)
@@ -32,8 +39,7 @@ def base_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     samples = []
     for name, p in tensors[::step][:_MAX_TENSORS]:
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR).long()
-        samples.append([name, [round(float(v), 6) for v in flat[idx].float().cpu()]])
+        samples.append([name, [round(float(v), 6) for v in flat[_positions(flat, _SAMPLES_PER_TENSOR)].float().cpu()]])
     return {"layout": layout, "samples": samples}
 
 
@@ -44,10 +50,10 @@ def fingerprint_mismatch(expected: dict[str, Any], model: torch.nn.Module) -> st
         return "its parameter names or shapes differ"
     state = model.state_dict()
     for name, values in expected.get("samples", []):
-        flat = state[name].detach().reshape(-1).float().cpu()
-        idx = torch.linspace(0, flat.numel() - 1, len(values)).long()
+        flat = state[name].detach().reshape(-1)
+        got = flat[_positions(flat, len(values))].float().cpu()  # only the sampled values leave the device
         ref = torch.tensor(values)
-        if not torch.allclose(flat[idx], ref, rtol=_RTOL, atol=1e-3 * (ref.abs().max().item() + 1e-6)):
+        if not torch.allclose(got, ref, rtol=_RTOL, atol=1e-3 * (ref.abs().max().item() + 1e-6)):
             return f"its weights differ (first at {name})"
     return None
 
