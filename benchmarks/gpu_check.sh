@@ -1,55 +1,98 @@
 #!/usr/bin/env bash
-# One command for a GPU session: versions, the kernel tests on the real GPU (compiled Triton, not the
-# interpreter: BitDelta 1-bit and DeltaZip 2/4/8-bit dense and 2:4, unit and layer-level), then the kernel
-# benchmark (every format in one table). Extra arguments go to benchmarks/kernels.py (e.g. --quick,
-# --formats deltazip-4bit-2:4, --group-size 128).
-# If $OUT is set, the logs and this run's benchmark results are copied there.
+# The whole GPU check in one command, phase by phase, each under its own time limit so that one slow or
+# broken phase never costs the others:
+#
+#   tests        kernel tests on the real GPU (compiled Triton, not the interpreter: BitDelta 1-bit and DeltaZip
+#                2/4/8-bit dense and 2:4, unit, property and layer level, one launch per layer for stacked deltas)
+#   engine       the serving engine on CUDA against single-request greedy references computed on the CPU
+#   coserve      hf-delta bench coserve on the small zoo (LoRA fine-tuning inside inference steps)
+#   serve-small  hf-delta bench serve on the small zoo, 16 deltas (engine, naive swapping, merged, PEFT loop)
+#   kernels      benchmarks/kernels.py --quick (every delta format in one table; KERNEL_BENCH_ARGS adds flags)
+#   serve-7b     hf-delta bench serve on Llama-7B-shaped random weights with synthetic deltas
+#
+#   bash benchmarks/gpu_check.sh                      # every phase, in that order
+#   bash benchmarks/gpu_check.sh tests engine         # some phases
+#
+# The small-zoo phases read the zoo from $HF_DELTA_ZOO (default ~/.cache/hf_delta/zoo; `hf-delta zoo build
+# --size small` makes it) and skip when it is missing. Results go to benchmarks/results/gpu/; with $OUT set
+# (the device tool), the logs and results are also packed into $OUT/gpu_check.tar.gz and a summary printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-unset TRITON_INTERPRET  # the compiled kernel is what this checks
-LOG_DIR=${OUT:-$(mktemp -d)}
-mkdir -p "$LOG_DIR"
-start_marker=$(mktemp)
+PY=${PYTHON:-python3}
+unset TRITON_INTERPRET  # the compiled kernels are what this checks
+export PYTHONUNBUFFERED=1
+ALL_PHASES="tests engine coserve serve-small kernels serve-7b"
+PHASES=${*:-$ALL_PHASES}
+for p in $PHASES; do
+    case " $ALL_PHASES " in *" $p "*) ;; *) echo "gpu_check: unknown phase $p (phases: $ALL_PHASES)"; exit 2 ;; esac
+done
+RESULTS=benchmarks/results/gpu
+LOGS=$(mktemp -d)
+WORK=${HF_DELTA_BENCH_WORK:-${TMPDIR:-/tmp}/hf-delta-gpu-work}
+ZOO=${HF_DELTA_ZOO:-$HOME/.cache/hf_delta/zoo}
+mkdir -p "$RESULTS" "$WORK"
+SUMMARY="$LOGS/summary.txt"
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || nvidia-smi
     "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__,
 "| cuda", torch.version.cuda, "| triton", triton.__version__, "|", torch.cuda.get_device_name())'
-} 2>&1 | tee "$LOG_DIR/gpu_env.txt"
+} 2>&1 | tee "$LOGS/env.txt"
 
 # hf_delta.kernels maps to kernels/ only in an installed package (see pyproject.toml).
-if ! "$PY" -c 'import hf_delta.kernels.bitdelta, hf_delta.kernels.deltazip' 2>/dev/null; then
-    echo "hf_delta not importable here; trying an editable install without dependencies" | tee -a "$LOG_DIR/gpu_env.txt"
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$LOG_DIR/gpu_env.txt"
-    if ! "$PY" -c 'import hf_delta.kernels.bitdelta, hf_delta.kernels.deltazip' 2>&1 | tee -a "$LOG_DIR/gpu_env.txt"; then
-        echo "gpu_check: cannot import hf_delta.kernels (missing dependencies above)"
-        exit 2
-    fi
+if ! "$PY" -c 'import hf_delta.kernels.bitdelta' 2>/dev/null; then
+    echo "installing hf_delta (editable, no dependencies)" | tee -a "$LOGS/env.txt"
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$LOGS/env.txt"
 fi
 
-status=0
-# No --confcutdir: the layer-level tests (test_layer_dispatch.py, the DeltaZip layer test) need the repo-wide
-# micro_zoo fixture from tests/conftest.py (stdlib + hf_delta's own dependencies; builds the zoo in ~20 s).
-"$PY" -m pytest tests/kernels -q -p no:cacheprovider -ra 2>&1 | tee "$LOG_DIR/gpu_pytest.txt"
-test_status=${PIPESTATUS[0]}
-[ "$test_status" -ne 0 ] && status=$test_status
+# phase NAME SECONDS COMMAND...: run COMMAND under a time limit, log it, record its exit status and duration.
+phase() {
+    local name=$1 limit=$2 start rc
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    start=$(date +%s)
+    timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    rc=$?
+    printf '%-12s exit %3d  %4ds\n' "$name" "$rc" "$(($(date +%s) - start))" | tee -a "$SUMMARY"
+    tail -n 15 "$LOGS/$name.log"
+}
 
-"$PY" benchmarks/kernels.py "$@" 2>&1 | tee "$LOG_DIR/gpu_bench.txt"
-bench_status=${PIPESTATUS[0]}
-[ "$bench_status" -ne 0 ] && status=$bench_status
+has_small_zoo() {
+    if [ -f "$ZOO/small/zoo.json" ]; then return 0; fi
+    printf '%-12s skipped: no small zoo under %s\n' "$1" "$ZOO" | tee -a "$SUMMARY"
+    return 1
+}
 
-# Serving on Llama-7B-shaped random weights with synthetic deltas (about 6-8 minutes on an H100).
-"$PY" benchmarks/serve.py -v --synthetic llama-7b --deltas 4,16 --popularity skewed --requests 48 --rate 16 \
-    --max-tokens 32 --device-slots 8 --cpu-slots 8 --load-repeats 2 --work-dir "${TMPDIR:-/tmp}/hf-delta-serve" \
-    2>&1 | tee "$LOG_DIR/gpu_serve.txt"
-serve_status=${PIPESTATUS[0]}
-[ "$serve_status" -ne 0 ] && status=$serve_status
+for p in $PHASES; do
+    case $p in
+    tests)
+        workers=()  # compile kernels in parallel where pytest-xdist is installed
+        "$PY" -c 'import xdist' 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
+        phase tests "${LIMIT_TESTS:-200}" "$PY" -m pytest tests/kernels tests/test_layers.py -q -p no:cacheprovider \
+            -ra --durations=10 "${workers[@]}" ;;
+    engine)
+        phase engine "${LIMIT_ENGINE:-120}" env HF_DELTA_TEST_DEVICE=cuda "$PY" -m pytest tests/serving/test_engine.py \
+            -q -p no:cacheprovider -ra ;;
+    coserve)
+        has_small_zoo coserve && phase coserve "${LIMIT_COSERVE:-120}" "$PY" -m hf_delta.cli -v bench coserve \
+            --size small --dir "$ZOO" --requests 32 --rate 2 --device cuda --out "$RESULTS" --work-dir "$WORK" ;;
+    serve-small)
+        has_small_zoo serve-small && phase serve-small "${LIMIT_SERVE_SMALL:-120}" "$PY" benchmarks/serve.py -v \
+            --size small --dir "$ZOO" --deltas 16 --systems engine,naive,merged --device cuda --load-repeats 3 --out "$RESULTS" --work-dir "$WORK" ;;
+    kernels)
+        # shellcheck disable=SC2086  # KERNEL_BENCH_ARGS is a list of flags
+        phase kernels "${LIMIT_KERNELS:-90}" "$PY" benchmarks/kernels.py --quick ${KERNEL_BENCH_ARGS:-} ;;
+    serve-7b)
+        phase serve-7b "${LIMIT_SERVE_7B:-300}" "$PY" benchmarks/serve.py -v --synthetic llama-7b --deltas "${DELTAS_7B:-16}" \
+            --popularity skewed --requests 32 --rate inf --max-tokens 32 --systems engine,naive \
+            --device-slots 16 --cpu-slots 16 --load-repeats 1 --out "$RESULTS" --work-dir "$WORK" ;;
+    esac
+done
 
+find benchmarks/results -maxdepth 1 -name 'kernels-*' -newer "$LOGS/env.txt" -exec cp {} "$RESULTS"/ \;
 if [ -n "${OUT:-}" ]; then
-    find benchmarks/results -maxdepth 1 \( -name 'kernels-*' -o -name 'serve-synthetic-*' \) -newer "$start_marker" \
-        -exec cp {} "$OUT"/ \;
+    tar czf "$OUT/gpu_check.tar.gz" -C "$LOGS" . -C "$PWD/benchmarks/results" gpu
 fi
-rm -f "$start_marker"
-echo "gpu_check: tests exit $test_status, kernel benchmark exit $bench_status, serve benchmark exit $serve_status (logs in $LOG_DIR)"
-exit $status
+echo "--- gpu_check summary (logs in $LOGS)"
+cat "$LOGS/env.txt" "$SUMMARY"
+! grep -qv ' exit   0 \|skipped' "$SUMMARY"

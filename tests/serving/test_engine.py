@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -23,7 +24,9 @@ def _step_until(engine: Engine, done, limit: int = 2000) -> None:
 
 
 def _engine(base, deltas, **config) -> Engine:
-    return Engine(base, deltas=deltas, config=EngineConfig(**{"kv_cache_tokens": 2048, "block_size": 8, **config}))
+    # HF_DELTA_TEST_DEVICE=cuda runs these engines on a GPU (benchmarks/gpu_check.sh); references stay on the CPU.
+    return Engine(base, deltas=deltas, config=EngineConfig(**{"kv_cache_tokens": 2048, "block_size": 8, **config}),
+                  device=os.environ.get("HF_DELTA_TEST_DEVICE"))
 
 
 @pytest.fixture(scope="module")

@@ -117,8 +117,12 @@ def peft_activation_bytes(base: str | Path, job) -> int:
 
 
 def bench_coserve(*, size: str = "small", zoo_dir: str | Path | None = None, settings: CoserveSettings,
-                  out: str | Path = "benchmarks/results", work_dir: str | Path, command: str) -> str:
-    """Run the four systems and write ``coserve-<size>.{json,md,png}``; returns the Markdown."""
+                  out: str | Path = "benchmarks/results", work_dir: str | Path, command: str,
+                  device: str | None = None) -> str:
+    """Run the four systems and write ``coserve-<size>.{json,md,png}``; returns the Markdown.
+
+    ``device``: where the engines run (default: CUDA when there is a GPU, else the CPU).
+    """
     from ..zoo.build import load_zoo
     from ..zoo.report import write_results
 
@@ -131,8 +135,10 @@ def bench_coserve(*, size: str = "small", zoo_dir: str | Path | None = None, set
     config = settings.engine or EngineConfig(device_slots=8, cpu_slots=8, kv_cache_tokens=8192, max_running=64)
     deltas = {s.name: s.delta for s in served}
 
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
     def engine() -> Engine:
-        e = Engine(base, deltas=deltas, config=config)
+        e = Engine(base, deltas=deltas, config=config, device=dev)
         e.generate([[1, 2, 3]], model=[served[0].name], params=SamplingParams(max_tokens=2))  # warm-up
         return e
 
@@ -167,9 +173,10 @@ def bench_coserve(*, size: str = "small", zoo_dir: str | Path | None = None, set
     summary = _summary(rows, peft_bytes)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: r.get(k) for k in columns} for r in rows]  # every row with every column (the table's header)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    settings_json = {k: v for k, v in vars(settings).items() if k != "engine"}
     md = write_results(rows, out, name=f"coserve-{size}", command=command,
-                       extra={"summary": summary, "settings": {k: v for k, v in vars(settings).items()
-                                                               if k != "engine"},
+                       extra={"summary": summary, "device": str(dev), "gpu": gpu, "settings": settings_json,
                               "loss_curves": {k: [{"step": h["step"], "loss": h["loss"], "time": h["time"]}
                                                   for h in v] for k, v in curves.items()}})
     md += "\n" + "\n".join(f"- {k}: {v}" for k, v in summary.items()) + "\n"
@@ -231,6 +238,7 @@ def add_bench_coserve_arguments(parser) -> None:
                         help="length of training-only steps (no request waiting) as a multiple of the SLO")
     parser.add_argument("--finetune-steps", type=int, default=30, help="optimizer steps of the fine-tune-alone run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "hf_delta" / "bench-serve"),
                         help="where compressed deltas and job outputs are kept")
@@ -244,5 +252,5 @@ def bench_coserve_main(args, *, command: str) -> int:
                                slo_factor=args.slo_factor, idle_factor=args.idle_factor,
                                finetune_steps=args.finetune_steps)
     print(bench_coserve(size=args.size, zoo_dir=args.dir, settings=settings, out=args.out, work_dir=args.work_dir,
-                        command=command))
+                        command=command, device=args.device))
     return 0
