@@ -54,15 +54,17 @@ class IdentityCache:
 _SLOTS = IdentityCache()
 
 
-def stacked_slots(rows: Sequence[torch.Tensor], num_rows: int, device: torch.device) -> tuple[torch.Tensor, Any]:
-    """The slot vector (``slots[r] = d`` for the ``d``-th row set, ``-1`` elsewhere) and its kernel tile plan
-    for one launch over ``len(rows)`` stacked deltas; built once per forward pass (one host sync)."""
+def stacked_slots(rows: Sequence[torch.Tensor | None], num_rows: int,
+                  device: torch.device) -> tuple[torch.Tensor, Any]:
+    """The slot vector (``slots[r] = d`` for the ``d``-th row set, ``None`` = every row; ``-1`` elsewhere) and
+    its kernel tile plan for one launch over ``len(rows)`` stacked deltas; built once per forward pass (the
+    plan's one host sync) instead of once per layer."""
     from hf_delta.kernels import plan_bitdelta_batch
 
     def build() -> tuple[torch.Tensor, Any]:
         slots = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
         for d, r in enumerate(rows):
-            slots[r] = d
+            slots[slice(None) if r is None else r] = d
         return slots, plan_bitdelta_batch(slots, len(rows))
 
     return _SLOTS.get(rows, (num_rows, device), build)

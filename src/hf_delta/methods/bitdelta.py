@@ -86,10 +86,9 @@ class BitDeltaWeight(CompressedWeight):
 
         # Fused: the kernel reads the packed bits once, picks this delta's rows by slot (0 = this delta,
         # -1 = skip) and adds scale ⊙ (x @ signᵀ) straight into the base output; no gather, no dense delta.
-        slots = torch.full((x.shape[0],), -1, dtype=torch.int32, device=x.device)
-        slots[slice(None) if rows is None else rows] = 0
+        slots, plan = stacked_slots([rows], x.shape[0], x.device)
         bitdelta_matmul(x.contiguous(), out, slots, self.signs.unsqueeze(0), self._kernel_scales().unsqueeze(0),
-                        backend="triton" if kernels_forced() else "auto")
+                        plan=plan, backend="triton" if kernels_forced() else "auto")
 
     @classmethod
     def add_to_rows_many(cls, weights: list[CompressedWeight], x: torch.Tensor, out: torch.Tensor,

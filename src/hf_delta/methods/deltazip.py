@@ -200,11 +200,10 @@ class DeltaZipWeight(CompressedWeight):
             return
         from hf_delta.kernels import deltazip_matmul
 
-        slots = torch.full((x.shape[0],), -1, dtype=torch.int32, device=x.device)
-        slots[slice(None) if rows is None else rows] = 0
+        slots, plan = stacked_slots([rows], x.shape[0], x.device)
         positions = self._positions()
         deltazip_matmul(x.contiguous(), out, slots, self.qweight.unsqueeze(0), self.scales.unsqueeze(0),
-                        bits=self.bits, layout=self.layout, group_size=self.group_size,
+                        bits=self.bits, layout=self.layout, group_size=self.group_size, plan=plan,
                         positions=None if positions is None else positions.unsqueeze(0),
                         backend="triton" if kernels_forced() else "auto")
 
