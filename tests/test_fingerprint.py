@@ -106,6 +106,6 @@ def test_fingerprint_samples_stay_inside_tensors_over_2_24_values():
     with torch.no_grad():
         model.weight.copy_(torch.arange(model.weight.numel()).reshape(model.weight.shape) % 1000)
     fp = base_fingerprint(model)
-    (name, values), = fp["samples"]
+    ((_, values),) = fp["samples"]
     assert values[-1] == float((model.weight.numel() - 1) % 1000)
     assert fingerprint_mismatch(fp, model) is None
