@@ -341,29 +341,38 @@ class Engine:
         return segments, tokens
 
     def _forward(self, plan: Sequence[tuple[Request, int]],
-                 training: Any = None) -> dict[str, torch.Tensor | BaseException]:
-        """Logits row per sampling request; when the packed pass fails, each request is retried alone so that
-        one bad request fails by itself."""
+                 training: Any = None) -> tuple[torch.Tensor | None, dict[str, BaseException]]:
+        """Logits of the requests whose last token this step computes (one row each, in plan order; ``None`` if
+        there are none) and the errors of failed requests: when the packed pass fails, each request is retried
+        alone so that one bad request fails by itself."""
         segments, tokens = self._segments(plan)
         if training is not None and training.segments:
             return self._forward_with_training(plan, segments, tokens, training)
         try:
-            out = forward_step(self.model, StepBatch.pack(segments, tokens, device=self.model.device), self.cache)
-            rows = iter(out.logits)
-            return {s.key: next(rows) for s in segments if s.logits}
+            return forward_step(self.model, StepBatch.pack(segments, tokens, device=self.model.device),
+                                self.cache).logits, {}
         except Exception as err:
             if len(plan) == 1:
-                return {plan[0][0].id: err}
+                return None, {plan[0][0].id: err}
             self.counters["failed_steps"] += 1
             logger.warning("A packed step failed (%s); retrying its %d requests one by one", err, len(plan),
                            exc_info=True)
-        result: dict[str, torch.Tensor | BaseException] = {}
+        rows: list[torch.Tensor] = []
+        errors: dict[str, BaseException] = {}
         for item in plan:
-            result.update(self._forward([item]))
-        return result
+            logits, failed = self._forward([item])
+            rows.extend(logits if logits is not None else [])
+            errors.update(failed)
+        if not rows:
+            return None, errors
+        width = max(row.shape[-1] for row in rows)  # rows run alone may differ (grown vocabularies)
+        return torch.stack([row if row.shape[-1] == width else
+                            F.pad(row, (0, width - row.shape[-1]), value=torch.finfo(row.dtype).min)
+                            for row in rows]), errors
 
     def _forward_with_training(self, plan: Sequence[tuple[Request, int]], segments: list[Segment],
-                               tokens: list[list[int]], training: Any) -> dict[str, torch.Tensor | BaseException]:
+                               tokens: list[list[int]], training: Any) -> tuple[torch.Tensor | None,
+                                                                                dict[str, BaseException]]:
         """The packed pass with the trainer's segments after the requests' (their layer inputs captured); if it
         fails, the requests run again without them and the trainer is told."""
         try:
@@ -372,31 +381,27 @@ class Engine:
                 out = forward_step(self.model, batch, self.cache)
         except Exception as err:
             self.trainer.forward_failed(training, err)
-            return self._forward(plan) if plan else {}
-        rows = iter(out.logits)
-        return {s.key: next(rows) for s in segments if s.logits}
+            return self._forward(plan) if plan else (None, {})
+        return out.logits, {}  # training segments want no logits: every row is a request's
 
     def _run(self, plan: Sequence[tuple[Request, int]], training: Any = None) -> None:
-        results = self._forward(plan, training) if plan or (training is not None and training.segments) else {}
-        sampling: list[tuple[Request, torch.Tensor]] = []
+        logits, errors = (self._forward(plan, training) if plan or (training is not None and training.segments)
+                          else (None, {}))
+        sampling: list[Request] = []
         for request, n in plan:
-            outcome = results.get(request.id)
-            if isinstance(outcome, BaseException):
-                self._finish(request, "error", error=outcome)
+            error = errors.get(request.id)
+            if error is not None:
+                self._finish(request, "error", error=error)
                 continue
             request.num_computed += n
             self.counters["tokens"] += n
-            if outcome is not None:
-                sampling.append((request, outcome))
+            if request.num_computed == request.num_tokens:  # its last token ran: the segment wanted logits
+                sampling.append(request)
         if not sampling:
             return
-        width = max(row.shape[-1] for _, row in sampling)  # rows retried alone may differ (grown vocabularies)
-        logits = torch.stack([row if row.shape[-1] == width else
-                              F.pad(row, (0, width - row.shape[-1]), value=torch.finfo(row.dtype).min)
-                              for _, row in sampling])
-        picked = sample_rows(logits, [r.params for r, _ in sampling], [r.state["generator"] for r, _ in sampling])
+        picked = sample_rows(logits, [r.params for r in sampling], [r.state["generator"] for r in sampling])
         now = time.monotonic()
-        for (request, _), token in zip(sampling, picked, strict=True):
+        for request, token in zip(sampling, picked, strict=True):
             self._append(request, token, now)
 
     def _append(self, request: Request, token: int, now: float) -> None:

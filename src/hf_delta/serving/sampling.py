@@ -52,23 +52,35 @@ class SamplingParams:
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[torch.Generator | None]) -> list[int]:
-    """One token per row of ``logits`` (``[K, vocab]``): argmax for greedy rows, a draw for the others."""
+    """One token per row of ``logits`` (``[K, vocab]``): argmax for greedy rows, a draw for the others.
+
+    Rows with the same temperature, top-k and top-p are scaled, filtered and softmaxed together and copied to the
+    host at once (not one device round trip per row); each still draws from its own generator, so a row gets the
+    token it would get alone.
+    """
     out = logits.argmax(dim=-1).tolist()
+    groups: dict[tuple[float, int, float], list[int]] = {}
     for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = logits[i].float() / p.temperature
-        if p.top_k and p.top_k < row.numel():
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the most likely token
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        gen = generators[i]
-        out[i] = int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
+        if not p.greedy:
+            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+    for (temperature, top_k, top_p), rows in groups.items():
+        scaled = logits[rows].float() / temperature
+        if top_k and top_k < scaled.shape[-1]:
+            kth = torch.topk(scaled, top_k).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        if top_p < 1:
+            probs = torch.stack([_top_p(row, top_p) for row in probs])
+        for i, row in zip(rows, probs.cpu(), strict=True):
+            out[i] = int(torch.multinomial(row, 1, generator=generators[i]).item())
     return out
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` (one row) with all but the smallest set of most likely tokens that adds up to ``top_p`` zeroed."""
+    sorted_p, order = probs.sort(descending=True)
+    keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
+    return torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
 
 
 def make_generator(seed: int | None) -> torch.Generator:

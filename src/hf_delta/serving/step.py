@@ -225,15 +225,19 @@ def forward_step(model, batch: StepBatch, cache: PagedKVCache | None) -> StepOut
     try:
         routing.row_slots = batch.slots.unsqueeze(0)
         with _packed_attention(base.config):
-            hidden = base.get_decoder()(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
-                                        use_cache=False, hf_delta_plan=plan).last_hidden_state[0]
+            packed = base.get_decoder()(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
+                                        use_cache=False, hf_delta_plan=plan).last_hidden_state
+        hidden = packed[0]
         index = batch.logits_index
         head = base.get_output_embeddings()
         if index.numel() == 0:  # only prefill chunks that do not reach their prompt's end
             logits = hidden.new_zeros((0, head.weight.shape[0]))
         else:
-            routing.row_slots = batch.slots[index]
-            logits = head(hidden[index])
+            if index.numel() == hidden.shape[0]:  # every token wants logits (all decodes): no gather, and the
+                logits = head(packed)[0]  # decoder's [1, N] routing (its per-delta row split) is reused as is
+            else:
+                routing.row_slots = batch.slots[index]
+                logits = head(hidden[index])
             softcap = getattr(base.config, "final_logit_softcapping", None)
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
