@@ -59,6 +59,7 @@ REPLICA_HEADER = "x-hf-delta-replica"
 RESIDENCY_HEADER = "x-hf-delta-residency"
 AFFINITY_HEADER = "x-hf-delta-affinity"
 _LOST = (RayActorError, ReplicaUnavailableError)  # the replica died or went away before answering
+_SSE_DONE = b"data: [DONE]\n\n"  # the closing event of every stream of ``hf-delta serve``'s app
 
 
 # ------------------------------------------------------------------------------------------------- replica
@@ -166,18 +167,24 @@ class EngineReplica:
         extra = [(REPLICA_HEADER.encode(), self.replica_id.encode())]
         if residency:
             extra.append((RESIDENCY_HEADER.encode(), residency.encode()))
-        answered = False
+        answered, last = False, b""
         async for message in _asgi_messages(self.app, request):
             if message["type"] == "http.response.start":
                 answered = True
                 yield {"status": message["status"], "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "http.response.body" and message.get("body"):
-                yield message["body"]
+                if message["body"] == _SSE_DONE:
+                    last = message["body"]
+                else:
+                    yield message["body"]
         if not answered:
             failed = _error(500, "The replica produced no answer; see its log.", "server_error")
             yield {"status": 500, "headers": [*failed.raw_headers, *extra]}
             yield failed.body
+        # The counters go before a stream's closing event: clients hang up on [DONE], which cuts off what follows.
         yield {"replica": await asyncio.to_thread(self.summary)}
+        if last:
+            yield last
 
     def summary(self) -> dict[str, Any]:
         """This replica's id, residency hit/miss counts, resident deltas and batching counters."""
