@@ -42,13 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from hf_delta.kernels.bitdelta import (
     BitDeltaKernelConfig,
     bitdelta_matmul,
     plan_bitdelta_batch,
 )
 from hf_delta.kernels.deltazip import DeltaZipKernelConfig, deltazip_matmul
-
 from hf_delta.packing import packed_width, unpack_signs
 
 LAYERS = {"attn 4096x4096": (4096, 4096), "up 11008x4096": (11008, 4096), "down 4096x11008": (4096, 11008)}

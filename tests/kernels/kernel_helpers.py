@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-import hf_delta.kernels._common as common
 import pytest
 import torch
+
+import hf_delta.kernels._common as common
 
 try:
     from hypothesis import given, settings

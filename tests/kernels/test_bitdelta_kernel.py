@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import hf_delta.kernels.bitdelta as bd
 import kernel_helpers as kh
 import pytest
 import torch
-from hf_delta.kernels import bitdelta_matmul, bitdelta_matmul_reference
-from hf_delta.kernels.bitdelta import BitDeltaKernelConfig, plan_bitdelta_batch
 from kernel_helpers import DTYPES, SLOT_MODES, TOLERANCES, TRITON_DEVICES, given, settings, st
 
+import hf_delta.kernels.bitdelta as bd
+from hf_delta.kernels import bitdelta_matmul, bitdelta_matmul_reference
+from hf_delta.kernels.bitdelta import BitDeltaKernelConfig, plan_bitdelta_batch
 from hf_delta.packing import pack_1bit_u8, unpack_signs
 
 # Small tiles (interpreter cost grows with tile area). block_k=16 forces byte-wise sign loads;

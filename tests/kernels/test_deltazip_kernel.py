@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import hf_delta.kernels.deltazip as dzk
 import kernel_helpers as kh
 import pytest
 import torch
+from kernel_helpers import DTYPES, SLOT_MODES, TOLERANCES, TRITON_DEVICES, given, settings, st
+
+import hf_delta.kernels.deltazip as dzk
 from hf_delta.kernels import (
     DeltaZipKernelConfig,
     deltazip_kernel_supports,
@@ -21,8 +23,6 @@ from hf_delta.kernels import (
     deltazip_matmul_reference,
     plan_bitdelta_batch,
 )
-from kernel_helpers import DTYPES, SLOT_MODES, TOLERANCES, TRITON_DEVICES, given, settings, st
-
 from hf_delta.methods.deltazip import DeltaZipWeight
 from hf_delta.packing import pack_1bit_u8, pack_2of4_u8, pack_lowbit_u8
 
