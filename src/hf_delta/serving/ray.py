@@ -50,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .config import EngineConfig
-from .server import _error, _error_event, authorized, unauthorized
+from .server import SSE_DONE, _error, _error_event, authorized, unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ REPLICA_HEADER = "x-hf-delta-replica"
 RESIDENCY_HEADER = "x-hf-delta-residency"
 AFFINITY_HEADER = "x-hf-delta-affinity"
 _LOST = (RayActorError, ReplicaUnavailableError)  # the replica died or went away before answering
-_SSE_DONE = b"data: [DONE]\n\n"  # the closing event of every stream of ``hf-delta serve``'s app
 
 
 # ------------------------------------------------------------------------------------------------- replica
@@ -173,7 +172,7 @@ class EngineReplica:
                 answered = True
                 yield {"status": message["status"], "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "http.response.body" and message.get("body"):
-                if message["body"] == _SSE_DONE:
+                if message["body"] == SSE_DONE.encode():
                     last = message["body"]
                 else:
                     yield message["body"]

@@ -35,6 +35,7 @@ from .handles import GenerationChunk, RequestHandle
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
+SSE_DONE = "data: [DONE]\n\n"  # the closing event of every stream
 
 
 def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
@@ -254,7 +255,7 @@ async def _stream(engine: Engine, handles: list[RequestHandle], body, rid: str, 
                 completion = sum(c.timing.get("completion_tokens", 0) for c in done)
                 usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
                 yield f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"  # noqa: E501
-            yield "data: [DONE]\n\n"
+            yield SSE_DONE
         finally:
             for h in handles:
                 if not h.done:
