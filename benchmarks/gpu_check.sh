@@ -7,7 +7,7 @@
 #   engine       the serving engine on CUDA against single-request greedy references computed on the CPU
 #   coserve      hf-delta bench coserve on the small zoo (LoRA fine-tuning inside inference steps)
 #   serve-small  hf-delta bench serve on the small zoo, 16 deltas (engine, naive swapping, merged, PEFT loop)
-#   kernels      benchmarks/kernels.py --quick (every delta format in one table; KERNEL_BENCH_ARGS adds flags)
+#   kernels      benchmarks/kernel_bench.py --quick (every delta format in one table; KERNEL_BENCH_ARGS adds flags)
 #   serve-7b     hf-delta bench serve on Llama-7B-shaped random weights with synthetic deltas
 #
 #   bash benchmarks/gpu_check.sh                      # every phase, in that order
@@ -21,6 +21,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 unset TRITON_INTERPRET  # the compiled kernels are what this checks
 export PYTHONUNBUFFERED=1
+# The checkout's sources, installed or not (src/ and kernels/ together make the hf_delta package).
+export PYTHONPATH="$PWD/src:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 ALL_PHASES="tests engine coserve serve-small kernels serve-7b"
 PHASES=${*:-$ALL_PHASES}
 for p in $PHASES; do
@@ -38,12 +40,6 @@ SUMMARY="$LOGS/summary.txt"
     "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__,
 "| cuda", torch.version.cuda, "| triton", triton.__version__, "|", torch.cuda.get_device_name())'
 } 2>&1 | tee "$LOGS/env.txt"
-
-# hf_delta.kernels maps to kernels/ only in an installed package (see pyproject.toml).
-if ! "$PY" -c 'import hf_delta.kernels.bitdelta' 2>/dev/null; then
-    echo "installing hf_delta (editable, no dependencies)" | tee -a "$LOGS/env.txt"
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$LOGS/env.txt"
-fi
 
 # phase NAME SECONDS COMMAND...: run COMMAND under a time limit, log it, record its exit status and duration.
 phase() {
@@ -81,7 +77,7 @@ for p in $PHASES; do
             --size small --dir "$ZOO" --deltas 16 --systems engine,naive,merged --device cuda --load-repeats 3 --out "$RESULTS" --work-dir "$WORK" ;;
     kernels)
         # shellcheck disable=SC2086  # KERNEL_BENCH_ARGS is a list of flags
-        phase kernels "${LIMIT_KERNELS:-90}" "$PY" benchmarks/kernels.py --quick ${KERNEL_BENCH_ARGS:-} ;;
+        phase kernels "${LIMIT_KERNELS:-90}" "$PY" benchmarks/kernel_bench.py --quick ${KERNEL_BENCH_ARGS:-} ;;
     serve-7b)
         phase serve-7b "${LIMIT_SERVE_7B:-300}" "$PY" benchmarks/serve.py -v --synthetic llama-7b --deltas "${DELTAS_7B:-16}" \
             --popularity skewed --requests 32 --rate inf --max-tokens 32 --systems engine,naive \

@@ -3,11 +3,14 @@
 Run: python examples/compress_bitdelta.py   (micro zoo; no network)
 """
 
+import argparse
 import tempfile
 
 from hf_delta import BitDeltaConfig, DeltaModel, compress
 from hf_delta._loading import load_tokenizer
 from hf_delta.zoo import build_zoo
+
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 zoo = build_zoo("micro")
 base = zoo["llama-base"].path

@@ -4,6 +4,7 @@ fine-tune; then export a low-rank delta of another fine-tune as a PEFT LoRA adap
 Run: python examples/compress_deltazip.py   (micro zoo; no network)
 """
 
+import argparse
 import tempfile
 
 import torch
@@ -15,6 +16,8 @@ from hf_delta.evaluation import bf16_weight_bytes, folder_bytes, mean_kl
 from hf_delta.fidelity import task_calibration
 from hf_delta.methods import DeltaZipConfig, LowRankConfig, export_peft_lora
 from hf_delta.zoo import build_zoo
+
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 zoo = build_zoo("micro")
 base = zoo["llama-base"].path

@@ -8,6 +8,7 @@ The same from the command line / HTTP:
          "training_file": "train.jsonl", "suffix": "my-lora", "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}}'
 """
 
+import argparse
 import tempfile
 
 from peft import LoraConfig, PeftModel
@@ -16,6 +17,8 @@ from transformers import AutoModelForCausalLM
 from hf_delta import BitDeltaConfig, compress
 from hf_delta.serving import CoServeScheduler, CoServingTrainer, Engine, EngineConfig, SamplingParams
 from hf_delta.zoo import build_zoo
+
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 zoo = build_zoo("micro")
 base = zoo["llama-base"].path

@@ -12,6 +12,7 @@ import logging
 from hf_delta.demo import add_demo_arguments, demo_main
 
 logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-args = add_demo_arguments(argparse.ArgumentParser()).parse_args()
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+args = add_demo_arguments(parser).parse_args()
 args.size = args.size or "micro"
 raise SystemExit(demo_main(args))

@@ -3,10 +3,14 @@
 Run: python examples/kernels_mixed_batch.py   (CUDA: the Triton kernel; CPU: the PyTorch reference)
 """
 
+import argparse
+
 import torch
 
 from hf_delta.kernels import bitdelta_matmul, plan_bitdelta_batch
 from hf_delta.packing import pack_1bit_u8, unpack_signs
+
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -6,6 +6,7 @@ The same from the command line (see docs/ray.md):
     hf-delta serve --ray --replicas 2 --base <base> --delta arith=<folder or hub id> --delta cipher=<...>
 """
 
+import argparse
 import tempfile
 
 import openai
@@ -16,6 +17,8 @@ from hf_delta import BitDeltaConfig, compress
 from hf_delta.serving import EngineConfig
 from hf_delta.serving.ray import APP_NAME, build_app, start_ray
 from hf_delta.zoo import build_zoo
+
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 zoo = build_zoo("micro")
 base = zoo["llama-base"].path

@@ -6,6 +6,7 @@ The same server from the command line:
     hf-delta serve --base <base> --delta arith=<folder or hub id> --delta chat=<...> --api-key secret
 """
 
+import argparse
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +15,8 @@ import openai
 from hf_delta import BitDeltaConfig, compress
 from hf_delta.serving import Engine, EngineConfig, SamplingParams, ServerThread, create_app
 from hf_delta.zoo import build_zoo
+
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 zoo = build_zoo("micro")
 base = zoo["llama-base"].path

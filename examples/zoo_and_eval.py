@@ -8,7 +8,7 @@ import argparse
 from hf_delta.evaluation import to_markdown
 from hf_delta.zoo.report import evaluate_zoo
 
-parser = argparse.ArgumentParser()
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--size", default="micro")
 args = parser.parse_args()
 print(to_markdown(evaluate_zoo(args.size, build=True)))

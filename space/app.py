@@ -7,20 +7,13 @@ at a real base and Hub delta repos with the Space's variables:
     HF_DELTA_DEMO_DELTAS=math=org/math-delta,chat=org/chat-delta
     HF_DELTA_DEMO_SIZE=micro        # the zoo served when no base is given (small by default)
 
-Run it from a checkout of the repository too: ``python space/app.py [hf-delta demo flags]``.
+Run it from a checkout too, with hf_delta installed: ``python space/app.py [hf-delta demo flags]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from pathlib import Path
-
-try:
-    import hf_delta  # noqa: F401
-except ImportError:  # a checkout of the repository: use its sources
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from hf_delta.demo import add_demo_arguments, demo_main
 

@@ -11,13 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
-
-try:
-    import hf_delta  # noqa: F401
-except ImportError:  # a checkout of the repository: use its sources
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from hf_delta.demo import DemoSettings
 from hf_delta.demo.app import build_demo

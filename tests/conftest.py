@@ -25,6 +25,26 @@ from hub_server import LocalHub
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The versions CI resolved (it installs the newest our ranges allow), first in the log: when an upstream
+# release breaks a test, the header says which one arrived.
+_REPORTED_DISTRIBUTIONS = ("torch", "transformers", "huggingface_hub", "peft", "gradio", "triton", "ray", "kernels")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _version(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:  # printed under -q too, unlike pytest_report_header
+        line = ", ".join(f"{name} {_version(name)}" for name in _REPORTED_DISTRIBUTIONS)
+        reporter.write_line(f"versions: python {sys.version.split()[0]}, {line}")
+
+
 # ===================================================================================================
 # Local Hugging Face Hub
 # ===================================================================================================

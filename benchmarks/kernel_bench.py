@@ -1,10 +1,10 @@
 """Benchmark the mixed-batch delta matmuls (BitDelta 1-bit, DeltaZip low-bit) against dense and per-delta baselines.
 
-    python benchmarks/kernels.py            # full table on the current CUDA device
-    python benchmarks/kernels.py --quick    # fewer shapes and repetitions
-    python benchmarks/kernels.py --sweep    # also try several tile configs on decode cases, keep the best
-    python benchmarks/kernels.py --formats deltazip-4bit-2:4   # only some delta formats
-    python benchmarks/kernels.py --cpu-smoke  # tiny CPU run through the references: proves the script works
+    python benchmarks/kernel_bench.py            # full table on the current CUDA device
+    python benchmarks/kernel_bench.py --quick    # fewer shapes and repetitions
+    python benchmarks/kernel_bench.py --sweep    # also try several tile configs on decode cases, keep the best
+    python benchmarks/kernel_bench.py --formats deltazip-4bit-2:4   # only some delta formats
+    python benchmarks/kernel_bench.py --cpu-smoke  # tiny CPU run through the references: proves the script works
 
 For Llama-7B layer shapes (N x K), decode and prefill batch sizes and 1-32 distinct deltas per batch (rows
 spread over the deltas), and each delta format (``bitdelta-1bit``: signs + per-row scales, ``--passes``
@@ -49,6 +49,7 @@ from hf_delta.kernels.bitdelta import (
     plan_bitdelta_batch,
 )
 from hf_delta.kernels.deltazip import DeltaZipKernelConfig, deltazip_matmul
+from hf_delta.methods.deltazip import DeltaZipWeight
 from hf_delta.packing import packed_width, unpack_signs
 
 LAYERS = {"attn 4096x4096": (4096, 4096), "up 11008x4096": (11008, 4096), "down 4096x11008": (4096, 11008)}
@@ -170,11 +171,6 @@ class Format:
             for p in range(signs.shape[0]):
                 w += scales[p, :, None] * unpack_signs(signs[p], k)
             return w.to(dtype)
-        # Imported here, not at the top: run as a script, this file is the first `kernels` on sys.path, and
-        # transformers imports any `kernels` module it finds (Hugging Face's kernel hub) while hf_delta is
-        # half-imported; module-level imports must stay within hf_delta.kernels and hf_delta.packing.
-        from hf_delta.methods.deltazip import DeltaZipWeight
-
         n = packed["qweight"].shape[1]
         weight = DeltaZipWeight(
             (n, k),
@@ -374,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="hf-delta-bench-"))
         device_name = "cpu-smoke"
     elif not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA device, nothing to time (--cpu-smoke tests the script itself).")
+        print("benchmarks/kernel_bench.py: no CUDA device, nothing to time (--cpu-smoke tests the script itself).")
         return 0
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
@@ -434,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "sweep": args.sweep,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(["python benchmarks/kernels.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python benchmarks/kernel_bench.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     base = out_dir / f"kernels-{slug(device_name)}"

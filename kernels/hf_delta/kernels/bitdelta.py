@@ -157,8 +157,8 @@ def _default_config(
 ) -> BitDeltaKernelConfig:
     """Tiles by regime (the plan's ``block_m`` tells decode from prefill).
 
-    Starting points chosen from sm_90 SASS instruction counts, not yet tuned on hardware; ``benchmarks/
-    kernels.py --sweep`` measures alternatives.
+    Starting points chosen from sm_90 SASS instruction counts, not yet tuned on hardware;
+    ``benchmarks/kernel_bench.py --sweep`` measures alternatives.
     """
     if interpret:  # the interpreter's cost grows with tile area; minimal tiles keep CPU tests fast
         return BitDeltaKernelConfig(block_m=16, block_n=16, block_k=32, num_warps=1, num_stages=1)

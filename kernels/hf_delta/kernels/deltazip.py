@@ -241,7 +241,7 @@ def _default_config(
 ) -> DeltaZipKernelConfig:
     """Tiles by regime (the plan's ``block_m`` tells decode from prefill).
 
-    Starting points by analogy with the 1-bit kernel, not yet tuned on hardware (``benchmarks/kernels.py
+    Starting points by analogy with the 1-bit kernel, not yet tuned on hardware (``benchmarks/kernel_bench.py
     --sweep`` measures alternatives). Group scales cap ``block_k`` at the largest power of two dividing
     ``group_size`` so each step has one scale per output.
     """
