@@ -15,9 +15,9 @@ import psutil
 import torch
 
 from hf_delta import BitDeltaConfig, DeltaModel, compress
-from hf_delta._loading import load_model
 from hf_delta.evaluation import bf16_weight_bytes
 from hf_delta.storage import Delta
+from hf_delta.utils.loading import load_model
 from hf_delta.zoo import load_zoo
 from hf_delta.zoo.report import write_results
 

@@ -7,7 +7,7 @@ import argparse
 import tempfile
 
 from hf_delta import BitDeltaConfig, DeltaModel, compress
-from hf_delta._loading import load_tokenizer
+from hf_delta.utils.loading import load_tokenizer
 from hf_delta.zoo import build_zoo
 
 argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()

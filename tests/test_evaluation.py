@@ -65,7 +65,7 @@ class _Echo:
 
 
 def test_exact_match_counts_only_exact_answers(micro_zoo):
-    from hf_delta._loading import load_tokenizer
+    from hf_delta.utils.loading import load_tokenizer
 
     tok = load_tokenizer(micro_zoo["llama-base"].path)
     examples = tuple(Example(f"q{i}", f" a{i}") for i in range(4))

@@ -25,7 +25,7 @@ def test_fingerprint_is_small_deterministic_and_recorded(micro_zoo, micro_delta)
     assert fp == base_fingerprint(_load(micro_zoo, "llama-base"))
     assert len(json.dumps(fp)) < 4000
     assert len(fp["samples"]) == len(_load(micro_zoo, "llama-base").state_dict())  # 21 tensors: all sampled
-    recorded = Delta.from_folder(micro_delta("llama-arith")).config.base_fingerprint
+    recorded = Delta.from_folder(micro_delta("llama-arith")).record.base_fingerprint
     assert recorded == json.loads(json.dumps(fp))
 
 
@@ -93,7 +93,7 @@ def test_load_delta_on_the_wrong_base_changes_nothing(micro_zoo, micro_delta):
 
 def test_delta_without_fingerprint_is_not_checked(micro_zoo, micro_delta, tmp_path):
     delta = Delta.from_folder(micro_delta("llama-arith"))
-    delta.config.base_fingerprint = None
+    delta.record.base_fingerprint = None
     delta.save_pretrained(tmp_path / "d")
     model = DeltaModel.from_pretrained(_load(micro_zoo, "llama-cipher"), tmp_path / "d")
     assert model.list_deltas() == ["default"]

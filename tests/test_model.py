@@ -403,7 +403,7 @@ def test_delta_that_does_not_fit_the_model_is_rejected_whole(micro_zoo, micro_de
     model = _model(micro_zoo, micro_delta, ["llama-arith"])
     modules = dict(model.named_modules())
     bad = Delta.from_folder(micro_delta("llama-cipher"))
-    bad.config.base_fingerprint = None
+    bad.record.base_fingerprint = None
     bad.weights["model.layers.7.mlp.up_proj"] = bad.weights["model.layers.1.mlp.up_proj"]
     with pytest.raises(ArchitectureMismatchError, match=r"model.layers.7.mlp.up_proj"):
         model.add_delta("bad", bad)
@@ -417,3 +417,52 @@ def test_delta_that_does_not_fit_the_model_is_rejected_whole(micro_zoo, micro_de
         model.add_delta("bad", bad)
     assert dict(model.named_modules()).keys() == modules.keys() and model.list_deltas() == ["llama-arith"]
     assert all("bad" not in getattr(m, "deltas", {}) for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------- transactional add
+def _state(model: DeltaModel) -> tuple:
+    wrappers = sorted(n for n, m in model.base_model.named_modules() if isinstance(m, _DeltaWrapper))
+    held = {n: sorted(m.deltas) for n, m in model.base_model.named_modules() if isinstance(m, _DeltaWrapper)}
+    return model.list_deltas(), model.active_delta, list(model.routing.slots), wrappers, held
+
+
+@pytest.mark.parametrize("fail_at", ["move", "install"])
+def test_a_failed_add_delta_leaves_the_model_as_it_was(micro_zoo, micro_delta, monkeypatch, fail_at):
+    model = _model(micro_zoo, micro_delta, ["llama-arith"])
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    before, logits = _state(model), model(input_ids=ids).logits
+    delta = Delta.from_folder(micro_delta("llama-cipher"))
+    calls = []
+
+    def fail_on_third(self, name):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real(self, name)
+
+    if fail_at == "move":
+        real = type(next(iter(delta.weights.values()))).moved_to
+        monkeypatch.setattr(type(next(iter(delta.weights.values()))), "moved_to", fail_on_third)
+    else:
+        real = DeltaModel._wrap
+        monkeypatch.setattr(DeltaModel, "_wrap", fail_on_third)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model.add_delta("cipher", delta)
+    monkeypatch.undo()
+    assert len(calls) == 3
+    assert _state(model) == before
+    torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=0, atol=0)
+    model.add_delta("cipher", delta)  # and the same delta attaches afterwards
+    assert model.list_deltas() == ["llama-arith", "cipher"]
+
+
+def test_add_delta_moves_copies_to_the_models_device_not_the_callers_tensors(micro_zoo, micro_delta):
+    base = _base(micro_zoo).to("meta")  # another device than the delta's (the meta device works without a GPU)
+    model = DeltaModel(base)
+    delta = Delta.from_folder(micro_delta("llama-arith"))
+    model.add_delta("arith", delta, ignore_base_mismatch=True)  # meta tensors have no values to fingerprint
+    attached = model.get_delta("arith")
+    assert attached is not delta and attached.weights.keys() == delta.weights.keys()
+    assert {t.device.type for w in attached.weights.values() for t in w.buffers()} == {"meta"}
+    assert {t.device.type for w in delta.weights.values() for t in w.buffers()} == {"cpu"}
+    assert {t.device.type for t in model.attached_tensors()} == {"meta"}

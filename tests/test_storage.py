@@ -163,7 +163,7 @@ def test_format_1_repo_still_loads_and_is_resaved_in_the_current_format(tmp_path
         meta.pop("mask_encoding", None)
     (folder / CONFIG_NAME).write_text(json.dumps(config))
     old = Delta.from_folder(folder)
-    assert old.config.format_version == 1
+    assert old.format_version == 1
     for module, w in delta.weights.items():
         assert torch.equal(old.weights[module].to_dense(), w.to_dense()), module
         assert all(torch.equal(t, dict(old.weights[module].named_buffers())[b]) for b, t in w.named_buffers())

@@ -1,4 +1,11 @@
-"""hf_delta: compress, share and serve many full-parameter fine-tunes of one base model as small deltas."""
+"""hf_delta: compress, share and serve many full-parameter fine-tunes of one base model as small deltas.
+
+Public names are imported on first use (huggingface_hub style), so ``import hf_delta`` and the ``hf-delta``
+command line start without loading torch or transformers.
+
+>>> from hf_delta import BitDeltaConfig, DeltaModel, compress
+>>> model = compress("org/base", "org/finetune", BitDeltaConfig())  # doctest: +SKIP
+"""
 
 # hf_delta.kernels lives in the top-level kernels/ folder (kernels/hf_delta/kernels). An installed package
 # has it in place; from a plain checkout (PYTHONPATH=src:kernels, as benchmarks/gpu_check.sh runs) this
@@ -7,23 +14,113 @@ from pkgutil import extend_path
 
 __path__ = extend_path(__path__, __name__)
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
 
-from .compress import compress
-from .config import DeltaConfig
-from .methods import BitDeltaConfig, DeltaZipConfig, LowRankConfig, export_peft_lora, register_delta_method
-from .model import DeltaModel
-from .storage import Delta
+from ._deprecated import install_module_aliases
+from ._version import __version__
 
-__all__ = [
+_ERRORS = (
+    "ArchitectureMismatchError", "BaseModelMismatchError", "BaseModelNotServedError", "CalibrationError",
+    "DeltaConfigError", "DeltaFormatError", "DeltaLoadError", "DeltaNotFoundError", "EngineConfigError",
+    "FineTuneConfigError", "FineTuneJobNotFoundError", "HfDeltaError", "InvalidRequestError",
+    "MissingDependencyError", "ModelLoadError", "ZooError",
+)
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "compress": "hf_delta.compression",
+    "DeltaConfig": "hf_delta.config",
+    "CompressionRecord": "hf_delta.config",
+    "BitDeltaConfig": "hf_delta.methods.bitdelta",
+    "DeltaZipConfig": "hf_delta.methods.deltazip",
+    "LowRankConfig": "hf_delta.methods.lowrank",
+    "CompressedWeight": "hf_delta.methods.base",
+    "CompressionContext": "hf_delta.methods.base",
+    "DeltaMethod": "hf_delta.methods.base",
+    "register_delta_method": "hf_delta.methods.registry",
+    "registered_methods": "hf_delta.methods.registry",
+    "Delta": "hf_delta.storage",
+    "DeltaModel": "hf_delta.model",
+    "export_peft_lora": "hf_delta.integrations.peft",
+    **dict.fromkeys(_ERRORS, "hf_delta.errors"),
+}
+
+__all__ = [  # the keys of _EXPORTS (a test checks), spelled out for tools that read __all__ statically
+    "ArchitectureMismatchError",
+    "BaseModelMismatchError",
+    "BaseModelNotServedError",
     "BitDeltaConfig",
+    "CalibrationError",
+    "CompressedWeight",
+    "CompressionContext",
+    "CompressionRecord",
     "Delta",
     "DeltaConfig",
+    "DeltaConfigError",
+    "DeltaFormatError",
+    "DeltaLoadError",
+    "DeltaMethod",
     "DeltaModel",
+    "DeltaNotFoundError",
     "DeltaZipConfig",
+    "EngineConfigError",
+    "FineTuneConfigError",
+    "FineTuneJobNotFoundError",
+    "HfDeltaError",
+    "InvalidRequestError",
     "LowRankConfig",
+    "MissingDependencyError",
+    "ModelLoadError",
+    "ZooError",
     "__version__",
     "compress",
     "export_peft_lora",
     "register_delta_method",
+    "registered_methods",
 ]
+
+install_module_aliases()
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'hf_delta' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # what editors and type checkers see; nothing is imported at run time
+    from .compression import compress
+    from .config import CompressionRecord, DeltaConfig
+    from .errors import (
+        ArchitectureMismatchError,
+        BaseModelMismatchError,
+        BaseModelNotServedError,
+        CalibrationError,
+        DeltaConfigError,
+        DeltaFormatError,
+        DeltaLoadError,
+        DeltaNotFoundError,
+        EngineConfigError,
+        FineTuneConfigError,
+        FineTuneJobNotFoundError,
+        HfDeltaError,
+        InvalidRequestError,
+        MissingDependencyError,
+        ModelLoadError,
+        ZooError,
+    )
+    from .integrations.peft import export_peft_lora
+    from .methods.base import CompressedWeight, CompressionContext, DeltaMethod
+    from .methods.bitdelta import BitDeltaConfig
+    from .methods.deltazip import DeltaZipConfig
+    from .methods.lowrank import LowRankConfig
+    from .methods.registry import register_delta_method, registered_methods
+    from .model import DeltaModel
+    from .storage import Delta

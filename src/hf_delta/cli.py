@@ -49,7 +49,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from . import compress
+    from .compression import compress
     from .methods import get_method
 
     method = get_method(args.method)

@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._loading import load_model_and_tokenizer
-from .compress import compress
+from .compression import compress
 from .config import DeltaConfig
 from .evaluation import bf16_weight_bytes, exact_match, folder_bytes, mean_kl, perplexity, retention
 from .methods import BitDeltaConfig, DeltaZipConfig, LowRankConfig
+from .utils.loading import load_model_and_tokenizer
 from .zoo.build import load_zoo, task_prompt
 from .zoo.report import write_results
 from .zoo.tasks import Task

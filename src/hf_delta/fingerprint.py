@@ -7,6 +7,7 @@ different checkpoint of the same architecture does not.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,8 +21,16 @@ _MAX_TENSORS = 64
 _RTOL = 8e-3
 
 
-def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return sorted((n, p) for n, p in model.state_dict().items() if p.is_floating_point())
+# A model, or its state dict (a DeltaModel's base under its unwrapped parameter names).
+Weights = torch.nn.Module | Mapping[str, torch.Tensor]
+
+
+def _state(weights: Weights) -> Mapping[str, torch.Tensor]:
+    return weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+
+
+def _named_tensors(weights: Weights) -> list[tuple[str, torch.Tensor]]:
+    return sorted((n, p) for n, p in _state(weights).items() if p.is_floating_point())
 
 
 def _positions(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -31,8 +40,9 @@ def _positions(flat: torch.Tensor, k: int) -> torch.Tensor:
     return idx.to(flat.device)
 
 
-def base_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
-    """Fingerprint of ``model``: a hash of names and shapes, and a few values from evenly spread tensors."""
+def base_fingerprint(model: Weights) -> dict[str, Any]:
+    """Fingerprint of ``model`` (or a state dict): a hash of names and shapes, and a few values from evenly
+    spread tensors."""
     tensors = _named_tensors(model)
     layout = hashlib.sha256("\n".join(f"{n}:{tuple(p.shape)}" for n, p in tensors).encode()).hexdigest()
     step = max(1, len(tensors) // _MAX_TENSORS)
@@ -43,12 +53,12 @@ def base_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     return {"layout": layout, "samples": samples}
 
 
-def fingerprint_mismatch(expected: dict[str, Any], model: torch.nn.Module) -> str | None:
+def fingerprint_mismatch(expected: dict[str, Any], model: Weights) -> str | None:
     """Why ``model`` does not match ``expected`` (a short reason), or ``None`` when it does."""
     actual = base_fingerprint(model)
     if expected.get("layout") != actual["layout"]:
         return "its parameter names or shapes differ"
-    state = model.state_dict()
+    state = _state(model)
     for name, values in expected.get("samples", []):
         flat = state[name].detach().reshape(-1)
         got = flat[_positions(flat, len(values))].float().cpu()  # only the sampled values leave the device
@@ -58,7 +68,7 @@ def fingerprint_mismatch(expected: dict[str, Any], model: torch.nn.Module) -> st
     return None
 
 
-def check_base(expected: dict[str, Any] | None, model: torch.nn.Module, *, delta: str,
+def check_base(expected: dict[str, Any] | None, model: Weights, *, delta: str,
                base_name: str | None, ignore_mismatch: bool = False) -> None:
     """Raise ``BaseModelMismatchError`` if the delta was made against another base (unless overridden)."""
     if not expected or ignore_mismatch:

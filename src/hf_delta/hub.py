@@ -16,7 +16,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, FORMAT_VERSION
 from .errors import DeltaFormatError
 from .storage import GENERATION_CONFIG, TOKENIZER_FILES, WEIGHTS_INDEX_NAME, Delta
 
@@ -87,9 +87,9 @@ def model_card(delta: Delta, *, repo_id: str | None = None) -> str:
 
     ``base_model`` is only set when the base was given as a Hub id: the Hub rejects local paths there.
     """
-    c = delta.config
-    base = c.base_model_name_or_path or "unknown"
-    base_line = f"base_model: {base}\n" if _is_repo_id(c.base_model_name_or_path) else ""
+    c, record = delta.config, delta.record
+    base = record.base_model_name_or_path or "unknown"
+    base_line = f"base_model: {base}\n" if _is_repo_id(record.base_model_name_or_path) else ""
     size_mb = delta.nbytes() / 1e6
     return f"""---
 library_name: hf_delta
@@ -103,8 +103,7 @@ tags:
 # {c.method} delta of a fine-tune of `{base}`
 
 This repo holds only the *difference* between a fine-tuned model and its base, compressed with
-**{c.method}** ({size_mb:.2f} MB of tensors). Load it on the base with
-[hf_delta](https://github.com/hf-delta/hf_delta):
+**{c.method}** ({size_mb:.2f} MB of tensors). Load it on the base with hf_delta:
 
 ```python
 from hf_delta import DeltaModel
@@ -112,8 +111,8 @@ from hf_delta import DeltaModel
 model = DeltaModel.from_pretrained("{base}", "{repo_id or "<this repo id>"}")
 ```
 
-Base revision: `{c.base_model_revision or "main"}` · format version {c.format_version} ·
-hf_delta {c.library_version}.
+Base revision: `{record.base_model_revision or "main"}` · format version {FORMAT_VERSION} ·
+hf_delta {record.library_version}.
 """
 
 

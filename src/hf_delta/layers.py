@@ -10,6 +10,9 @@ columns of a grown vocabulary), ``y[r] = module(x[r]; θ_d)`` for modules whose 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +43,16 @@ class DeltaRouting:
     def row_slots(self, value: torch.Tensor | None) -> None:
         self._row_slots = value
         self._plans = {}
+
+    @contextlib.contextmanager
+    def use(self, row_slots: torch.Tensor | None) -> Iterator[None]:
+        """Within this block rows use ``row_slots``; the previous routing comes back afterwards, errors too."""
+        previous = self._row_slots
+        self.row_slots = row_slots
+        try:
+            yield
+        finally:
+            self.row_slots = previous
 
     def slot_of(self, name: str) -> int:
         if name not in self.slots:

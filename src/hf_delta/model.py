@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -14,13 +15,13 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
-from . import __version__
-from ._loading import load_model
+from ._version import __version__
 from .errors import ArchitectureMismatchError, DeltaNotFoundError
 from .extract import vocab_module_names
 from .fingerprint import check_base
 from .layers import BASE_SLOT, DeltaParts, DeltaRouting, _DeltaWrapper, wrapper_for
 from .storage import GENERATION_CONFIG, Delta
+from .utils.loading import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -110,35 +111,58 @@ class DeltaModel(nn.Module):
 
     def add_delta(self, delta_name: str, delta: Delta, *, ignore_base_mismatch: bool = False,
                   source: str | None = None) -> None:
-        """Attach an in-memory ``Delta`` under ``delta_name``."""
+        """Attach an in-memory ``Delta`` under ``delta_name``; it becomes active if none is.
+
+        All or nothing: every tensor is first moved to the base's device, and only then installed in the
+        layers; a failure at any point (a mismatched base, out of memory) leaves the model as it was. The
+        caller's ``delta`` is not modified: ``get_delta(delta_name)`` returns the attached copy, whose
+        weights are the very objects the layers use.
+        """
         if delta_name == BASE_NAME:
             raise ValueError(f"{BASE_NAME!r} is reserved for 'no delta'; choose another delta_name.")
         if delta_name in self.deltas:
             raise ValueError(f"A delta named {delta_name!r} is already loaded; delete_delta it first or pick "
                              "another name.")
-        check_base(delta.config.base_fingerprint, self._base_state_model(), delta=source or delta_name,
-                   base_name=delta.config.base_model_name_or_path, ignore_mismatch=ignore_base_mismatch)
-        self._check_fits(delta, source or delta_name)  # before anything is wrapped: all or nothing
-        device = next(self.base_model.parameters()).device
-        per_module: dict[str, dict[str, Any]] = {}
-        for module, weight in delta.weights.items():
-            per_module.setdefault(module, {})["weight"] = weight
-        for param, value in delta.exact.items():
-            module, _, leaf = param.rpartition(".")
-            per_module.setdefault(module, {}).setdefault("exact", {})[leaf] = value
-        for module, rows in delta.new_rows.items():
-            per_module.setdefault(module, {})["new_rows"] = rows
-        made: dict[str, DeltaParts] = {}
-        for module, kw in per_module.items():
-            made[module] = DeltaParts(**kw).apply_(lambda t: t.to(device))
-            self._wrap(module).deltas[delta_name] = made[module]
-        for head, embed in delta.tied.items():
-            if embed in made:
-                self._wrap(head).deltas[delta_name] = made[embed]  # one object: a tied head shares its delta
-        self.deltas[delta_name] = delta
+        check_base(delta.record.base_fingerprint, self._base_state, delta=source or delta_name,
+                   base_name=delta.record.base_model_name_or_path, ignore_mismatch=ignore_base_mismatch)
+        self._check_fits(delta, source or delta_name)
+        attached, parts = self._moved_parts(delta)
+        self._install(delta_name, parts, delta.tied)
+        self.deltas[delta_name] = attached
         self.routing.add(delta_name)
         if self.routing.active is None:
             self.routing.active = delta_name
+
+    def _moved_parts(self, delta: Delta) -> tuple[Delta, dict[str, DeltaParts]]:
+        """A copy of ``delta`` whose weights are on the base's device, and its parts per module (nothing
+        installed yet; the caller's tensors are not moved in place)."""
+        device = self.device
+        weights = {module: weight.moved_to(device) for module, weight in delta.weights.items()}
+        per_module: dict[str, dict[str, Any]] = {module: {"weight": w} for module, w in weights.items()}
+        for param, value in delta.exact.items():
+            module, _, leaf = param.rpartition(".")
+            per_module.setdefault(module, {}).setdefault("exact", {})[leaf] = value.to(device)
+        for module, rows in delta.new_rows.items():
+            per_module.setdefault(module, {})["new_rows"] = rows.to(device)
+        parts = {module: DeltaParts(**kw) for module, kw in per_module.items()}
+        return dataclasses.replace(delta, weights=weights), parts
+
+    def _install(self, delta_name: str, parts: dict[str, DeltaParts], tied: dict[str, str]) -> None:
+        """Put ``parts`` into the layers (wrapping them as needed); undone completely if anything fails."""
+        targets = [(module, p) for module, p in parts.items()]
+        # One object: a tied head shares its embedding's delta.
+        targets += [(head, parts[embed]) for head, embed in tied.items() if embed in parts]
+        created = [module for module, _ in targets if module not in self._wrapped]
+        try:
+            for module, p in targets:
+                self._wrap(module).deltas[delta_name] = p
+        except BaseException:
+            for wrapper in self._wrapped.values():
+                wrapper.deltas.pop(delta_name, None)
+            for module in created:
+                if module in self._wrapped:
+                    self._unwrap(module)
+            raise
 
     def _check_fits(self, delta: Delta, name: str) -> None:
         """Raise ``ArchitectureMismatchError`` if a tensor of ``delta`` has no counterpart of its shape here."""
@@ -166,10 +190,27 @@ class DeltaModel(nn.Module):
         for key, value in delta.exact.items():
             expect(key, tuple(value.shape), more_rows=key in vocab)
 
-    def _base_state_model(self) -> nn.Module:
-        holder = nn.Module()
-        holder.state_dict = lambda: self._base_state  # the fingerprint reads the unwrapped names
-        return holder
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base model's own tensors under their plain names (``model.layers.0.mlp.up_proj.weight``, not
+        the wrapped ``...up_proj.base_layer.weight``). References, not copies: do not modify them."""
+        return dict(self._base_state)
+
+    def base_module(self, name: str) -> nn.Module:
+        """The base's module ``name``, seen through any delta wrapper around it."""
+        module = self.base_model.get_submodule(name)
+        return module.base_layer if isinstance(module, _DeltaWrapper) else module
+
+    def attached_tensors(self) -> list[torch.Tensor]:
+        """Every delta tensor attached to the layers (a tensor a tied head shares appears once per layer)."""
+        out: list[torch.Tensor] = []
+        for wrapper in self._wrapped.values():
+            for parts in wrapper.deltas.values():
+                if parts.weight is not None:
+                    out.extend(parts.weight.buffers())
+                out.extend(parts.exact().values())
+                if parts.new_rows is not None:
+                    out.append(parts.new_rows)
+        return out
 
     def _wrap(self, name: str) -> _DeltaWrapper:
         if name in self._wrapped:
@@ -231,13 +272,8 @@ class DeltaModel(nn.Module):
             yield
             return
         slots = [BASE_SLOT if n in (None, BASE_NAME) else self.routing.slot_of(n) for n in delta_names]
-        device = next(self.base_model.parameters()).device
-        previous = self.routing.row_slots
-        self.routing.row_slots = torch.tensor(slots, dtype=torch.long, device=device)
-        try:
+        with self.routing.use(torch.tensor(slots, dtype=torch.long, device=self.device)):
             yield
-        finally:
-            self.routing.row_slots = previous
 
     def forward(self, *args: Any, delta_names: Sequence[str | None] | None = None, **kwargs: Any):
         with self.route(delta_names):
@@ -301,13 +337,15 @@ class DeltaModel(nn.Module):
             w = torch.cat([w[:rows], parts.new_rows.float()])
         return w.to(base_w.dtype)
 
+    def _unwrap(self, name: str) -> None:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+        setattr(parent, leaf, self._wrapped.pop(name).base_layer)
+
     def unload(self) -> PreTrainedModel:
         """Remove every wrapper and return the untouched base model."""
-        for name, wrapper in self._wrapped.items():
-            parent_name, _, leaf = name.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-            setattr(parent, leaf, wrapper.base_layer)
-        self._wrapped.clear()
+        for name in list(self._wrapped):
+            self._unwrap(name)
         self.deltas.clear()
         self.routing.slots.clear()
         self.routing.active = None

@@ -22,10 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 
-from ._io import atomic_directory, atomic_write_text
-from .config import CONFIG_NAME, FORMAT_VERSION, DeltaConfig
+from .config import CONFIG_NAME, FORMAT_VERSION, CompressionRecord, DeltaConfig
 from .errors import DeltaFormatError
-from .methods.base import CompressedWeight, weight_class_for
+from .methods import get_method, weight_class_for
+from .methods.base import CompressedWeight
+from .utils.io import atomic_directory, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +42,26 @@ class Delta:
     """One compressed fine-tune, ready to be applied to its base.
 
     Attributes:
-        config: the method config, including what was recorded about the base.
+        config: the method's settings (this delta's own copy).
+        record: what compression recorded about the base (checked when the delta is applied).
         weights: module name → compressed delta of that module's weight.
         exact: parameter name → fine-tuned tensor stored as it is (norms, biases, ...).
         new_rows: module name → rows of a grown vocabulary (embedding / output head).
         tied: output-head module name → embedding module name when they share a weight.
         vocab_size: the fine-tune's vocabulary size.
         files: tokenizer/generation-config file name → bytes, carried when they differ from the base.
+        format_version: the repo format it was read from (saving always writes today's).
     """
 
     config: DeltaConfig
+    record: CompressionRecord = field(default_factory=CompressionRecord)
     weights: dict[str, CompressedWeight] = field(default_factory=dict)
     exact: dict[str, torch.Tensor] = field(default_factory=dict)
     new_rows: dict[str, torch.Tensor] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)
     vocab_size: int = 0
     files: dict[str, bytes] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor as held in memory, under its repo name."""
@@ -75,14 +80,15 @@ class Delta:
 
     def save_pretrained(self, folder: str | Path, *, max_shard_size: int | str = "5GB") -> None:
         """Write the delta repo to ``folder``; a failure leaves any previous content untouched."""
-        config = self.config
         saved = {m: w.saved_tensors() for m, w in self.weights.items()}
-        config.modules = {
+        modules = {
             "weights": {m: {"type": w.method, **saved[m][1]} for m, w in self.weights.items()},
             "tied": self.tied,
             "vocab_size": self.vocab_size,
         }
-        config.format_version = FORMAT_VERSION  # a delta loaded from an older repo is written in today's format
+        # A delta read from an older repo is written in today's format.
+        config = {**self.config.to_dict(), **self.record.to_dict(), "format_version": FORMAT_VERSION,
+                  "modules": modules}
         tensors = self._named({m: t for m, (t, _) in saved.items()})
         split = split_torch_state_dict_into_shards(
             tensors, filename_pattern="delta_model{suffix}.safetensors", max_shard_size=max_shard_size
@@ -94,7 +100,7 @@ class Delta:
                 index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                          "weight_map": split.tensor_to_filename}
                 atomic_write_text(tmp / WEIGHTS_INDEX_NAME, json.dumps(index, indent=2))
-            config.save_pretrained(tmp)
+            atomic_write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
             for name, data in self.files.items():
                 (tmp / name).write_bytes(data)
             # Everything is written: only now drop what a previous save left and this one does not rewrite
@@ -110,8 +116,8 @@ class Delta:
         folder = Path(folder)
         if not folder.is_dir():
             raise DeltaFormatError(f"Delta folder {str(folder)!r} does not exist.")
-        config = DeltaConfig.from_pretrained(folder)
-        modules = _check_modules(config.modules, folder)
+        data = read_config(folder)
+        modules = _check_modules(data.get("modules"), folder)
         tensors = _read_tensors(folder)
         weights: dict[str, CompressedWeight] = {}
         for module, meta in modules["weights"].items():
@@ -129,7 +135,9 @@ class Delta:
                 ) from err
         files = {f.name: f.read_bytes() for f in folder.iterdir() if f.name in (*TOKENIZER_FILES, GENERATION_CONFIG)}
         return cls(
-            config=config,
+            config=get_method(data["method"]).config_class.from_dict(data),
+            record=CompressionRecord.from_dict(data),
+            format_version=data.get("format_version", FORMAT_VERSION),
             weights=weights,
             exact={k[len("exact::") :]: v for k, v in tensors.items() if k.startswith("exact::")},
             new_rows={k[len("new_rows::") :]: v for k, v in tensors.items() if k.startswith("new_rows::")},
@@ -137,6 +145,41 @@ class Delta:
             vocab_size=modules["vocab_size"],
             files=files,
         )
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """The checked contents of ``folder``'s ``delta_config.json``: a known method and a readable format version."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise DeltaFormatError(
+            f"{path} not found: {folder} is not an hf_delta delta repo. Create one with "
+            "hf_delta.compress(...).save_pretrained(folder) or `hf-delta compress`."
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DeltaFormatError(f"{path} is not valid JSON ({err}); re-save or re-download the delta.") from err
+    if not isinstance(data, dict):
+        raise DeltaFormatError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+    if "method" not in data:
+        raise DeltaFormatError(f"{CONFIG_NAME} has no 'method' field; this is not an hf_delta delta repo.")
+    version = data.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise DeltaFormatError(f"{CONFIG_NAME} has format_version {version!r}, expected an integer from 1 to "
+                               f"{FORMAT_VERSION}; the file is corrupt, re-save or re-download the delta.")
+    if version > FORMAT_VERSION:
+        raise DeltaFormatError(
+            f"{CONFIG_NAME} has format_version {version!r}, but this hf_delta reads up to "
+            f"{FORMAT_VERSION}. Upgrade hf_delta (pip install -U hf_delta)."
+        )
+    get_method(data["method"])  # an unknown method fails here, naming the known ones
+    return data
+
+
+def load_config(folder: str | Path) -> DeltaConfig:
+    """The method config saved in a delta repo folder (its settings; the method resolved from the registry)."""
+    data = read_config(folder)
+    return get_method(data["method"]).config_class.from_dict(data)
 
 
 def _owned_files(folder: Path) -> list[Path]:

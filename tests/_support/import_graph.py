@@ -61,7 +61,7 @@ def import_graph(roots: Iterable[Path], package: str) -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(name, is_package, node)
                 # ``from pkg import sub`` imports the submodule when there is one, else a name of ``pkg``.
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for target in targets:
                 resolved = known(target)
                 if resolved is not None and resolved != name:
@@ -112,3 +112,35 @@ def cycles(graph: Mapping[str, set[str]]) -> list[list[str]]:
                     if len(component) > 1:
                         found.append(sorted(component))
     return sorted(found)
+
+
+def _entry(module: str, package: str, entries: Iterable[str]) -> str | None:
+    """The layering entry ``module`` belongs to: the longest entry that is it or a package above it."""
+    rel = module[len(package) + 1 :] if module != package else ""
+    best = None
+    for entry in entries:
+        if rel == entry or (entry and rel.startswith(entry + ".")):
+            if best is None or len(entry) > len(best):
+                best = entry
+    return best
+
+
+def layer_violations(graph: Mapping[str, set[str]], package: str, layers: list[list[str]]) -> list[str]:
+    """Edges that break the layering: ``layers`` lists lines top to bottom, each a list of entries (module
+    paths relative to ``package``; ``""`` is the package's ``__init__``). A module may import modules of its
+    own entry and of entries on lower lines, nothing else. Modules in no entry are reported too."""
+    rank = {entry: i for i, line in enumerate(layers) for entry in line}
+    problems = []
+    for module in sorted(graph):
+        own = _entry(module, package, rank)
+        if own is None:
+            problems.append(f"{module} is in no layer")
+            continue
+        for target in sorted(graph[module]):
+            other = _entry(target, package, rank)
+            if other is None or other == own:
+                continue
+            if rank[other] <= rank[own]:
+                where = "the same line as" if rank[other] == rank[own] else "a line above"
+                problems.append(f"{module} imports {target}, which is on {where} it")
+    return problems

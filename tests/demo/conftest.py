@@ -66,8 +66,8 @@ def greedy(demo_models):
     """``greedy(model, prompt)`` → the library's greedy answer (``DeltaModel`` + ``greedy_generate``), with the
     prompt rendered the way the demo renders it (chat template for llama-chat, raw for the task fine-tunes)."""
     from hf_delta import DeltaModel
-    from hf_delta._loading import load_tokenizer
     from hf_delta.evaluation import greedy_generate
+    from hf_delta.utils.loading import load_tokenizer
 
     base, deltas, _ = demo_models
     model = DeltaModel.from_pretrained(base, deltas[DELTAS[0]], DELTAS[0])

@@ -36,9 +36,6 @@ def test_first_start_compresses_then_the_cache_is_used(micro_zoo, tmp_path, capl
 def test_the_cache_key_follows_the_setting():
     assert setting_hash(BitDeltaConfig()) == setting_hash(BitDeltaConfig())
     assert setting_hash(BitDeltaConfig()) != setting_hash(BitDeltaConfig(distill_steps=0))
-    recorded = BitDeltaConfig()
-    recorded.base_fingerprint = {"x": 1}  # what compression records does not change the setting
-    assert setting_hash(recorded) == setting_hash(BitDeltaConfig())
 
 
 def test_unknown_base_or_size(micro_zoo, tmp_path):

@@ -346,7 +346,7 @@ def test_layer_mixed_batch_through_the_kernel_equals_the_reference(micro_zoo, mo
     CUDA, where the kernel is the default, and is compared with the CPU run of the PyTorch path.
     """
     from hf_delta import DeltaModel, DeltaZipConfig, compress
-    from hf_delta._loading import load_model, load_tokenizer
+    from hf_delta.utils.loading import load_model, load_tokenizer
 
     if not TRITON_DEVICES:
         pytest.skip("needs CUDA or the Triton interpreter")

@@ -8,9 +8,9 @@ import torch
 from kernel_helpers import TRITON_DEVICES
 
 from hf_delta import DeltaModel
-from hf_delta._loading import load_model, load_tokenizer
 from hf_delta.layers import DeltaLinear
 from hf_delta.storage import Delta
+from hf_delta.utils.loading import load_model, load_tokenizer
 
 PROMPTS = ["add 1 to 1 2 3 4 =", "encode a b c d =", "def f(x):", "add 2 to 5 ="]
 NAMES = ["llama-arith", "llama-cipher", "__base__", "llama-arith"]

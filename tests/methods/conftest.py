@@ -23,7 +23,7 @@ def zoo_models(micro_zoo) -> Callable[[str], tuple[Any, Any, Any]]:
 
     Tests must not modify the returned models.
     """
-    from hf_delta._loading import load_model, load_tokenizer
+    from hf_delta.utils.loading import load_model, load_tokenizer
 
     loaded: dict[str, tuple[Any, Any, Any]] = {}
 

@@ -9,12 +9,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_delta import DeltaModel, compress
-from hf_delta._loading import load_model
 from hf_delta.errors import CalibrationError, DeltaConfigError
 from hf_delta.evaluation import bf16_weight_bytes, folder_bytes, mean_kl
 from hf_delta.methods import DeltaZipConfig, DeltaZipWeight
 from hf_delta.methods.deltazip import _Calibrator, inverse_hessian_factor, prune_quantize
 from hf_delta.storage import Delta
+from hf_delta.utils.loading import load_model
 
 
 def _problem(out: int = 8, k: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -271,7 +271,7 @@ def test_bad_inputs_fail_before_any_work(micro_zoo, monkeypatch):
     def no_sampling(*args, **kwargs):
         raise AssertionError("calibration started before the config was checked")
 
-    monkeypatch.setattr(importlib.import_module("hf_delta.compress"), "sample_calibration", no_sampling)
+    monkeypatch.setattr(importlib.import_module("hf_delta.methods.base"), "sample_calibration", no_sampling)
     entry = micro_zoo["llama-arith"]
     base_path = micro_zoo[entry.base].path
     with pytest.raises(DeltaConfigError, match="group_size=5 does not divide"):

@@ -6,11 +6,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from hf_delta import BitDeltaConfig, DeltaModel, compress
-from hf_delta._loading import load_model
+from hf_delta import BitDeltaConfig, DeltaModel, compress, export_peft_lora
 from hf_delta.errors import BaseModelMismatchError, DeltaConfigError
-from hf_delta.methods import DeltaZipConfig, LowRankConfig, LowRankWeight, export_peft_lora
+from hf_delta.methods import DeltaZipConfig, LowRankConfig, LowRankWeight
 from hf_delta.storage import Delta
+from hf_delta.utils.loading import load_model
 
 
 def test_truncated_svd_rank_and_energy():

@@ -56,7 +56,7 @@ def broken_delta(micro_delta, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def serving_prompts(micro_zoo, serving_deltas) -> Callable[[str, int], list[str]]:
     """``serving_prompts(name, n)``: ``n`` held-out prompts of the delta's task, rendered with its own template."""
-    from hf_delta._loading import load_tokenizer
+    from hf_delta.utils.loading import load_tokenizer
     from hf_delta.zoo.build import task_prompt
 
     cache: dict[str, list[str]] = {}
@@ -79,9 +79,9 @@ def reference(micro_base, serving_deltas) -> Callable[[str, str, int], str]:
     """``reference(name, prompt, max_tokens)``: the library's single-request greedy output for that delta
     (``DeltaModel.generate`` with the delta's own tokenizer and end-of-sequence token)."""
     from hf_delta import DeltaModel
-    from hf_delta._loading import load_model, load_tokenizer
     from hf_delta.evaluation import greedy_generate
     from hf_delta.storage import Delta
+    from hf_delta.utils.loading import load_model, load_tokenizer
 
     model = DeltaModel(load_model(micro_base))
     tokenizers = {"base": load_tokenizer(micro_base)}

@@ -45,7 +45,7 @@ def test_models_and_health(server, client, serving_deltas):
 
 
 def test_completion_and_chat_use_each_deltas_own_template(client, serving_deltas, serving_prompts, reference):
-    from hf_delta._loading import load_tokenizer
+    from hf_delta.utils.loading import load_tokenizer
 
     prompt = serving_prompts("arith-x10", 1)[0]
     out = client.completions.create(model="arith-x10", prompt=prompt, max_tokens=MAX, temperature=0)

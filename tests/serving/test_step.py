@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from hf_delta import DeltaModel
-from hf_delta._loading import load_model
 from hf_delta.errors import EngineConfigError
 from hf_delta.serving.kv_cache import PagedKVCache
 from hf_delta.serving.step import Segment, StepBatch, forward_step
+from hf_delta.utils.loading import load_model
 
 
 def _cache(model: DeltaModel, tokens: int = 256, block_size: int = 4) -> PagedKVCache:

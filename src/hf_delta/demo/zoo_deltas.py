@@ -20,10 +20,6 @@ from ..errors import ZooError
 
 logger = logging.getLogger(__name__)
 
-# Fields of a config that compression fills in (they do not change what a setting produces).
-_RECORDED = ("base_model_name_or_path", "base_model_revision", "base_fingerprint", "library_version", "modules")
-
-
 @dataclass(frozen=True)
 class ZooDemo:
     """What the demo serves from the zoo.
@@ -48,8 +44,7 @@ def default_cache_dir() -> Path:
 
 def setting_hash(config: DeltaConfig) -> str:
     """Short digest of a compression setting (what compression records about the base is left out)."""
-    data = {k: v for k, v in config.to_dict().items() if k not in _RECORDED}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def prepare_zoo_demo(size: str = "small", *, zoo_dir: str | Path | None = None, cache_dir: str | Path | None = None,
@@ -75,10 +70,10 @@ def prepare_zoo_demo(size: str = "small", *, zoo_dir: str | Path | None = None, 
     >>> sorted(demo.deltas)  # doctest: +SKIP
     ['llama-arith', 'llama-chat', 'llama-cipher', 'llama-facts']
     """
-    from .._loading import load_tokenizer
-    from ..compress import compress
+    from ..compression import compress
     from ..fidelity import task_calibration
     from ..methods import BitDeltaConfig
+    from ..utils.loading import load_tokenizer
     from ..zoo import build_zoo, load_zoo
 
     try:
@@ -104,8 +99,7 @@ def prepare_zoo_demo(size: str = "small", *, zoo_dir: str | Path | None = None, 
             start = time.perf_counter()
             tokenizer = load_tokenizer(entry.path)
             texts = task_calibration(tokenizer, zoo.task(entry.name), n=calibration_examples)
-            setting = type(config).from_dict(config.to_dict())  # compress() records the base into its config
-            model = compress(zoo[base].path, entry.path, setting, texts, progress=False)
+            model = compress(zoo[base].path, entry.path, config, texts, progress=False)
             model.save_pretrained(dest)  # atomic: a crash leaves no half-written delta behind
             logger.info("Compressed %s in %.0f s -> %s", entry.name, time.perf_counter() - start, dest)
         deltas[entry.name] = dest

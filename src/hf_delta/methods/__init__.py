@@ -1,29 +1,29 @@
 """Compression methods. Importing this package registers every built-in method."""
 
-from .base import (
-    CompressedWeight,
-    DeltaMethod,
-    get_method,
-    register_delta_method,
-    registered_methods,
-    weight_class_for,
-)
+from .base import CompressedWeight, CompressionContext, DeltaMethod
 from .bitdelta import BitDeltaConfig, BitDeltaWeight
 from .deltazip import DeltaZipConfig, DeltaZipWeight
-from .lowrank import LowRankConfig, LowRankWeight, export_peft_lora
+from .lowrank import LowRankConfig, LowRankWeight
+from .registry import get_method, register_delta_method, registered_methods, weight_class_for
 
 __all__ = [
     "BitDeltaConfig",
     "BitDeltaWeight",
     "CompressedWeight",
+    "CompressionContext",
     "DeltaMethod",
     "DeltaZipConfig",
     "DeltaZipWeight",
     "LowRankConfig",
     "LowRankWeight",
-    "export_peft_lora",
     "get_method",
     "register_delta_method",
     "registered_methods",
     "weight_class_for",
 ]
+
+
+def __getattr__(name: str):
+    from .._deprecated import moved_attribute
+
+    return moved_attribute(__name__, name)

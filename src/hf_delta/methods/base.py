@@ -1,18 +1,24 @@
-"""The interface every compression method implements, and the one registry that holds them."""
+"""The interface every compression method implements: ``CompressedWeight``, ``DeltaMethod`` and the
+``CompressionContext`` a method compresses from."""
 
 from __future__ import annotations
 
 import abc
-import re
+import copy
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import DeltaConfigError, DeltaFormatError
+from ..calibration import Batch, sample_calibration, tokenize_calibration
+from ..config import DeltaConfig
+from ..errors import DeltaFormatError
+from ..extract import ExtractedDelta
 
-if TYPE_CHECKING:
-    from ..config import DeltaConfig
+logger = logging.getLogger(__name__)
 
 
 class CompressedWeight(abc.ABC):
@@ -60,6 +66,16 @@ class CompressedWeight(abc.ABC):
     def to(self, *args: Any, **kwargs: Any) -> CompressedWeight:
         """Move/cast the buffers like ``Tensor.to`` (in place; returns self)."""
         return self._apply(lambda t: t.to(*args, **kwargs))
+
+    def moved_to(self, device: torch.device | str) -> CompressedWeight:
+        """This weight with its buffers on ``device``: ``self`` when they are there already, else a copy
+        (``self`` is left where it is)."""
+        device = torch.device(device)
+        if all(t.device == device for t in self._buffers.values()):
+            return self
+        clone = copy.copy(self)
+        clone._buffers = {k: v.to(device) for k, v in self._buffers.items()}
+        return clone
 
     @abc.abstractmethod
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -129,39 +145,33 @@ class DeltaMethod:
         raise DeltaFormatError(f"Method {self.name!r} has no weight type {kind!r}.")
 
 
-_REGISTRY: dict[str, DeltaMethod] = {}
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+@dataclass
+class CompressionContext:
+    """Everything a method may need while compressing one fine-tune."""
 
+    base: PreTrainedModel
+    finetuned: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    extracted: ExtractedDelta
+    config: DeltaConfig
+    calibration_texts: Sequence[str] | None
+    progress: bool = True
+    _batches: list[Batch] | None = None
 
-def register_delta_method(method: DeltaMethod) -> DeltaMethod:
-    """Add ``method`` to the registry; names are lowercase identifiers and may not be registered twice."""
-    if not _NAME.match(method.name):
-        raise DeltaConfigError(f"Method name {method.name!r} must be a lowercase identifier like 'bitdelta'.")
-    if method.name in _REGISTRY:
-        raise DeltaConfigError(f"A delta method named {method.name!r} is already registered.")
-    method.config_class.method = method.name
-    _REGISTRY[method.name] = method
-    return method
+    def calibration(self, *, n: int = 64, seq_len: int = 128, batch_size: int = 8) -> list[Batch]:
+        """Calibration batches: the user's texts, else ``n`` sequences sampled from the fine-tune."""
+        if self._batches is None:
+            if self.calibration_texts is not None:
+                self._batches = tokenize_calibration(self.calibration_texts, self._need_tokenizer(),
+                                                     seq_len=seq_len, batch_size=batch_size)
+            else:
+                logger.info("No calibration texts given: sampling %d sequences from the fine-tune", n)
+                self._batches = sample_calibration(self.finetuned, self._need_tokenizer(), n=n,
+                                                   seq_len=seq_len, batch_size=batch_size, seed=self.config.seed)
+        return self._batches
 
-
-def get_method(name: str) -> DeltaMethod:
-    """The registered method ``name``; the error lists the known ones."""
-    if name not in _REGISTRY:
-        raise DeltaFormatError(
-            f"Unknown delta method {name!r}; this hf_delta knows {sorted(_REGISTRY)}. A newer hf_delta may "
-            "know it: pip install -U hf_delta."
-        )
-    return _REGISTRY[name]
-
-
-def registered_methods() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def weight_class_for(kind: str) -> type[CompressedWeight]:
-    """Find the weight class named ``kind`` across all methods (a delta may mix kinds)."""
-    for method in _REGISTRY.values():
-        for cls in method.weight_classes:
-            if cls.method == kind:
-                return cls
-    raise DeltaFormatError(f"Unknown compressed weight type {kind!r}; upgrade hf_delta to read this delta.")
+    def _need_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise ValueError("This method needs calibration text, hence a tokenizer: pass tokenizer=... or load "
+                             "the fine-tune from a folder/Hub id that has one.")
+        return self.tokenizer

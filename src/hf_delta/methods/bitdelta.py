@@ -8,7 +8,7 @@ Scale distillation then trains only the scales so the compressed model's logits 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,11 +18,8 @@ from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaFormatError
 from ..packing import pack_1bit_u8, packed_width, unpack_signs
 from ._dispatch import IdentityCache, kernels_forced, stacked_slots, use_kernels
-from .base import CompressedWeight, DeltaMethod, register_delta_method
-
-if TYPE_CHECKING:
-    from ..compress import CompressionContext
-    from ..model import DeltaModel
+from .base import CompressedWeight, CompressionContext, DeltaMethod
+from .registry import register_delta_method
 
 
 class BitDeltaWeight(CompressedWeight):
@@ -232,8 +229,10 @@ def _checksum(tensors) -> float:
     return float(sum(t.detach().double().sum() for t in tensors))
 
 
-def distill_scales(model: DeltaModel, ctx: CompressionContext) -> list[float]:
+def distill_scales(model: nn.Module, ctx: CompressionContext) -> list[float]:
     """Train only the scales so the student's logits match the fine-tune's on real (unpadded) tokens.
+
+    ``model`` is the ``DeltaModel`` that holds the new delta as ``"default"``.
 
     Returns the loss history. Everything but the scales is frozen, and this is checked afterwards.
     """

@@ -39,11 +39,11 @@ from ..packing import (
     unpack_lowbit_u8,
 )
 from ._dispatch import kernels_forced, stacked_slots, use_kernels
-from .base import CompressedWeight, DeltaMethod, register_delta_method
+from .base import CompressedWeight, CompressionContext, DeltaMethod
+from .registry import register_delta_method
 
 if TYPE_CHECKING:
     from ..calibration import Batch
-    from ..compress import CompressionContext
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,6 @@ from transformers.generation.streamers import BaseStreamer
 from ..model import DeltaModel
 from ..storage import Delta
 from .engine import Engine, EngineConfig, process_rss
-from .residency import attached_tensors
 from .sampling import SamplingParams
 
 
@@ -346,7 +345,7 @@ def run_peft(base: str | Path, served: Sequence[Served], workload: Sequence[Benc
             lambda b: _generate(model, b, pad_id=pad_id, device=device, delta_names=[r.name for r in b]))
     row = summarize(workload, done, t0)
     delta_bytes = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t
-                                                            for t in attached_tensors(model)}.values())
+                                                            for t in model.attached_tensors()}.values())
     row.update(weight_bytes=model_bytes(model.base_model) + delta_bytes, peak_rss_bytes=rss.peak,
                cuda_peak_bytes=_cuda_peak(device))
     return row

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_text
 from ..evaluation import to_markdown
+from ..utils.io import atomic_write_text
 from .bench import (
     BenchRequest,
     BenchSettings,
@@ -35,7 +35,8 @@ ZOO_FAMILY = ("llama-arith", "llama-cipher", "llama-facts", "llama-chat")
 
 def _compress_once(base: Path, finetune: Path, dest: Path) -> Path:
     if not (dest / "delta_config.json").is_file():
-        from .. import BitDeltaConfig, compress
+        from ..compression import compress
+        from ..methods import BitDeltaConfig
 
         logger.info("Compressing %s for the serving benchmark", finetune.name)
         compress(base, finetune, BitDeltaConfig(distill_steps=0), progress=False).save_pretrained(dest)
@@ -44,7 +45,7 @@ def _compress_once(base: Path, finetune: Path, dest: Path) -> Path:
 
 def prepare_zoo(size: str, zoo_dir: str | Path | None, work_dir: Path) -> tuple[Path, list[Served]]:
     """The zoo's Llama base and one ``Served`` per Llama fine-tune (BitDelta without distillation)."""
-    from .._loading import load_tokenizer
+    from ..utils.loading import load_tokenizer
     from ..zoo.build import load_zoo, task_prompt
 
     zoo = load_zoo(size, zoo_dir)
@@ -206,7 +207,7 @@ def bench_serve(*, size: str | None, zoo_dir: str | Path | None, synthetic: str 
                 "name; the 'fine-tune' checkpoint loaded by naive/merged is the base checkpoint itself (same size "
                 "and load cost; outputs are not compared).")
     else:
-        from .._loading import load_tokenizer
+        from ..utils.loading import load_tokenizer
 
         torch_dtype = getattr(torch, dtype or "float32")
         base, served = prepare_zoo(size or "small", zoo_dir, work)

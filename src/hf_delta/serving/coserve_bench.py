@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_text
+from ..utils.io import atomic_write_text
 from .bench import BenchRequest, build_workload, drive_engine, summarize
 from .benchmark import prepare_zoo
 from .coserve import CoServeScheduler
@@ -98,7 +98,7 @@ def peft_activation_bytes(base: str | Path, job) -> int:
     """Bytes autograd saves when standard PEFT trains the job's first batch (parameters excluded)."""
     from peft import LoraConfig, get_peft_model
 
-    from .._loading import load_model
+    from ..utils.loading import load_model
 
     model = get_peft_model(load_model(base), LoraConfig(r=job.lora.r, lora_alpha=job.lora.alpha,
                                                         target_modules=job.lora.modules))

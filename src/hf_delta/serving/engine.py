@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .._loading import load_model, load_tokenizer
 from ..errors import DeltaLoadError, DeltaNotFoundError, EngineConfigError, InvalidRequestError
 from ..model import BASE_NAME, DeltaModel
+from ..utils.loading import load_model, load_tokenizer
 from .config import EngineConfig, process_rss
 from .handles import GenerationChunk, GenerationResult, RequestHandle
 from .kv_cache import PagedKVCache

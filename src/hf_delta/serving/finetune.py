@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_directory, atomic_write_text
+from ..config import CompressionRecord
 from ..errors import FineTuneConfigError
 from ..fingerprint import base_fingerprint
-from ..methods.lowrank import LowRankConfig, LowRankWeight, export_peft_lora
+from ..integrations.peft import export_peft_lora
+from ..methods.lowrank import LowRankConfig, LowRankWeight
 from ..storage import Delta
+from ..utils.io import atomic_directory, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -365,10 +367,11 @@ def adapter_delta(weights: Mapping[str, LowRankWeight], spec: LoraSpec, base_mod
     """A frozen copy of trained LoRA factors as an hf_delta low-rank ``Delta`` (what the engine serves)."""
     frozen = {n: LowRankWeight(w.shape, w.A.detach().clone(), w.B.detach().clone(), w.scaling)
               for n, w in weights.items()}
-    config = LowRankConfig(rank=spec.r, factor_dtype="float32", target_modules=list(spec.modules),
-                           base_model_name_or_path=getattr(base_model, "name_or_path", None) or None,
-                           base_fingerprint=fingerprint)
-    return Delta(config=config, weights=frozen, vocab_size=base_model.get_input_embeddings().weight.shape[0])
+    config = LowRankConfig(rank=spec.r, factor_dtype="float32", target_modules=list(spec.modules))
+    record = CompressionRecord(base_model_name_or_path=getattr(base_model, "name_or_path", None) or None,
+                               base_fingerprint=fingerprint)
+    return Delta(config=config, record=record, weights=frozen,
+                 vocab_size=base_model.get_input_embeddings().weight.shape[0])
 
 
 def save_adapter(delta: Delta, base_model: nn.Module, folder: str | Path, *, state: dict[str, Any]) -> Path:
@@ -383,7 +386,7 @@ def save_adapter(delta: Delta, base_model: nn.Module, folder: str | Path, *, sta
 
 def base_fingerprint_of(model) -> dict[str, Any]:
     """The fingerprint of a ``DeltaModel``'s unwrapped base (recorded in every saved adapter)."""
-    return base_fingerprint(model._base_state_model())
+    return base_fingerprint(model.base_state_dict())
 
 
 def push_adapter(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool | None = None,

@@ -217,12 +217,11 @@ class ResidencyManager:
         if self._device_count() >= self.device_slots and not self._evict_device():
             return False
         # Every delta of one base records the same fingerprint: check it against the model once, not per attach.
-        fingerprint = json.dumps(e.delta.config.base_fingerprint, sort_keys=True)
+        fingerprint = json.dumps(e.delta.record.base_fingerprint, sort_keys=True)
         skip_check = e.verified or self.ignore_base_mismatch or fingerprint in self._verified
         try:
             self.model.add_delta(name, e.delta, ignore_base_mismatch=skip_check, source=e.source)
         except Exception as err:
-            self._detach(name)
             e.delta = None
             self._fail(e, err)
             return False
@@ -257,21 +256,9 @@ class ResidencyManager:
         return True
 
     def _detach(self, name: str) -> None:
-        """Remove ``name`` from the model (also after a partial ``add_delta``); frees its routing slot."""
-        model = self.model
-        try:
-            model.delete_delta(name)
-            return
-        except KeyError:  # attached only partly: add_delta failed half way
-            pass
-        for wrapper in model._wrapped.values():
-            if name in wrapper.deltas:
-                del wrapper.deltas[name]
-        model.deltas.pop(name, None)
-        if name in model.routing.slots:
-            model.routing.slots[model.routing.slots.index(name)] = None
-        if model.routing.active == name:
-            model.routing.active = next(iter(model.deltas), None)
+        """Remove ``name`` from the model (``add_delta`` is all or nothing: it is attached or absent)."""
+        if name in self.model.list_deltas():
+            self.model.delete_delta(name)
 
     # ---------------------------------------------------------------------------------------- accounting
     def weight_bytes(self) -> dict[str, int]:
@@ -289,7 +276,7 @@ class ResidencyManager:
             return total
 
         base = count(list(self.model.base_model.parameters()) + list(self.model.base_model.buffers()))
-        device = count(attached_tensors(self.model))
+        device = count(self.model.attached_tensors())
         cpu = 0
         for e in self._entries.values():
             if e.delta is not None:
@@ -306,19 +293,6 @@ class ResidencyManager:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def attached_tensors(model: DeltaModel) -> list[torch.Tensor]:
-    """Every delta tensor attached to ``model``'s layers (a tensor shared by several layers appears once per layer)."""
-    out: list[torch.Tensor] = []
-    for wrapper in model._wrapped.values():
-        for parts in wrapper.deltas.values():
-            if parts.weight is not None:
-                out.extend(parts.weight.buffers())
-            out.extend(parts.exact().values())
-            if parts.new_rows is not None:
-                out.append(parts.new_rows)
-    return out
 
 
 def delta_tensors(delta: Delta) -> list[torch.Tensor]:

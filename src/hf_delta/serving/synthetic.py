@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ..config import DeltaConfig
+from ..config import CompressionRecord
 from ..errors import EngineConfigError
 from ..fingerprint import base_fingerprint
 from ..methods import BitDeltaConfig
@@ -50,9 +50,9 @@ def random_delta(base: torch.nn.Module, *, seed: int = 0, scale: float = 1e-3) -
             out_f, in_f = module.weight.shape
             signs = torch.randint(0, 256, (1, out_f, (in_f + 7) // 8), dtype=torch.uint8, generator=gen)
             weights[name] = BitDeltaWeight((out_f, in_f), signs, torch.full((1, 1), scale))
-    config: DeltaConfig = BitDeltaConfig(distill_steps=0, base_model_name_or_path="synthetic",
-                                         base_fingerprint=base_fingerprint(base), dtype="float32")
-    return Delta(config=config, weights=weights, vocab_size=base.get_input_embeddings().weight.shape[0])
+    record = CompressionRecord(base_model_name_or_path="synthetic", base_fingerprint=base_fingerprint(base))
+    return Delta(config=BitDeltaConfig(distill_steps=0), record=record, weights=weights,
+                 vocab_size=base.get_input_embeddings().weight.shape[0])
 
 
 def prepare_synthetic(shape: str, work_dir: Path, *, device: torch.device,

@@ -19,8 +19,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from .._io import atomic_directory, atomic_write_text
 from ..errors import ZooError
+from ..utils.io import atomic_directory, atomic_write_text
 from .corpus import stdlib_corpus
 from .recipes import SizeRecipe, TrainBudget, get_recipe
 from .tasks import Example, Task, make_task

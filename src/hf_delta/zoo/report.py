@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_text
-from .._loading import load_model_and_tokenizer
 from ..evaluation import exact_match, perplexity, to_markdown
+from ..utils.io import atomic_write_text
+from ..utils.loading import load_model_and_tokenizer
 from .build import Zoo, build_zoo, load_zoo
 
 

@@ -1,59 +1,30 @@
-"""``compress(base, finetuned, config)``: from two models to a ``DeltaModel`` holding the compressed delta."""
+"""``compress(base, finetuned, config)``: from two models to a ``DeltaModel`` holding the compressed delta.
+
+(The module is ``compression``, not ``compress``, so the function ``hf_delta.compress`` does not shadow it.)
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import __version__
-from ._loading import load_model, load_tokenizer
-from .calibration import Batch, sample_calibration, tokenize_calibration
-from .config import DeltaConfig
-from .extract import ExtractedDelta, extract_delta
+from ._version import __version__
+from .config import CompressionRecord, DeltaConfig
+from .extract import extract_delta
 from .fingerprint import base_fingerprint
 from .methods import get_method
+from .methods.base import CompressionContext
 from .model import DeltaModel
 from .storage import GENERATION_CONFIG, TOKENIZER_FILES, Delta
+from .utils.loading import load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class CompressionContext:
-    """Everything a method may need while compressing one fine-tune."""
-
-    base: PreTrainedModel
-    finetuned: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase | None
-    extracted: ExtractedDelta
-    config: DeltaConfig
-    calibration_texts: Sequence[str] | None
-    progress: bool = True
-    _batches: list[Batch] | None = None
-
-    def calibration(self, *, n: int = 64, seq_len: int = 128, batch_size: int = 8) -> list[Batch]:
-        """Calibration batches: the user's texts, else ``n`` sequences sampled from the fine-tune."""
-        if self._batches is None:
-            if self.calibration_texts is not None:
-                self._batches = tokenize_calibration(self.calibration_texts, self._need_tokenizer(),
-                                                     seq_len=seq_len, batch_size=batch_size)
-            else:
-                logger.info("No calibration texts given: sampling %d sequences from the fine-tune", n)
-                self._batches = sample_calibration(self.finetuned, self._need_tokenizer(), n=n,
-                                                   seq_len=seq_len, batch_size=batch_size, seed=self.config.seed)
-        return self._batches
-
-    def _need_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.tokenizer is None:
-            raise ValueError("This method needs calibration text, hence a tokenizer: pass tokenizer=... or load "
-                             "the fine-tune from a folder/Hub id that has one.")
-        return self.tokenizer
 
 
 def _carried_files(base_tok, ft_tok, base: PreTrainedModel, ft: PreTrainedModel) -> dict[str, bytes]:
@@ -103,6 +74,7 @@ def compress(
     >>> model = compress("org/base", "org/finetune", BitDeltaConfig())  # doctest: +SKIP
     >>> model.save_pretrained("my-delta")  # doctest: +SKIP
     """
+    config = copy.deepcopy(config)  # the delta owns its settings; the caller's object stays untouched
     config.validate()
     method = get_method(config.method)
     base_model = load_model(base, revision=base_revision)
@@ -112,16 +84,18 @@ def compress(
     base_tok = None if isinstance(base, PreTrainedModel) else load_tokenizer(base, revision=base_revision)
     extracted = extract_delta(base_model, ft_model, target_modules=config.target_modules,
                               compress_embeddings=config.compress_embeddings)
-    config.base_model_name_or_path = str(base) if not isinstance(base, PreTrainedModel) \
-        else base_model.config._name_or_path or None
-    config.base_model_revision = base_revision
-    config.base_fingerprint = base_fingerprint(base_model)
-    config.library_version = __version__
+    record = CompressionRecord(
+        base_model_name_or_path=str(base) if not isinstance(base, PreTrainedModel)
+        else base_model.config._name_or_path or None,
+        base_model_revision=base_revision,
+        base_fingerprint=base_fingerprint(base_model),
+        library_version=__version__,
+    )
     ctx = CompressionContext(base_model, ft_model, tokenizer, extracted, config, calibration, progress)
     with torch.random.fork_rng(devices=[]):  # seed compression without touching the caller's RNG state
         torch.manual_seed(config.seed)
         weights = method.compress(ctx)
-    delta = Delta(config=config, weights=weights, exact=extracted.exact, new_rows=extracted.new_rows,
+    delta = Delta(config=config, record=record, weights=weights, exact=extracted.exact, new_rows=extracted.new_rows,
                   tied=extracted.tied, vocab_size=extracted.vocab_size,
                   files=_carried_files(base_tok, tokenizer, base_model, ft_model))
     model = DeltaModel(base_model)

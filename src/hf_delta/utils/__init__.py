@@ -1,0 +1,1 @@
+"""Helpers every layer may use: atomic writes (``io``), loading models and tokenizers (``loading``)."""
