@@ -98,7 +98,13 @@ def unpack_int_u8(packed: torch.Tensor, bits: int, in_features: int) -> torch.Te
 #   values themselves are stored densely elsewhere, ``K / 2`` per row, in column order.
 # ---------------------------------------------------------------------------------------------------
 
-_LOWBITS = (2, 3, 4, 8)
+# The widths DeltaZip quantises to (the one table: its config, the kernels and the packers read it here).
+LOWBIT_WIDTHS = (2, 3, 4, 8)
+
+
+def lowbit_packed_width(values: int, bits: int) -> int:
+    """Bytes per packed row of ``values`` ints at ``bits`` bits (a 3-bit row is one bit stream)."""
+    return (values * bits + 7) // 8
 
 
 def pack_int3_u8(q: torch.Tensor) -> torch.Tensor:
@@ -121,15 +127,15 @@ def unpack_int3_u8(packed: torch.Tensor, in_features: int) -> torch.Tensor:
 
 def pack_lowbit_u8(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack signed ``bits``-bit ints (2, 3, 4 or 8) along the last axis with the layout of that width."""
-    if bits not in _LOWBITS:
-        raise DeltaConfigError(f"Low-bit packing supports {_LOWBITS} bits per value, got {bits}.")
+    if bits not in LOWBIT_WIDTHS:
+        raise DeltaConfigError(f"Low-bit packing supports {LOWBIT_WIDTHS} bits per value, got {bits}.")
     return pack_int3_u8(q) if bits == 3 else pack_int_u8(q, bits)
 
 
 def unpack_lowbit_u8(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Inverse of ``pack_lowbit_u8``: int32 values ``[..., in_features]``."""
-    if bits not in _LOWBITS:
-        raise DeltaConfigError(f"Low-bit packing supports {_LOWBITS} bits per value, got {bits}.")
+    if bits not in LOWBIT_WIDTHS:
+        raise DeltaConfigError(f"Low-bit packing supports {LOWBIT_WIDTHS} bits per value, got {bits}.")
     return unpack_int3_u8(packed, in_features) if bits == 3 else unpack_int_u8(packed, bits, in_features)
 
 

@@ -54,6 +54,8 @@ from typing import NamedTuple
 
 import torch
 
+from hf_delta.packing import LOWBIT_WIDTHS, lowbit_packed_width
+
 from . import _common
 from ._common import Backend, BitDeltaPlan, KernelConfig, tl, triton  # noqa: F401  (triton: None without it; tests read it here)
 from ._common import interpret_enabled as _interpret_enabled  # noqa: F401  (the kernel tests read it here)
@@ -63,8 +65,7 @@ __all__ = ["DeltaZipKernelConfig", "deltazip_kernel_supports", "deltazip_matmul"
 
 _OP = "deltazip_matmul"
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BITS = (2, 3, 4, 8)
-_KERNEL_BITS = (2, 4, 8)
+_KERNEL_BITS = (2, 4, 8)  # of LOWBIT_WIDTHS: 3-bit rows are a bit stream, which only the reference reads
 _LAYOUTS = ("dense", "2:4")
 
 
@@ -82,11 +83,6 @@ class _Deltas(NamedTuple):
 def deltazip_kernel_supports(bits: int, layout: str) -> bool:
     """Whether the Triton kernel handles ``bits`` / ``layout`` (else only the reference does)."""
     return bits in _KERNEL_BITS and layout in _LAYOUTS
-
-
-def _packed_width(values: int, bits: int) -> int:
-    """Bytes per packed row of ``values`` ints at ``bits`` bits (3-bit rows are one bit stream)."""
-    return (values * bits + 7) // 8
 
 
 # ===================================================================================================
@@ -170,8 +166,8 @@ def _check_inputs(x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, delta
     """Shapes, dtypes, devices, layout options; no device synchronisation."""
     qweight, scales, positions, bits, layout, group_size = deltas
     fn = _OP
-    if bits not in _BITS:
-        raise ValueError(f"{fn}: bits must be one of {_BITS}, got {bits!r}.")
+    if bits not in LOWBIT_WIDTHS:
+        raise ValueError(f"{fn}: bits must be one of {LOWBIT_WIDTHS}, got {bits!r}.")
     if layout not in _LAYOUTS:
         hint = " (bitmap rows cannot be tiled; use DeltaZipWeight.add_to_rows)" if layout == "bitmap" else ""
         raise ValueError(f"{fn}: layout must be 'dense' or '2:4', got {layout!r}{hint}.")
@@ -193,7 +189,7 @@ def _check_inputs(x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, delta
     if layout == "2:4" and k % 4:
         raise ValueError(f"{fn}: layout '2:4' needs K divisible by 4, got K={k}.")
     values = k if layout == "dense" else k // 2
-    qb = _packed_width(values, bits)
+    qb = lowbit_packed_width(values, bits)
     if qweight.dim() != 3 or qweight.shape[1] != n or qweight.shape[2] != qb:
         raise ValueError(
             f"{fn}: qweight must be [D, N={n}, {qb}] ({values} {bits}-bit values per row for layout {layout!r} "

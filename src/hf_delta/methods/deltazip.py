@@ -29,6 +29,7 @@ from ..config import DeltaConfig
 from ..errors import CalibrationError, DeltaConfigError, DeltaFormatError
 from ..extract import vocab_module_names
 from ..packing import (
+    LOWBIT_WIDTHS,
     compact_2of4_u8,
     expand_2of4_u8,
     pack_1bit_u8,
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BITS = (2, 3, 4, 8)
 LAYOUTS = ("dense", "2:4", "bitmap")
 _MIN_SCALE = 2.0**-24  # smallest positive fp16: a zero scale would divide by zero
 _COMPACT_2OF4 = "2of4-compact"  # the disk encoding of 2:4 masks (format 2)
@@ -311,11 +311,11 @@ class DeltaZipConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.bits not in BITS:
-            raise DeltaConfigError(f"DeltaZipConfig.bits must be one of {BITS}, got {self.bits!r}.")
+        if self.bits not in LOWBIT_WIDTHS:
+            raise DeltaConfigError(f"DeltaZipConfig.bits must be one of {LOWBIT_WIDTHS}, got {self.bits!r}.")
         for name in ("embedding_bits", "head_bits"):
-            if getattr(self, name) is not None and getattr(self, name) not in BITS:
-                raise DeltaConfigError(f"{name} must be one of {BITS} or None, got {getattr(self, name)!r}.")
+            if getattr(self, name) is not None and getattr(self, name) not in LOWBIT_WIDTHS:
+                raise DeltaConfigError(f"{name} must be one of {LOWBIT_WIDTHS} or None, got {getattr(self, name)!r}.")
         s = self.sparsity
         if not (s is None or s == "2:4" or (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s < 1)):
             raise DeltaConfigError(
