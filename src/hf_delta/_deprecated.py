@@ -28,6 +28,8 @@ MOVED_MODULES: dict[str, str] = {
 # (package, attribute) -> new module that defines it
 MOVED_ATTRIBUTES: dict[tuple[str, str], str] = {
     ("hf_delta.methods", "export_peft_lora"): "hf_delta.integrations.peft",
+    ("hf_delta.evaluation", "bf16_weight_bytes"): "hf_delta.utils.sizes",
+    ("hf_delta.evaluation", "folder_bytes"): "hf_delta.utils.sizes",
 }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,30 +142,6 @@ def retention(candidate: float, base: float, finetune: float) -> float:
     return (candidate - base) / (finetune - base)
 
 
-def bf16_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's weights as bf16 (tied tensors counted once): the size-ratio denominator."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or not t.is_floating_point():
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * 2
-    return total
-
-
-def folder_bytes(folder: str | Path) -> dict[str, int]:
-    """Bytes on disk of a model/delta folder, split into weight files and everything else."""
-    weights = other = 0
-    for f in Path(folder).iterdir():
-        if f.is_file():
-            if f.suffix == ".safetensors":
-                weights += f.stat().st_size
-            else:
-                other += f.stat().st_size
-    return {"weights": weights, "other": other}
-
-
 @dataclass
 class EvalRow:
     """One line of an evaluation table."""
@@ -201,3 +176,9 @@ def to_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def __getattr__(name: str):
+    from ._deprecated import moved_attribute
+
+    return moved_attribute(__name__, name)

@@ -27,6 +27,7 @@ from .errors import DeltaFormatError
 from .methods import get_method, weight_class_for
 from .methods.base import CompressedWeight
 from .utils.io import atomic_directory, atomic_write_text
+from .utils.sizes import tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Delta:
 
     def nbytes(self) -> int:
         """Bytes of all delta tensors (what it costs to keep this delta resident)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return tensor_bytes(self.tensors().values())
 
     def save_pretrained(self, folder: str | Path, *, max_shard_size: int | str = "5GB") -> None:
         """Write the delta repo to ``folder``; a failure leaves any previous content untouched."""
@@ -97,7 +98,7 @@ class Delta:
             for filename, names in split.filename_to_tensors.items():
                 save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
             if split.is_sharded:
-                index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                index = {"metadata": {"total_size": tensor_bytes(tensors.values())},
                          "weight_map": split.tensor_to_filename}
                 atomic_write_text(tmp / WEIGHTS_INDEX_NAME, json.dumps(index, indent=2))
             atomic_write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))

@@ -17,6 +17,7 @@ from ..calibration import Batch, sample_calibration, tokenize_calibration
 from ..config import DeltaConfig
 from ..errors import DeltaFormatError
 from ..extract import ExtractedDelta
+from ..utils.sizes import tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class CompressedWeight(abc.ABC):
         """Rebuild from ``saved_tensors()`` (or ``dict(self.named_buffers())`` and ``self.meta()``)."""
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return tensor_bytes(self.buffers())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, bytes={self.nbytes()})"
