@@ -12,7 +12,8 @@ from hf_delta import DeltaModel, compress
 from hf_delta.errors import CalibrationError, DeltaConfigError
 from hf_delta.evaluation import mean_kl
 from hf_delta.methods import DeltaZipConfig, DeltaZipWeight
-from hf_delta.methods.deltazip import _Calibrator, inverse_hessian_factor, prune_quantize
+from hf_delta.methods.deltazip import inverse_hessian_factor, prune_quantize
+from hf_delta.methods.deltazip.calibrate import _Calibrator
 from hf_delta.storage import Delta
 from hf_delta.utils.loading import load_model
 from hf_delta.utils.sizes import bf16_weight_bytes, folder_bytes

@@ -1,0 +1,119 @@
+"""DeltaZip: each delta matrix pruned (2:4 or unstructured) and quantised (2/3/4/8 bit) jointly, GPTQ-style.
+
+For a linear layer with calibration inputs ``X`` the objective is ``min ||X (Δ − Δ̂)ᵀ||²``, whose Hessian is
+``H = 2 XᵀX / n`` (plus ``damp · mean(diag H)`` on the diagonal). Columns are visited left to right; each
+column is pruned (OBS saliency ``w² / [U]_jj²``, ``U`` the upper Cholesky factor of ``H⁻¹``) and quantised,
+and its error ``e = (w − q) / U_jj`` is spread over the columns not yet visited: ``W[:, j:] -= e · U[j, j:]``
+(applied lazily per block of columns). Layers are compressed in forward order, and each layer is calibrated
+on the activations of the model whose earlier layers already carry their compressed deltas.
+
+The embedding has no input activations, so vocabulary matrices are quantised round-to-nearest per row
+(``embedding_method="rtn"``); ``"gptq"`` calibrates the output head's matrix on the head's inputs instead, be it
+untied or tied to the embedding (then the one matrix serves both).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from ...errors import CalibrationError, DeltaConfigError
+from ...extract import vocab_module_names
+from ..base import CompressedWeight, CompressionContext, DeltaMethod
+from ..registry import register_delta_method
+from .calibrate import _Calibrator
+from .config import DeltaZipConfig
+from .gptq import QuantizedMatrix, inverse_hessian_factor, layout_of, prune_quantize
+from .weight import LAYOUTS, DeltaZipWeight
+
+if TYPE_CHECKING:
+    from ...calibration import Batch
+
+__all__ = [
+    "LAYOUTS",
+    "DeltaZipConfig",
+    "DeltaZipWeight",
+    "QuantizedMatrix",
+    "compress_deltazip",
+    "inverse_hessian_factor",
+    "prune_quantize",
+]
+
+
+def _check_targets(cfg: DeltaZipConfig, deltas: dict[str, torch.Tensor], pruned: set[str]) -> None:
+    """Shape constraints of the chosen layout on the actual target matrices, before any work."""
+    for name, delta in deltas.items():
+        k = delta.shape[1]
+        if cfg.group_size is not None and k % cfg.group_size:
+            raise DeltaConfigError(
+                f"group_size={cfg.group_size} does not divide in_features={k} of {name!r}; choose a divisor of "
+                f"{k} (e.g. {math.gcd(k, cfg.group_size)}) or group_size=None (per channel).")
+        if cfg.pruning == "2:4" and name in pruned and k % 4:
+            raise DeltaConfigError(
+                f"sparsity='2:4' needs in_features divisible by 4, but {name!r} has {k}; use an unstructured "
+                "sparsity such as 0.5, or exclude it from target_modules.")
+
+
+def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
+    """Compress every extracted delta: linear layers by OBS/GPTQ in forward order, vocabulary matrices by RTN
+    (or, with ``embedding_method="gptq"``, the output head's matrix like a linear layer, tied or not)."""
+    cfg: DeltaZipConfig = ctx.config
+    deltas = ctx.extracted.compress
+    embed, head = vocab_module_names(ctx.base)
+    vocab = {n for n in deltas if n in (embed, head)}
+    # Delta → the module whose inputs calibrate it. A tied matrix has input activations only as the output
+    # head, so it is calibrated there (its errors then reach the input embedding uncompensated).
+    as_linear = {n: n for n in deltas if n not in vocab}
+    head_matrix = ctx.extracted.tied.get(head, head)
+    if cfg.embedding_method == "gptq" and head_matrix in deltas:
+        as_linear[head_matrix] = head
+    _check_targets(cfg, deltas, set(as_linear))
+    calibrated = {m: n for n, m in as_linear.items()} if cfg.use_hessian else {}  # module → its delta
+    batches: list[Batch] = []
+    if calibrated:
+        batches = ctx.calibration(n=cfg.calibration_samples, seq_len=cfg.calibration_seq_len,
+                                  batch_size=cfg.calibration_batch_size)
+        if not batches:
+            raise CalibrationError("The calibration set is empty; pass texts like the fine-tune's training data, "
+                                   "or calibration=None to sample text from the fine-tune.")
+    work = copy.deepcopy(ctx.finetuned).eval() if calibrated else None
+    base_weights = {n: ctx.base.get_submodule(n).weight for n in deltas}
+    if work is not None:
+        for name, w in base_weights.items():  # start from the base; each layer gets its compressed delta in turn
+            # A tied matrix calibrated as the head is compressed last, but the embedding is used first: until
+            # then the decoder layers see the fine-tune's own embedding.
+            if as_linear.get(name, name) == name:
+                work.get_submodule(name).weight.data[: w.shape[0]] = w.to(work.dtype)
+    weights: dict[str, CompressedWeight] = {}
+
+    def finish(name: str, hessian: torch.Tensor | None) -> None:
+        bits = cfg.bits
+        if name in vocab:
+            bits = (cfg.head_bits if name == head_matrix else None) or cfg.embedding_bits or cfg.bits
+        # A vocabulary matrix calibrated as the output head is an ordinary linear layer to GPTQ/OBS: pruned too.
+        sparsity = cfg.pruning if name in as_linear else None
+        qm = prune_quantize(deltas[name], hessian, bits=bits, group_size=cfg.group_size, sparsity=sparsity,
+                            prune=cfg.prune, damp=cfg.damp, block_size=cfg.block_size)
+        weights[name] = DeltaZipWeight.from_quantized(qm.q, qm.scales, qm.keep, bits=bits,
+                                                      group_size=cfg.group_size, layout=layout_of(qm, sparsity, bits))
+        if work is not None:
+            base = base_weights[name]
+            work.get_submodule(name).weight.data[: base.shape[0]] = (base.float() + qm.dequantize()).to(work.dtype)
+
+    def finish_group(modules: list[str], hessians: dict[str, torch.Tensor | None]) -> None:
+        for module in modules:
+            finish(calibrated[module], hessians[module])
+
+    for name in [n for n in deltas if n not in calibrated.values()]:
+        finish(name, None)
+    if calibrated:
+        _Calibrator(work, batches, list(calibrated)).run(finish_group, progress=ctx.progress)
+    return {n: weights[n] for n in deltas}
+
+
+register_delta_method(DeltaMethod(
+    name="deltazip", config_class=DeltaZipConfig, weight_classes=(DeltaZipWeight,), compress=compress_deltazip,
+))
