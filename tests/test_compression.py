@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_delta import BitDeltaConfig, CompressionRecord, DeltaModel, compress
+from hf_delta import BitDeltaConfig, CompressionRecord, DeltaModel, LowRankConfig, compress, compress_delta
 from hf_delta.errors import BaseModelMismatchError
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -44,3 +44,21 @@ def test_the_record_says_where_the_base_came_from(micro_zoo):
     record = model.get_delta("default").record
     assert record.base_model_name_or_path == base.config._name_or_path
     assert record.base_fingerprint["layout"] and record.library_version
+
+
+@pytest.mark.parametrize("name", ["llama-arith", "qwen2-cipher"])  # untied and tied vocabularies
+@pytest.mark.parametrize("config", [BitDeltaConfig(distill_steps=0, scale="row", residual_passes=1),
+                                    LowRankConfig(rank=4)], ids=["bitdelta", "lowrank"])
+def test_streaming_gives_the_same_delta_as_the_loaded_models(micro_zoo, name, config, caplog):
+    entry = micro_zoo[name]
+    base, ft = micro_zoo[entry.base].path, entry.path
+    with caplog.at_level("INFO", logger="hf_delta"):
+        streamed = compress_delta(base, ft, config, progress=False)
+    assert "Streaming" in caplog.text
+    loaded = compress_delta(*(AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in (base, ft)),
+                            config, tokenizer=AutoTokenizer.from_pretrained(ft), progress=False)
+    a, b = streamed.tensors(), loaded.tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert streamed.record.base_fingerprint == loaded.record.base_fingerprint
+    assert (streamed.tied, streamed.vocab_size) == (loaded.tied, loaded.vocab_size)
+    assert streamed.files == {}  # the fine-tune keeps the base's tokenizer (the chat one carries its own)

@@ -22,12 +22,13 @@ from ._version import __version__
 _ERRORS = (
     "ArchitectureMismatchError", "BaseModelMismatchError", "BaseModelNotServedError", "CalibrationError",
     "DeltaConfigError", "DeltaFormatError", "DeltaLoadError", "DeltaNotFoundError", "EngineConfigError",
-    "FineTuneConfigError", "FineTuneJobNotFoundError", "HfDeltaError", "InvalidRequestError",
+    "FineTuneConfigError", "FineTuneJobNotFoundError", "HfDeltaError", "InsufficientMemoryError", "InvalidRequestError",
     "MissingDependencyError", "ModelLoadError", "ZooError",
 )
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     "compress": "hf_delta.compression",
+    "compress_delta": "hf_delta.compression",
     "DeltaConfig": "hf_delta.config",
     "CompressionRecord": "hf_delta.config",
     "BitDeltaConfig": "hf_delta.methods.bitdelta",
@@ -66,6 +67,7 @@ __all__ = [  # the keys of _EXPORTS (a test checks), spelled out for tools that 
     "FineTuneConfigError",
     "FineTuneJobNotFoundError",
     "HfDeltaError",
+    "InsufficientMemoryError",
     "InvalidRequestError",
     "LowRankConfig",
     "MissingDependencyError",
@@ -73,6 +75,7 @@ __all__ = [  # the keys of _EXPORTS (a test checks), spelled out for tools that 
     "ZooError",
     "__version__",
     "compress",
+    "compress_delta",
     "export_peft_lora",
     "register_delta_method",
     "registered_methods",
@@ -96,7 +99,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what editors and type checkers see; nothing is imported at run time
-    from .compression import compress
+    from .compression import compress, compress_delta
     from .config import CompressionRecord, DeltaConfig
     from .errors import (
         ArchitectureMismatchError,
@@ -111,6 +114,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; nothing is imported at 
         FineTuneConfigError,
         FineTuneJobNotFoundError,
         HfDeltaError,
+        InsufficientMemoryError,
         InvalidRequestError,
         MissingDependencyError,
         ModelLoadError,

@@ -75,3 +75,7 @@ class FineTuneJobNotFoundError(HfDeltaError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
         return str(self.args[0]) if self.args else ""
+
+
+class InsufficientMemoryError(HfDeltaError, MemoryError):
+    """The machine cannot hold what a compression setting needs; the message says what would fit."""

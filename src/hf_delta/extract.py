@@ -89,19 +89,32 @@ def _check_pair(base: PreTrainedModel, finetuned: PreTrainedModel) -> None:
         )
 
 
-def extract_delta(
-    base: PreTrainedModel,
-    finetuned: PreTrainedModel,
-    *,
-    target_modules: str | list[str] = "all-linear",
-    compress_embeddings: bool = True,
-) -> ExtractedDelta:
-    """Split ``finetuned − base`` into compressible deltas, exact tensors and new vocabulary rows."""
+@dataclass
+class PairLayout:
+    """How each parameter of a base/fine-tune pair is stored; read from the two models (meta ones will do)."""
+
+    targets: set[str]
+    embed: str | None
+    head: str | None
+    tied: bool
+    vocab_modules: set[str]
+    compress_embeddings: bool
+
+    def skips(self, name: str) -> bool:
+        """A tied output head's weight: it is the embedding's, handled there."""
+        return self.tied and name.rpartition(".")[0] == self.head
+
+
+def pair_layout(base: PreTrainedModel, finetuned: PreTrainedModel, *, target_modules: str | list[str] = "all-linear",
+                compress_embeddings: bool = True) -> tuple[PairLayout, ExtractedDelta]:
+    """Check that the two models pair, and lay out their parameters; returns an empty ``ExtractedDelta`` with
+    the vocabulary sizes and ties filled in, for :func:`split_tensor` to fill."""
     _check_pair(base, finetuned)
-    targets = set(select_target_modules(base, target_modules))
     embed, head = vocab_module_names(base)
     tied = is_tied(finetuned) and is_tied(base)
-    vocab_modules = {embed} | ({head} if head and not tied else set())
+    layout = PairLayout(targets=set(select_target_modules(base, target_modules)), embed=embed, head=head, tied=tied,
+                        vocab_modules={embed} | ({head} if head and not tied else set()),
+                        compress_embeddings=compress_embeddings)
     base_vocab = base.get_input_embeddings().weight.shape[0]
     out = ExtractedDelta(base_vocab_size=base_vocab, vocab_size=finetuned.get_input_embeddings().weight.shape[0])
     if tied and head:
@@ -111,30 +124,50 @@ def extract_delta(
             f"The fine-tune's vocabulary ({out.vocab_size}) is smaller than the base's ({base_vocab}); only "
             "grown vocabularies are supported."
         )
+    return layout, out
+
+
+def split_tensor(layout: PairLayout, name: str, b: torch.Tensor, f: torch.Tensor,
+                 out: ExtractedDelta) -> tuple[str, torch.Tensor] | None:
+    """File one parameter of the pair: exact tensors and new vocabulary rows go into ``out``; a matrix to
+    compress is returned as ``(module, fp32 delta)`` (and its kind recorded in ``out.kinds``)."""
+    module, _, leaf = name.rpartition(".")
+    if layout.skips(name):
+        return None
+    if module in layout.vocab_modules and leaf == "weight":
+        if f.shape[1:] != b.shape[1:] or f.shape[0] < b.shape[0]:
+            raise ArchitectureMismatchError(f"{name}: base shape {tuple(b.shape)} vs fine-tune {tuple(f.shape)}.")
+        if not layout.compress_embeddings:
+            out.exact[name] = f.detach().clone()  # the whole table, new rows included
+            return None
+        out.kinds[module] = "embedding" if module == layout.embed else "linear"
+        if f.shape[0] > b.shape[0]:
+            out.new_rows[module] = f[b.shape[0] :].detach().clone()
+        return module, f[: b.shape[0]].float() - b.float()
+    if f.shape != b.shape:
+        raise ArchitectureMismatchError(
+            f"{name}: base shape {tuple(b.shape)} vs fine-tune {tuple(f.shape)}; these models do not pair."
+        )
+    if module in layout.targets and leaf == "weight":
+        out.kinds[module] = "linear"
+        return module, f.float() - b.float()
+    if f.is_floating_point() and not torch.equal(f, b):
+        out.exact[name] = f.detach().clone()
+    return None
+
+
+def extract_delta(
+    base: PreTrainedModel,
+    finetuned: PreTrainedModel,
+    *,
+    target_modules: str | list[str] = "all-linear",
+    compress_embeddings: bool = True,
+) -> ExtractedDelta:
+    """Split ``finetuned − base`` into compressible deltas, exact tensors and new vocabulary rows."""
+    layout, out = pair_layout(base, finetuned, target_modules=target_modules, compress_embeddings=compress_embeddings)
     fstate = finetuned.state_dict()
     for name, b in base.state_dict().items():
-        f = fstate[name]
-        module, _, leaf = name.rpartition(".")
-        if tied and module == head:
-            continue
-        if module in vocab_modules and leaf == "weight":
-            if f.shape[1:] != b.shape[1:] or f.shape[0] < b.shape[0]:
-                raise ArchitectureMismatchError(f"{name}: base shape {tuple(b.shape)} vs fine-tune {tuple(f.shape)}.")
-            if compress_embeddings:
-                out.compress[module] = f[: b.shape[0]].float() - b.float()
-                out.kinds[module] = "embedding" if module == embed else "linear"
-                if f.shape[0] > b.shape[0]:
-                    out.new_rows[module] = f[b.shape[0] :].detach().clone()
-            else:
-                out.exact[name] = f.detach().clone()  # the whole table, new rows included
-            continue
-        if f.shape != b.shape:
-            raise ArchitectureMismatchError(
-                f"{name}: base shape {tuple(b.shape)} vs fine-tune {tuple(f.shape)}; these models do not pair."
-            )
-        if module in targets and leaf == "weight":
-            out.compress[module] = f.float() - b.float()
-            out.kinds[module] = "linear"
-        elif f.is_floating_point() and not torch.equal(f, b):
-            out.exact[name] = f.detach().clone()
+        found = split_tensor(layout, name, b, fstate[name], out)
+        if found is not None:
+            out.compress[found[0]] = found[1]
     return out

@@ -7,7 +7,7 @@ different checkpoint of the same architecture does not.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -40,15 +40,19 @@ def _positions(flat: torch.Tensor, k: int) -> torch.Tensor:
     return idx.to(flat.device)
 
 
-def base_fingerprint(model: Weights) -> dict[str, Any]:
+def base_fingerprint(model: Weights, *, read: Callable[[str], torch.Tensor] | None = None) -> dict[str, Any]:
     """Fingerprint of ``model`` (or a state dict): a hash of names and shapes, and a few values from evenly
-    spread tensors."""
+    spread tensors.
+
+    ``read(name)`` supplies a tensor's values when ``model`` holds shapes only (a model on the meta device
+    while a checkpoint is streamed): the result is the same as for the loaded model.
+    """
     tensors = _named_tensors(model)
     layout = hashlib.sha256("\n".join(f"{n}:{tuple(p.shape)}" for n, p in tensors).encode()).hexdigest()
     step = max(1, len(tensors) // _MAX_TENSORS)
     samples = []
     for name, p in tensors[::step][:_MAX_TENSORS]:
-        flat = p.detach().reshape(-1)
+        flat = (p if read is None else read(name)).detach().reshape(-1)
         samples.append([name, [round(float(v), 6) for v in flat[_positions(flat, _SAMPLES_PER_TENSOR)].float().cpu()]])
     return {"layout": layout, "samples": samples}
 

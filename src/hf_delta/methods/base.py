@@ -131,6 +131,11 @@ class DeltaMethod:
     ``compress(context) -> dict[module_name, CompressedWeight]`` gets everything it may need (the base and
     fine-tuned models, the extracted deltas, calibration batches) through a ``CompressionContext``.
     ``refine`` optionally improves the result once it runs as a model (BitDelta's scale distillation).
+
+    A method that can compress one matrix at a time without calibration data also gives
+    ``compress_matrix(delta, kind, config) -> CompressedWeight`` (``kind``: ``"linear"`` or ``"embedding"``)
+    and ``data_free(config) -> bool`` (whether that setting needs nothing else): ``compress()`` then streams
+    the two checkpoints tensor by tensor instead of loading both models.
     """
 
     name: str
@@ -138,6 +143,12 @@ class DeltaMethod:
     weight_classes: tuple[type[CompressedWeight], ...]
     compress: Any
     refine: Any = None
+    compress_matrix: Any = None
+    data_free: Any = None
+
+    def streams(self, config: DeltaConfig) -> bool:
+        """Whether ``config`` compresses matrix by matrix from the checkpoints alone."""
+        return self.compress_matrix is not None and self.data_free is not None and bool(self.data_free(config))
 
     def weight_class(self, kind: str) -> type[CompressedWeight]:
         for cls in self.weight_classes:

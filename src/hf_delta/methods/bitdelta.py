@@ -215,12 +215,16 @@ class BitDeltaConfig(DeltaConfig):
             raise DeltaConfigError(f"distill_lr must be positive, got {self.distill_lr}.")
 
 
+def compress_bitdelta_matrix(delta: torch.Tensor, kind: str, cfg: BitDeltaConfig) -> BitDeltaWeight:
+    """Sign + scale of one delta matrix (``kind`` does not matter to BitDelta)."""
+    return BitDeltaWeight.from_delta(delta, per_row=cfg.scale == "row", passes=1 + cfg.residual_passes)
+
+
 def compress_bitdelta(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     """Sign + scale of every extracted delta matrix."""
-    cfg: BitDeltaConfig = ctx.config
     items = ctx.extracted.compress.items()
     return {
-        name: BitDeltaWeight.from_delta(delta, per_row=cfg.scale == "row", passes=1 + cfg.residual_passes)
+        name: compress_bitdelta_matrix(delta, ctx.extracted.kinds.get(name, "linear"), ctx.config)
         for name, delta in tqdm(items, desc="bitdelta: signs", disable=not ctx.progress, leave=False)
     }
 
@@ -276,4 +280,5 @@ def distill_scales(model: nn.Module, ctx: CompressionContext) -> list[float]:
 register_delta_method(DeltaMethod(
     name="bitdelta", config_class=BitDeltaConfig, weight_classes=(BitDeltaWeight,),
     compress=compress_bitdelta, refine=distill_scales,
+    compress_matrix=compress_bitdelta_matrix, data_free=lambda cfg: cfg.distill_steps == 0,
 ))

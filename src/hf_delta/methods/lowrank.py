@@ -115,13 +115,21 @@ def compress_lowrank(ctx: CompressionContext) -> dict[str, CompressedWeight]:
                 raise DeltaConfigError(
                     f"rank={cfg.rank} exceeds min(out, in)={min(d.shape)} of {name!r} {tuple(d.shape)}; use "
                     f"rank <= {min(min(t.shape) for t in deltas.values())}, or energy=... to pick ranks per matrix.")
-    dtype = _DTYPES[cfg.factor_dtype]
     return {
-        name: LowRankWeight.from_delta(d, rank=cfg.rank, energy=cfg.energy, dtype=dtype)
+        name: compress_lowrank_matrix(d, ctx.extracted.kinds.get(name, "linear"), cfg)
         for name, d in tqdm(deltas.items(), desc="lowrank: SVD", disable=not ctx.progress, leave=False)
     }
 
 
+def compress_lowrank_matrix(delta: torch.Tensor, kind: str, cfg: LowRankConfig) -> LowRankWeight:
+    """Truncated SVD of one delta matrix."""
+    if cfg.rank is not None and cfg.energy is None and cfg.rank > min(delta.shape):
+        raise DeltaConfigError(f"rank={cfg.rank} exceeds min(out, in)={min(delta.shape)} of a {tuple(delta.shape)} "
+                               "delta; use a smaller rank, or energy=... to pick ranks per matrix.")
+    return LowRankWeight.from_delta(delta, rank=cfg.rank, energy=cfg.energy, dtype=_DTYPES[cfg.factor_dtype])
+
+
 register_delta_method(DeltaMethod(
     name="lowrank", config_class=LowRankConfig, weight_classes=(LowRankWeight,), compress=compress_lowrank,
+    compress_matrix=compress_lowrank_matrix, data_free=lambda cfg: True,
 ))

@@ -23,10 +23,11 @@ def load_model(
     model: str | Path | PreTrainedModel,
     *,
     revision: str | None = None,
-    dtype: torch.dtype | None = torch.float32,
+    dtype: torch.dtype | str | None = torch.float32,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """Return ``model`` itself, or load it from a local folder or Hub id with ``AutoModelForCausalLM``."""
+    """Return ``model`` itself, or load it from a local folder or Hub id with ``AutoModelForCausalLM``
+    (``dtype="auto"``: the checkpoint's own dtype)."""
     if isinstance(model, PreTrainedModel):
         return model
     if _looks_local(model) and not Path(model).expanduser().is_dir():
@@ -74,3 +75,33 @@ def load_model_and_tokenizer(
     tokenizer = load_tokenizer(path, revision=revision)
     check_tokenizer_fits(model, tokenizer, name=str(path))
     return model, tokenizer
+
+
+# What a model folder needs for streaming compression: the config, the safetensors and the tokenizer.
+_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def resolve_model_folder(
+    model: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """A local folder holding ``model``: the folder itself, or its Hub snapshot (config, safetensors, tokenizer)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if _looks_local(model):
+        raise ModelLoadError(
+            f"Model directory {str(model)!r} does not exist. Pass an existing folder written by "
+            "save_pretrained, a Hub repo id such as 'org/name', or a loaded model object."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model), revision=revision, token=token, cache_dir=cache_dir,
+                                      local_files_only=local_files_only, allow_patterns=_MODEL_FILES))
+    except Exception as err:  # the client raises many types (not found, offline, gated); all mean the same here
+        raise ModelLoadError(f"Could not download model {str(model)!r} from the Hub: {err}") from err

@@ -1,0 +1,111 @@
+"""Read a model's safetensors checkpoint one tensor at a time, in bounded memory.
+
+``Checkpoint`` resolves a local folder or a Hub snapshot, single-file or sharded, and reads each tensor with
+plain file reads into a tensor of its own dtype: no memory map stays open, so reading a 13 GB checkpoint
+tensor by tensor keeps the process at the size of the tensors held, not of the files touched.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class TensorInfo:
+    """Where one tensor lies in its file: dtype, shape and byte range."""
+
+    __slots__ = ("dtype", "end", "path", "shape", "start")
+
+    def __init__(self, path: Path, dtype: torch.dtype, shape: tuple[int, ...], start: int, end: int):
+        self.path, self.dtype, self.shape, self.start, self.end = path, dtype, shape, start, end
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    base = 8 + length
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ModelLoadError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which hf_delta cannot read "
+                                 f"(it reads {sorted(_DTYPES)}).")
+        start, end = info["data_offsets"]
+        out[name] = TensorInfo(path, _DTYPES[info["dtype"]], tuple(info["shape"]), base + start, base + end)
+    return out
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint folder (``model.safetensors`` or shards with an index).
+
+    >>> ckpt = Checkpoint("path/to/model")  # doctest: +SKIP
+    >>> ckpt.info("model.embed_tokens.weight").shape, ckpt.get("model.norm.weight").dtype  # doctest: +SKIP
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / SAFE_WEIGHTS_INDEX_NAME
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (self.folder / SAFE_WEIGHTS_NAME).is_file():
+            files = [SAFE_WEIGHTS_NAME]
+        else:
+            raise ModelLoadError(f"{self.folder} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}.")
+        self._infos: dict[str, TensorInfo] = {}
+        for name in files:
+            self._infos.update(_read_header(self.folder / name))
+
+    @staticmethod
+    def has_safetensors(folder: str | Path) -> bool:
+        folder = Path(folder)
+        return (folder / SAFE_WEIGHTS_INDEX_NAME).is_file() or (folder / SAFE_WEIGHTS_NAME).is_file()
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` in its stored dtype (read from disk now; the caller owns the memory)."""
+        info = self._infos[name]
+        raw = torch.empty(info.end - info.start, dtype=torch.uint8)
+        with open(info.path, "rb", buffering=0) as f:
+            f.seek(info.start)
+            view = memoryview(raw.numpy())
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise ModelLoadError(f"{info.path} is truncated: tensor {name!r} ends past the end of the file.")
+                done += got
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def nbytes(self) -> int:
+        """Bytes of all tensors in the checkpoint."""
+        return sum(i.end - i.start for i in self._infos.values())
