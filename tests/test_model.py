@@ -466,3 +466,15 @@ def test_add_delta_moves_copies_to_the_models_device_not_the_callers_tensors(mic
     assert {t.device.type for w in attached.weights.values() for t in w.buffers()} == {"meta"}
     assert {t.device.type for w in delta.weights.values() for t in w.buffers()} == {"cpu"}
     assert {t.device.type for t in model.attached_tensors()} == {"meta"}
+
+
+def test_from_pretrained_keeps_the_checkpoints_dtype_and_takes_a_device_map(micro_zoo, micro_delta, tmp_path):
+    _base(micro_zoo, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16-base")
+    model = DeltaModel.from_pretrained(tmp_path / "bf16-base", micro_delta("llama-arith"), device_map="cpu")
+    assert model.base_model.dtype == torch.bfloat16  # transformers' dtype="auto", not float32
+    assert {p.device.type for p in model.base_model.parameters()} == {"cpu"}
+    as_float = DeltaModel.from_pretrained(tmp_path / "bf16-base", micro_delta("llama-arith"), dtype=torch.float32)
+    assert as_float.base_model.dtype == torch.float32
+    ids = torch.tensor([[1, 5, 9, 13]])
+    torch.testing.assert_close(model(input_ids=ids).logits.float(), as_float(input_ids=ids).logits,
+                               rtol=0.05, atol=0.05)

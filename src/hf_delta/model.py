@@ -64,7 +64,8 @@ class DeltaModel(nn.Module):
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
         ignore_base_mismatch: bool = False,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = "auto",
+        device_map: str | dict[str, Any] | None = None,
     ) -> DeltaModel:
         """Load ``base_model`` (object, folder or Hub id) and put the delta ``delta_id`` on it.
 
@@ -76,14 +77,18 @@ class DeltaModel(nn.Module):
             base_revision: revision of the *base* model repo, when ``base_model`` is loaded here.
             token, cache_dir, local_files_only: passed to ``huggingface_hub`` (``HF_HUB_OFFLINE`` is honoured).
             ignore_base_mismatch: apply the delta even if the base's fingerprint differs from the recorded one.
-            dtype: dtype to load the base in (default float32 for a path/id; an object is used as is).
+            dtype: dtype to load the base in, as in transformers: ``"auto"`` (default) keeps the checkpoint's
+                (bf16 for most LLMs); an object is used as is.
+            device_map: where to put the base's layers, as in transformers (``"cuda"``, ``"auto"``, a dict);
+                each delta is placed beside the layer it applies to.
 
         Raises:
             BaseModelMismatchError: the delta was made against another base.
             DeltaFormatError: the repo is not a valid delta repo.
         """
-        base = load_model(base_model, revision=base_revision, dtype=dtype or torch.float32,
-                          cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        extra = {"device_map": device_map} if device_map is not None else {}
+        base = load_model(base_model, revision=base_revision, dtype=dtype, cache_dir=cache_dir, token=token,
+                          local_files_only=local_files_only, **extra)
         model = cls(base)
         model.load_delta(delta_id, delta_name, revision=revision, token=token, cache_dir=cache_dir,
                          local_files_only=local_files_only, ignore_base_mismatch=ignore_base_mismatch)
@@ -133,17 +138,21 @@ class DeltaModel(nn.Module):
         if self.routing.active is None:
             self.routing.active = delta_name
 
+    def _device_of(self, module: str) -> torch.device:
+        """Where the base's ``module`` lives (layers of one model may sit on several devices: device_map)."""
+        param = next(self.base_module(module).parameters(), None)
+        return self.device if param is None else param.device
+
     def _moved_parts(self, delta: Delta) -> tuple[Delta, dict[str, DeltaParts]]:
-        """A copy of ``delta`` whose weights are on the base's device, and its parts per module (nothing
+        """A copy of ``delta`` whose weights sit beside their layers, and its parts per module (nothing
         installed yet; the caller's tensors are not moved in place)."""
-        device = self.device
-        weights = {module: weight.moved_to(device) for module, weight in delta.weights.items()}
+        weights = {module: weight.moved_to(self._device_of(module)) for module, weight in delta.weights.items()}
         per_module: dict[str, dict[str, Any]] = {module: {"weight": w} for module, w in weights.items()}
         for param, value in delta.exact.items():
             module, _, leaf = param.rpartition(".")
-            per_module.setdefault(module, {}).setdefault("exact", {})[leaf] = value.to(device)
+            per_module.setdefault(module, {}).setdefault("exact", {})[leaf] = value.to(self._device_of(module))
         for module, rows in delta.new_rows.items():
-            per_module.setdefault(module, {})["new_rows"] = rows.to(device)
+            per_module.setdefault(module, {})["new_rows"] = rows.to(self._device_of(module))
         parts = {module: DeltaParts(**kw) for module, kw in per_module.items()}
         return dataclasses.replace(delta, weights=weights), parts
 
