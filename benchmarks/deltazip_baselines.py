@@ -33,8 +33,15 @@ from tqdm.auto import tqdm
 from hf_delta import compress
 from hf_delta._io import atomic_write_text
 from hf_delta._loading import load_model_and_tokenizer
-from hf_delta.evaluation import bf16_weight_bytes, exact_match, folder_bytes, mean_kl, retention, to_markdown
-from hf_delta.fidelity import task_calibration
+from hf_delta.evaluation import (
+    bf16_weight_bytes,
+    exact_match,
+    folder_bytes,
+    mean_kl,
+    retention,
+    task_calibration,
+    to_markdown,
+)
 from hf_delta.methods import DeltaZipConfig
 from hf_delta.zoo.build import build_zoo
 

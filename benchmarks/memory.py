@@ -16,10 +16,10 @@ import torch
 
 from hf_delta import BitDeltaConfig, DeltaModel, compress
 from hf_delta._loading import load_model
+from hf_delta.bench.zoo_eval import write_results
 from hf_delta.evaluation import bf16_weight_bytes
 from hf_delta.storage import Delta
 from hf_delta.zoo import load_zoo
-from hf_delta.zoo.report import write_results
 
 
 def rss() -> int:

@@ -20,10 +20,10 @@ import torch
 
 from hf_delta._io import atomic_write_text
 from hf_delta._loading import load_tokenizer
+from hf_delta.bench.serve import expand, prepare_zoo
+from hf_delta.bench.workload import BenchSettings, build_workload, run_engine, run_naive
 from hf_delta.evaluation import to_markdown
 from hf_delta.methods.base import CompressedWeight
-from hf_delta.serving.bench import BenchSettings, build_workload, run_engine, run_naive
-from hf_delta.serving.benchmark import expand, prepare_zoo
 
 
 @contextlib.contextmanager

@@ -12,8 +12,7 @@ from peft import PeftModel
 
 from hf_delta import DeltaModel, compress
 from hf_delta._loading import load_model_and_tokenizer
-from hf_delta.evaluation import bf16_weight_bytes, folder_bytes, mean_kl
-from hf_delta.fidelity import task_calibration
+from hf_delta.evaluation import bf16_weight_bytes, folder_bytes, mean_kl, task_calibration
 from hf_delta.methods import DeltaZipConfig, LowRankConfig, export_peft_lora
 from hf_delta.zoo import build_zoo
 

@@ -201,3 +201,8 @@ def to_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def task_calibration(tokenizer, task: Task, n: int = 64) -> list[str]:
+    """Calibration texts from the fine-tune's own training split (never the held-out split)."""
+    return [task_prompt(tokenizer, task, ex) + ex.answer + tokenizer.eos_token for ex in task.train[:n]]

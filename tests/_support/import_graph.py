@@ -61,7 +61,8 @@ def import_graph(roots: Iterable[Path], package: str) -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(name, is_package, node)
                 # ``from pkg import sub`` imports the submodule when there is one, else a name of ``pkg``.
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                           for alias in node.names]
             for target in targets:
                 resolved = known(target)
                 if resolved is not None and resolved != name:

@@ -12,9 +12,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from hf_delta._loading import load_model
 from hf_delta.serving import Engine, EngineConfig, SamplingParams
-from hf_delta.serving.coserve import CoServeScheduler, StepTimeModel
-from hf_delta.serving.finetune import IGNORE, batches, init_lora
-from hf_delta.serving.lora_trainer import CoServingTrainer, SavedTensorMeter
+from hf_delta.serving.training.budget import CoServeScheduler, StepTimeModel
+from hf_delta.serving.training.jobs import IGNORE, batches, init_lora
+from hf_delta.serving.training.state import SavedTensorMeter
+from hf_delta.serving.training.trainer import CoServingTrainer
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 DATA = [

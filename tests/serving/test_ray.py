@@ -21,8 +21,9 @@ openai = pytest.importorskip("openai")
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from hf_delta.cli.serve import add_serve_arguments  # noqa: E402
 from hf_delta.errors import EngineConfigError, MissingDependencyError  # noqa: E402
-from hf_delta.serving import EngineConfig, add_serve_arguments  # noqa: E402
+from hf_delta.serving import EngineConfig  # noqa: E402
 from hf_delta.serving.ray import (  # noqa: E402
     AFFINITY_HEADER,
     APP_NAME,

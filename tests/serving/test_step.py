@@ -8,8 +8,8 @@ import torch
 from hf_delta import DeltaModel
 from hf_delta._loading import load_model
 from hf_delta.errors import EngineConfigError
-from hf_delta.serving.kv_cache import PagedKVCache
-from hf_delta.serving.step import Segment, StepBatch, forward_step
+from hf_delta.serving.engine.kv_cache import PagedKVCache
+from hf_delta.serving.engine.step import Segment, StepBatch, forward_step
 
 
 def _cache(model: DeltaModel, tokens: int = 256, block_size: int = 4) -> PagedKVCache:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import HfDeltaError
 from ..evaluation import bf16_weight_bytes
-from ..serving.engine import Engine
+from ..serving.engine.engine import Engine
 from ..storage import describe
 
 logger = logging.getLogger(__name__)

@@ -77,7 +77,7 @@ def prepare_zoo_demo(size: str = "small", *, zoo_dir: str | Path | None = None, 
     """
     from .._loading import load_tokenizer
     from ..compress import compress
-    from ..fidelity import task_calibration
+    from ..evaluation import task_calibration
     from ..methods import BitDeltaConfig
     from ..zoo import build_zoo, load_zoo
 
