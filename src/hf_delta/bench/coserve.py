@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_text
 from ..serving.engine.engine import Engine, EngineConfig
 from ..serving.engine.sampling import SamplingParams
 from ..serving.training.budget import CoServeScheduler
@@ -125,7 +124,7 @@ def bench_coserve(*, size: str = "small", zoo_dir: str | Path | None = None, set
     ``device``: where the engines run (default: CUDA when there is a GPU, else the CPU).
     """
     from ..zoo.build import load_zoo
-    from .zoo_eval import write_results
+    from .report import write_results
 
     work = Path(work_dir)
     base, served = prepare_zoo(size, zoo_dir, work)
@@ -176,14 +175,12 @@ def bench_coserve(*, size: str = "small", zoo_dir: str | Path | None = None, set
     rows = [{k: r.get(k) for k in columns} for r in rows]  # every row with every column (the table's header)
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     settings_json = {k: v for k, v in vars(settings).items() if k != "engine"}
-    md = write_results(rows, out, name=f"coserve-{size}", command=command,
-                       extra={"summary": summary, "device": str(dev), "gpu": gpu, "settings": settings_json,
-                              "loss_curves": {k: [{"step": h["step"], "loss": h["loss"], "time": h["time"]}
-                                                  for h in v] for k, v in curves.items()}})
-    md += "\n" + "\n".join(f"- {k}: {v}" for k, v in summary.items()) + "\n"
-    atomic_write_text(Path(out) / f"coserve-{size}.md", md)
-    _plot(rows, curves, Path(out) / f"coserve-{size}.png")
-    return md
+    notes = "\n" + "\n".join(f"- {k}: {v}" for k, v in summary.items()) + "\n"
+    losses = {k: [{"step": h["step"], "loss": h["loss"], "time": h["time"]} for h in v] for k, v in curves.items()}
+    return write_results(rows, out, name=f"coserve-{size}", command=command, notes=notes,
+                         plot=lambda path: _plot(rows, curves, path),
+                         extra={"summary": summary, "device": str(dev), "gpu": gpu, "settings": settings_json,
+                                "loss_curves": losses})
 
 
 def _summary(rows: list[dict[str, Any]], peft_bytes: int) -> dict[str, Any]:
@@ -201,11 +198,8 @@ def _summary(rows: list[dict[str, Any]], peft_bytes: int) -> dict[str, Any]:
 
 
 def _plot(rows: list[dict[str, Any]], curves: dict[str, list[dict[str, float]]], path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot (pip install 'hf_delta[bench]')")
-        return
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -19,7 +19,7 @@ from ..config import DeltaConfig
 from ..evaluation import bf16_weight_bytes, exact_match, folder_bytes, mean_kl, perplexity, retention, task_calibration
 from ..methods import BitDeltaConfig, DeltaZipConfig, LowRankConfig
 from ..zoo.build import load_zoo
-from .zoo_eval import write_results
+from .report import write_results
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +138,5 @@ def bench_fidelity(size: str, directory: str | Path | None, out: str | Path, *, 
         order = {s: i for i, s in enumerate(SETTINGS)}
         rows.sort(key=lambda r: (r["fine-tune"], order.get(r["setting"], len(order))))
         command = f"{old['meta']['command']} && {command}"
-    md = write_results(rows, out, name=name, command=command, extra={"calibration": calibration})
-    try:
-        plot_fidelity(rows, Path(out) / f"{name}.png")
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot (pip install 'hf_delta[bench]')")
-    return md
+    return write_results(rows, out, name=name, command=command, extra={"calibration": calibration},
+                         plot=lambda path: plot_fidelity(rows, path))

@@ -109,9 +109,9 @@ def bench_ray(*, size: str, zoo_dir: str | Path | None, work_dir: str | Path, ou
 
     from ..serving.engine.config import EngineConfig
     from ..serving.ray.deployment import APP_NAME, build_app, start_ray
+    from .report import write_results
     from .serve import expand, prepare_zoo
     from .workload import build_workload
-    from .zoo_eval import write_results
 
     work = Path(work_dir).expanduser()
     work.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
 import platform
@@ -16,10 +15,10 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_text
 from ..evaluation import to_markdown
 from ..serving.engine.config import engine_config_from_args
 from .options import add_bench_serve_arguments
+from .report import write_report
 from .workload import (
     BenchRequest,
     BenchSettings,
@@ -154,7 +153,7 @@ _COLUMNS = ("rate", "deltas", "popularity", "system", "throughput_tok_s", "ttft_
             "tpot_p99_ms", "weight_mib", "peak_rss_mib", "loads", "skipped")
 
 
-def write_report(result: dict[str, Any], out: Path, name: str) -> str:
+def write_serve_report(result: dict[str, Any], out: Path, name: str) -> str:
     """``<name>.json``, ``<name>.md`` and (with matplotlib) ``<name>.png`` under ``out``; returns the Markdown."""
     rows = [{**r, "weight_mib": r.get("weight_bytes", 0) / 2**20 if "weight_bytes" in r else None,
              "peak_rss_mib": r["peak_rss_bytes"] / 2**20 if r.get("peak_rss_bytes") else None}
@@ -164,15 +163,8 @@ def write_report(result: dict[str, Any], out: Path, name: str) -> str:
           "Ratios (engine throughput over each system; weights counted by the engine over the base's):", "",
           to_markdown(result["ratios"]), "", "Load time from local disk to ready (median):", "",
           to_markdown([result["load_time"]]), ""]
-    text = "\n".join(md)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{name}.json", json.dumps(result, indent=2, default=str))
-    atomic_write_text(out / f"{name}.md", text)
-    try:
-        plot(result["rows"], out / f"{name}.png")
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot (pip install 'hf_delta[bench]')")
-    return text
+    return write_report(out, name, command=meta["command"], data=result, markdown="\n".join(md),
+                        plot=lambda path: plot(result["rows"], path), json_default=str)
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -248,7 +240,7 @@ def bench_serve(*, size: str | None, zoo_dir: str | Path | None, synthetic: str 
         for k, v in list(r.items()):
             if isinstance(v, float) and not math.isfinite(v):
                 r[k] = None
-    return write_report(result, Path(out), f"serve-{label}")
+    return write_serve_report(result, Path(out), f"serve-{label}")
 
 
 def bench_serve_main(args: argparse.Namespace, *, command: str | None = None) -> int:

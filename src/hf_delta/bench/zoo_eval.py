@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._io import atomic_write_text
 from .._loading import load_model_and_tokenizer
-from ..evaluation import exact_match, perplexity, to_markdown
+from ..evaluation import exact_match, perplexity
 from ..zoo.build import Zoo, build_zoo, load_zoo
 
 
@@ -45,15 +42,3 @@ def evaluate_zoo(size: str = "small", directory: str | Path | None = None, *, bu
             "linear_layers_changed": f"{changed}/{total}",
         })
     return rows
-
-
-def write_results(rows: list[dict], out_dir: str | Path, *, name: str, command: str,
-                  extra: dict[str, Any] | None = None) -> str:
-    """Write ``<name>.json`` and ``<name>.md`` under ``out_dir``; return the Markdown."""
-    out = Path(out_dir)
-    meta = {"command": command, "python": platform.python_version(), "torch": torch.__version__,
-            "machine": platform.machine(), **(extra or {})}
-    md = f"`{command}`\n\n" + to_markdown(rows) + "\n"
-    atomic_write_text(out / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
-    atomic_write_text(out / f"{name}.md", md)
-    return md

@@ -33,7 +33,8 @@ def _zoo_list(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..bench.zoo_eval import evaluate_zoo, write_results
+    from ..bench.report import write_results
+    from ..bench.zoo_eval import evaluate_zoo
 
     rows = evaluate_zoo(args.size, args.dir, build=args.build)
     md = write_results(rows, args.out, name=f"zoo-eval-{args.size}", command=args.command_line)
