@@ -95,6 +95,7 @@ def _post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
 def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     monkeypatch.delitem(sys.modules, "hf_delta.serving.ray")
+    monkeypatch.delitem(sys.modules, "hf_delta.serving.ray.deployment")
     with pytest.raises(MissingDependencyError, match=r"pip install 'hf_delta\[ray\]'"):
         importlib.import_module("hf_delta.serving.ray")
 
