@@ -11,8 +11,7 @@ import torch
 from peft import PeftModel
 
 from hf_delta import DeltaModel, compress, export_peft_lora
-from hf_delta.evaluation import mean_kl
-from hf_delta.fidelity import task_calibration
+from hf_delta.evaluation import mean_kl, task_calibration
 from hf_delta.methods import DeltaZipConfig, LowRankConfig
 from hf_delta.utils.loading import load_model_and_tokenizer
 from hf_delta.utils.sizes import bf16_weight_bytes, folder_bytes

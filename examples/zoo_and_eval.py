@@ -5,8 +5,8 @@ Run: python examples/zoo_and_eval.py [--size small]
 
 import argparse
 
+from hf_delta.bench.zoo_eval import evaluate_zoo
 from hf_delta.evaluation import to_markdown
-from hf_delta.zoo.report import evaluate_zoo
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--size", default="micro")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hf_delta.cli import main
+from hf_delta.cli.main import main
 from hf_delta.storage import Delta
 
 

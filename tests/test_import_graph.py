@@ -6,6 +6,8 @@ one line do not import each other. ``docs/architecture.md`` draws the same pictu
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from import_graph import cycles, import_graph, layer_violations
@@ -79,3 +81,11 @@ def test_the_checker_finds_cycles_through_function_level_and_type_checking_impor
         "pkg.c imports pkg.a, which is on a line above it",
         "pkg.sub.e imports pkg.d, which is on a line above it",
     ]
+
+
+def test_light_imports_stay_light():
+    code = ("import sys, hf_delta.serving, hf_delta.cli.main; hf_delta.cli.main.build_parser(); "
+            "print(sorted(m for m in ('fastapi', 'hf_delta.serving.training.trainer', 'hf_delta.serving.api.app', "
+            "'hf_delta.cli.serve', 'gradio', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['hf_delta.cli.serve']"

@@ -118,3 +118,11 @@ def test_every_script_starts_from_the_repo_root(script, started_scripts):
     stdout, stderr = started_scripts[script].communicate(timeout=300)
     assert started_scripts[script].returncode == 0, stderr[-2000:]
     assert stdout.startswith("usage:"), stdout[:500]
+
+
+def test_pyproject_ships_every_package_of_the_source_tree():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT / "src").parts) for p in (ROOT / "src").rglob("__init__.py")}
+    assert listed == found | {"hf_delta.kernels"}

@@ -23,6 +23,27 @@ REMOVED_IN = "0.2"
 MOVED_MODULES: dict[str, str] = {
     "hf_delta._io": "hf_delta.utils.io",
     "hf_delta._loading": "hf_delta.utils.loading",
+    "hf_delta.fidelity": "hf_delta.bench.fidelity",
+    "hf_delta.zoo.report": "hf_delta.bench.zoo_eval",
+    "hf_delta.serving.config": "hf_delta.serving.engine.config",
+    "hf_delta.serving.scheduler": "hf_delta.serving.engine.scheduler",
+    "hf_delta.serving.step": "hf_delta.serving.engine.step",
+    "hf_delta.serving.kv_cache": "hf_delta.serving.engine.kv_cache",
+    "hf_delta.serving.residency": "hf_delta.serving.engine.residency",
+    "hf_delta.serving.sampling": "hf_delta.serving.engine.sampling",
+    "hf_delta.serving.handles": "hf_delta.serving.engine.handles",
+    "hf_delta.serving.server": "hf_delta.serving.api.app",
+    "hf_delta.serving.protocol": "hf_delta.serving.api.protocol",
+    "hf_delta.serving.finetune_routes": "hf_delta.serving.api.fine_tuning",
+    "hf_delta.serving.finetune": "hf_delta.serving.training.jobs",
+    "hf_delta.serving.lora_trainer": "hf_delta.serving.training.trainer",
+    "hf_delta.serving.coserve": "hf_delta.serving.training.budget",
+    "hf_delta.serving.cli": "hf_delta.cli.serve",
+    "hf_delta.serving.bench": "hf_delta.bench.workload",
+    "hf_delta.serving.benchmark": "hf_delta.bench.serve",
+    "hf_delta.serving.coserve_bench": "hf_delta.bench.coserve",
+    "hf_delta.serving.ray_bench": "hf_delta.bench.ray",
+    "hf_delta.serving.synthetic": "hf_delta.bench.synthetic",
 }
 
 # (package, attribute) -> new module that defines it

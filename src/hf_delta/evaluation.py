@@ -178,6 +178,11 @@ def to_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = 
     return "\n".join(lines)
 
 
+def task_calibration(tokenizer, task: Task, n: int = 64) -> list[str]:
+    """Calibration texts from the fine-tune's own training split (never the held-out split)."""
+    return [task_prompt(tokenizer, task, ex) + ex.answer + tokenizer.eos_token for ex in task.train[:n]]
+
+
 def __getattr__(name: str):
     from ._deprecated import moved_attribute
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import itertools
 import json
 from collections import Counter
@@ -10,11 +12,15 @@ from collections import Counter
 import pytest
 import torch
 
+from hf_delta.bench.options import add_bench_serve_arguments
+from hf_delta.bench.serve import bench_serve, expand
+from hf_delta.bench.workload import BenchSettings, Served, build_workload
+from hf_delta.cli.serve import add_serve_arguments
 from hf_delta.errors import EngineConfigError
-from hf_delta.serving import EngineConfig, add_bench_serve_arguments, add_serve_arguments
-from hf_delta.serving.bench import BenchSettings, Served, build_workload
-from hf_delta.serving.benchmark import bench_serve, expand
-from hf_delta.serving.cli import parse_delta_specs
+from hf_delta.serving import EngineConfig
+from hf_delta.serving.engine.residency import ResidencyManager
+from hf_delta.serving.engine.scheduler import Scheduler
+from hf_delta.serving.engine.specs import parse_delta_specs
 
 
 def test_workload_is_seeded_and_skewed():
@@ -67,3 +73,22 @@ def test_cli_arguments_parse():
                              "--rate", "8,inf"])
     assert args.deltas == [1, 16] and args.popularity == ["skewed"] and args.max_running == 256
     assert args.rate == [8.0, float("inf")]
+
+
+def test_engine_defaults_have_one_source():
+    """``hf-delta serve``'s engine flags, the ``Scheduler`` and the ``ResidencyManager`` default to ``EngineConfig``."""
+    config = EngineConfig()
+    serve = argparse.ArgumentParser()
+    add_serve_arguments(serve)
+    args = serve.parse_args([])
+    flags = {f.name for f in dataclasses.fields(EngineConfig) if f.metadata.get("flag")}
+    assert flags >= {"device_slots", "cpu_slots", "kv_cache_tokens", "block_size", "max_batch_tokens", "max_running",
+                     "fairness_steps"}
+    assert {name: getattr(args, name) for name in flags} == {name: getattr(config, name) for name in flags}
+    for cls, names in ((Scheduler, ("max_batch_tokens", "max_running", "fairness_steps")),
+                       (ResidencyManager, ("device_slots", "cpu_slots", "loader_threads", "retry_failed_after"))):
+        params = inspect.signature(cls).parameters
+        assert {n: params[n].default for n in names} == {n: getattr(config, n) for n in names}, cls.__name__
+    bench = argparse.ArgumentParser()
+    add_bench_serve_arguments(bench)  # the benchmark keeps the sizes its recorded results used
+    assert (bench.parse_args([]).device_slots, bench.parse_args([]).cpu_slots) == (16, 16)

@@ -8,7 +8,7 @@ import time
 import pytest
 from http_helpers import request_json
 
-from hf_delta.serving.coserve import CoServeScheduler, StepTimeModel
+from hf_delta.serving.training.budget import CoServeScheduler, StepTimeModel
 
 
 def _fed(a=0.004, b=2e-5, c=5e-5, d=3e-5, e=5e-4) -> CoServeScheduler:
@@ -114,7 +114,7 @@ def test_fine_tuning_jobs_api(micro_base, tmp_path, torch_one_thread):
 
 
 def test_bench_coserve_writes_results(micro_zoo, tmp_path, torch_one_thread):
-    from hf_delta.serving.coserve_bench import CoserveSettings, bench_coserve
+    from hf_delta.bench.coserve import CoserveSettings, bench_coserve
 
     settings = CoserveSettings(requests=4, rate=50.0, max_tokens=3, finetune_steps=2)
     md = bench_coserve(size="micro", zoo_dir=micro_zoo.root.parent, settings=settings, out=tmp_path / "results",

@@ -11,9 +11,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from hf_delta.serving import Engine, EngineConfig, SamplingParams
-from hf_delta.serving.coserve import CoServeScheduler, StepTimeModel
-from hf_delta.serving.finetune import IGNORE, batches, init_lora
-from hf_delta.serving.lora_trainer import CoServingTrainer, SavedTensorMeter
+from hf_delta.serving.training.budget import CoServeScheduler, StepTimeModel
+from hf_delta.serving.training.jobs import IGNORE, batches, init_lora
+from hf_delta.serving.training.state import SavedTensorMeter
+from hf_delta.serving.training.trainer import CoServingTrainer
 from hf_delta.utils.loading import load_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

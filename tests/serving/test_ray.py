@@ -21,8 +21,9 @@ openai = pytest.importorskip("openai")
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from hf_delta.cli.serve import add_serve_arguments  # noqa: E402
 from hf_delta.errors import EngineConfigError, MissingDependencyError  # noqa: E402
-from hf_delta.serving import EngineConfig, add_serve_arguments  # noqa: E402
+from hf_delta.serving import EngineConfig  # noqa: E402
 from hf_delta.serving.ray import (  # noqa: E402
     AFFINITY_HEADER,
     APP_NAME,
@@ -94,6 +95,7 @@ def _post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
 def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     monkeypatch.delitem(sys.modules, "hf_delta.serving.ray")
+    monkeypatch.delitem(sys.modules, "hf_delta.serving.ray.deployment")
     with pytest.raises(MissingDependencyError, match=r"pip install 'hf_delta\[ray\]'"):
         importlib.import_module("hf_delta.serving.ray")
 

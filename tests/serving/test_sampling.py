@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from hf_delta.serving.sampling import SamplingParams, TextStream, make_generator, sample_rows
+from hf_delta.serving.engine.sampling import SamplingParams, TextStream, make_generator, sample_rows
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 
 from hf_delta import DeltaModel
 from hf_delta.errors import EngineConfigError
-from hf_delta.serving.kv_cache import PagedKVCache
-from hf_delta.serving.step import Segment, StepBatch, forward_step
+from hf_delta.serving.engine.kv_cache import PagedKVCache
+from hf_delta.serving.engine.step import Segment, StepBatch, forward_step
 from hf_delta.utils.loading import load_model
 
 

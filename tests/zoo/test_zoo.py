@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_delta.bench.zoo_eval import linear_layers_changed
 from hf_delta.errors import ModelLoadError, ZooError
 from hf_delta.utils.loading import check_tokenizer_fits, load_model_and_tokenizer
 from hf_delta.zoo import build_zoo, get_recipe, load_zoo, make_task
-from hf_delta.zoo.report import linear_layers_changed
 
 
 def _weights(zoo) -> dict[str, dict[str, torch.Tensor]]:

@@ -6,6 +6,7 @@ Importing this package does not import gradio: ``hf-delta demo`` wires its argum
 >>> build_demo(engine).launch()  # doctest: +SKIP
 """
 
-from .options import DemoSettings, add_demo_arguments, demo_main, parse_deltas, settings_from_env
+from .options import add_demo_arguments, demo_main
+from .settings import DemoSettings, parse_deltas, settings_from_env
 
 __all__ = ["DemoSettings", "add_demo_arguments", "demo_main", "parse_deltas", "settings_from_env"]

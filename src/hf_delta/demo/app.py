@@ -24,7 +24,7 @@ import gradio as gr
 import pandas as pd
 
 from ..errors import HfDeltaError
-from ..serving.engine import Engine
+from ..serving.engine.engine import Engine
 from .models import COLUMNS, ModelCatalog
 from .service import Comparison, DemoService
 

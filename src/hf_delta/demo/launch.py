@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..serving.engine import Engine, EngineConfig
-from ..serving.sampling import SamplingParams
-from .options import DemoSettings
+from ..serving.engine.config import EngineConfig
+from ..serving.engine.engine import Engine
+from ..serving.engine.sampling import SamplingParams
+from .settings import DemoSettings
 
 logger = logging.getLogger(__name__)
 

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import HfDeltaError
-from ..evaluation import bf16_weight_bytes
-from ..serving.engine import Engine
+from ..serving.engine.engine import Engine
 from ..storage import describe
+from ..utils.sizes import MB, bf16_weight_bytes, safetensors_bf16_bytes
 
 logger = logging.getLogger(__name__)
 
-MB = 1024 * 1024
 TIER_LABELS = {"device": "resident (attached)", "cpu": "in CPU memory", "loading": "loading", "disk": "on disk",
                "failed": "failed to load"}
 
@@ -52,23 +50,6 @@ def human_size(mb: float | None) -> str:
     if mb >= 1024:
         return f"{mb / 1024:.2f} GB"
     return f"{mb:.2f} MB" if mb >= 1 else f"{mb * 1024:.1f} KB"
-
-
-def safetensors_bf16_bytes(folder: str | Path) -> int:
-    """Bytes the floating-point weights in ``folder``'s safetensors files take as bf16 (headers only are read)."""
-    total = 0
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        for name, info in header.items():
-            if name == "__metadata__" or not str(info.get("dtype", "")).startswith(("F", "BF")):
-                continue
-            numel = 1
-            for dim in info["shape"]:
-                numel *= dim
-            total += 2 * numel
-    return total
 
 
 class ModelCatalog:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DeltaNotFoundError, InvalidRequestError
-from ..serving.engine import Engine
-from ..serving.handles import RequestHandle
-from ..serving.sampling import SamplingParams
+from ..serving.engine.engine import Engine
+from ..serving.engine.handles import RequestHandle
+from ..serving.engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -71,7 +71,7 @@ def prepare_zoo_demo(size: str = "small", *, zoo_dir: str | Path | None = None, 
     ['llama-arith', 'llama-chat', 'llama-cipher', 'llama-facts']
     """
     from ..compression import compress
-    from ..fidelity import task_calibration
+    from ..evaluation import task_calibration
     from ..methods import BitDeltaConfig
     from ..utils.loading import load_tokenizer
     from ..zoo import build_zoo, load_zoo

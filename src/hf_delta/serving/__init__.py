@@ -1,23 +1,36 @@
 """Serve one base model and many deltas: continuous-batching engine, residency tiers, OpenAI-compatible server.
 
-The HTTP server needs the ``serving`` extra (``pip install 'hf_delta[serving]'``); its names are imported on
-first use so the engine works without FastAPI.
+Four subpackages, each importing only from those below it: ``engine`` (the continuous-batching engine and
+its defaults), ``training`` (LoRA fine-tuning co-served in the engine's steps), ``api`` (the FastAPI app)
+and ``ray`` (the Ray Serve deployment). Names are imported on first use (huggingface_hub style), so
+``import hf_delta.serving`` loads neither torch, the trainer nor FastAPI until one of them is asked for.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .cli import add_bench_serve_arguments, add_serve_arguments, bench_serve_main, serve_main
-from .coserve import CoServeScheduler
-from .engine import Engine, EngineConfig
-from .finetune import FineTuneJob, Hyperparameters
-from .handles import GenerationChunk, GenerationResult, RequestHandle
-from .kv_cache import PagedKVCache
-from .lora_trainer import CoServingTrainer
-from .residency import ResidencyManager
-from .sampling import SamplingParams
-from .step import Segment, StepBatch, StepOutput, forward_step
+_LAZY = {
+    "Engine": ".engine.engine",
+    "EngineConfig": ".engine.config",
+    "GenerationChunk": ".engine.handles",
+    "GenerationResult": ".engine.handles",
+    "RequestHandle": ".engine.handles",
+    "PagedKVCache": ".engine.kv_cache",
+    "ResidencyManager": ".engine.residency",
+    "SamplingParams": ".engine.sampling",
+    "Segment": ".engine.step",
+    "StepBatch": ".engine.step",
+    "StepOutput": ".engine.step",
+    "forward_step": ".engine.step",
+    "CoServeScheduler": ".training.budget",
+    "FineTuneJob": ".training.jobs",
+    "Hyperparameters": ".training.jobs",
+    "CoServingTrainer": ".training.trainer",
+    "ServerThread": ".api.app",
+    "create_app": ".api.app",
+}
 
 __all__ = [
     "CoServeScheduler",
@@ -36,18 +49,32 @@ __all__ = [
     "ServerThread",
     "StepBatch",
     "StepOutput",
-    "add_bench_serve_arguments",
-    "add_serve_arguments",
-    "bench_serve_main",
     "create_app",
     "forward_step",
-    "serve_main",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .api.app import ServerThread, create_app
+    from .engine.config import EngineConfig
+    from .engine.engine import Engine
+    from .engine.handles import GenerationChunk, GenerationResult, RequestHandle
+    from .engine.kv_cache import PagedKVCache
+    from .engine.residency import ResidencyManager
+    from .engine.sampling import SamplingParams
+    from .engine.step import Segment, StepBatch, StepOutput, forward_step
+    from .training.budget import CoServeScheduler
+    from .training.jobs import FineTuneJob, Hyperparameters
+    from .training.trainer import CoServingTrainer
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("create_app", "ServerThread"):
-        from . import server
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(server, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

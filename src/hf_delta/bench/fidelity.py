@@ -1,0 +1,143 @@
+"""The fidelity/size table: every zoo fine-tune compressed by every method setting, side by side.
+
+``hf-delta bench fidelity`` runs it and writes ``benchmarks/results/fidelity-<size>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..compression import compress
+from ..config import DeltaConfig
+from ..evaluation import exact_match, mean_kl, perplexity, retention, task_calibration
+from ..methods import BitDeltaConfig, DeltaZipConfig, LowRankConfig
+from ..utils.loading import load_model_and_tokenizer
+from ..utils.sizes import bf16_weight_bytes, folder_bytes
+from ..zoo.build import load_zoo
+from .report import write_results
+
+logger = logging.getLogger(__name__)
+
+# Name -> config factory. Methods registered later add their settings with ``add_setting``.
+SETTINGS: dict[str, Callable[[], DeltaConfig]] = {
+    "bitdelta-initial": lambda: BitDeltaConfig(distill_steps=0),
+    "bitdelta": lambda: BitDeltaConfig(),
+    "bitdelta-residual": lambda: BitDeltaConfig(residual_passes=1),
+    # The output head's matrix (tied to the embedding or not) is pruned/quantised like the other linear layers
+    # (GPTQ on the head's inputs), at the same bits; embedding rows by round-to-nearest at the same bits.
+    "deltazip-4bit": lambda: DeltaZipConfig(bits=4, sparsity=None, embedding_method="gptq", embedding_bits=None),
+    # The calibrated head at 2 bits: what brings the tied Qwen2 vocabulary matrix (a fifth of its weights) to 6x.
+    "deltazip-4bit-2:4": lambda: DeltaZipConfig(bits=4, sparsity="2:4", embedding_method="gptq",
+                                                embedding_bits=None, head_bits=2),
+    # Vocabulary matrices at 4 bits: 2-bit round-to-nearest embedding rows cost llama-cipher 6 points of retention.
+    "deltazip-2bit-2:4": lambda: DeltaZipConfig(bits=2, sparsity="2:4", embedding_method="gptq", embedding_bits=4),
+    "lowrank-r8": lambda: LowRankConfig(rank=8),
+    "lowrank-r32": lambda: LowRankConfig(rank=32),
+}
+
+
+def add_setting(name: str, factory: Callable[[], DeltaConfig]) -> None:
+    """Make ``name`` available to ``hf-delta bench fidelity --settings``."""
+    SETTINGS[name] = factory
+
+
+def run_fidelity(
+    size: str = "small",
+    directory: str | Path | None = None,
+    *,
+    settings: Sequence[str] = ("bitdelta-initial", "bitdelta"),
+    finetunes: Sequence[str] | None = None,
+    calibration: str = "task",
+) -> list[dict[str, Any]]:
+    """Compress every (or the named) zoo fine-tune with each setting and measure it.
+
+    ``calibration`` is ``"task"`` (texts from the fine-tune's training split) or ``"sampled"`` (data-free).
+    """
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise ValueError(f"Unknown fidelity settings {unknown}; known: {sorted(SETTINGS)}.")
+    zoo = load_zoo(size, directory)
+    rows: list[dict[str, Any]] = []
+    for entry in zoo.finetunes:
+        if finetunes and entry.name not in finetunes:
+            continue
+        task = zoo.task(entry.name)
+        base_path = zoo[entry.base].path
+        base, _ = load_model_and_tokenizer(base_path)
+        ft, tok = load_model_and_tokenizer(entry.path)
+        if len(tok) > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(len(tok), mean_resizing=False)
+        base_em, ft_em = exact_match(base, tok, task), exact_match(ft, tok, task)
+        ft_bytes = bf16_weight_bytes(ft)
+        texts = task_calibration(tok, task) if calibration == "task" else None
+        for name in settings:
+            start = time.perf_counter()
+            model = compress(base_path, entry.path, SETTINGS[name](), texts, progress=False)
+            seconds = time.perf_counter() - start
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                sizes = folder_bytes(tmp)
+            em = exact_match(model, tok, task)
+            rows.append({
+                "fine-tune": entry.name, "setting": name, "base_em": base_em, "finetune_em": ft_em,
+                "em": em, "retention": retention(em, base_em, ft_em), "kl": mean_kl(ft, model, tok, task),
+                "ppl": perplexity(model, tok, task), "finetune_ppl": perplexity(ft, tok, task),
+                "delta_weight_bytes": sizes["weights"], "delta_other_bytes": sizes["other"],
+                "finetune_bf16_bytes": ft_bytes, "ratio": ft_bytes / sizes["weights"],
+                "compress_s": seconds,
+            })
+            logger.info("%s %s: em %.1f (ft %.1f) ratio %.1fx", entry.name, name, em, ft_em, rows[-1]["ratio"])
+    return rows
+
+
+def plot_fidelity(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Retention vs size ratio, one point per (setting, fine-tune)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        pts = [r for r in rows if r["setting"] == setting]
+        ax.scatter([r["ratio"] for r in pts], [r["retention"] for r in pts], label=setting, s=30)
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("size ratio (bf16 fine-tune / delta weight files)")
+    ax.set_ylabel("task retention")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bench_fidelity(size: str, directory: str | Path | None, out: str | Path, *, settings: Sequence[str],
+                   command: str, calibration: str = "task", finetunes: Sequence[str] | None = None,
+                   merge: bool = False) -> str:
+    """Run, write JSON + Markdown + plot under ``out``; return the Markdown.
+
+    With ``merge``, rows already in ``fidelity-<size>.json`` for other (fine-tune, setting) pairs are kept,
+    so a long grid can be run in parts; the commands of every part are recorded.
+    """
+    rows = run_fidelity(size, directory, settings=settings, calibration=calibration, finetunes=finetunes)
+    name = f"fidelity-{size}"
+    previous = Path(out) / f"{name}.json"
+    if merge and previous.is_file():
+        old = json.loads(previous.read_text())
+        done = {(r["fine-tune"], r["setting"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["fine-tune"], r["setting"]) not in done] + rows
+        order = {s: i for i, s in enumerate(SETTINGS)}
+        rows.sort(key=lambda r: (r["fine-tune"], order.get(r["setting"], len(order))))
+        command = f"{old['meta']['command']} && {command}"
+    return write_results(rows, out, name=name, command=command, extra={"calibration": calibration},
+                         plot=lambda path: plot_fidelity(rows, path))

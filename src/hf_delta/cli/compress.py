@@ -1,0 +1,49 @@
+"""``hf-delta compress``: FINETUNED - BASE into a delta repo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from ..compression import compress
+    from ..methods import get_method
+
+    method = get_method(args.method)
+    options = json.loads(args.options) if args.options else {}
+    for key in ("bits", "sparsity", "rank"):
+        value = getattr(args, key, None)
+        if value is not None:
+            options[key] = value
+    config = method.config_class(**options)
+    calibration = Path(args.calibration).read_text().splitlines() if args.calibration else None
+    model = compress(args.base, args.finetuned, config, calibration)
+    model.save_pretrained(args.out)
+    print(f"Saved {args.method} delta to {args.out}")
+    if args.push_to_hub:
+        sha = model.push_to_hub(args.push_to_hub, private=args.private)
+        print(f"Pushed to {args.push_to_hub} (commit {sha})")
+    return 0
+
+
+def _sparsity(value: str) -> str | float:
+    return value if ":" in value else float(value)
+
+
+def register(sub) -> None:
+    """Add ``compress`` to the ``hf-delta`` subcommands."""
+    comp = sub.add_parser("compress", help="compress FINETUNED - BASE into a delta repo at OUT")
+    comp.add_argument("base")
+    comp.add_argument("finetuned")
+    comp.add_argument("out")
+    comp.add_argument("--method", default="bitdelta")
+    comp.add_argument("--bits", type=int, default=None, help="deltazip: 2, 3, 4 or 8")
+    comp.add_argument("--sparsity", type=_sparsity, default=None, help="deltazip: '2:4' or a fraction")
+    comp.add_argument("--rank", type=int, default=None, help="lowrank: rank of the delta")
+    comp.add_argument("--options", default=None, help="extra config fields as JSON, e.g. '{\"scale\": \"row\"}'")
+    comp.add_argument("--calibration", default=None, help="text file, one calibration text per line")
+    comp.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload to this Hub repo")
+    comp.add_argument("--private", action="store_true", help="create the Hub repo private")
+    comp.set_defaults(func=_compress)
