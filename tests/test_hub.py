@@ -15,7 +15,7 @@ from hf_delta.errors import BaseModelMismatchError, DeltaFormatError
 from hf_delta.hub import push_delta_to_hub
 from hf_delta.storage import Delta
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread", "hub_errors_fail")
+pytestmark = [pytest.mark.hub, pytest.mark.usefixtures("torch_one_thread", "hub_errors_fail")]
 
 
 def _tensors_equal(a: Delta, b: Delta) -> bool:

@@ -28,7 +28,7 @@ from huggingface_hub.errors import (
 CONFIG = b'{"hidden_size": 8}\n'
 WEIGHTS = random.Random(0).randbytes(100_000)  # binary, not valid UTF-8
 SHA = re.compile(r"[0-9a-f]{40}")
-pytestmark = pytest.mark.usefixtures("hub_errors_fail")
+pytestmark = [pytest.mark.hub, pytest.mark.usefixtures("hub_errors_fail")]
 
 
 @pytest.fixture

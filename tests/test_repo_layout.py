@@ -84,6 +84,7 @@ def _run_in_root(*args: str, timeout: float = 120) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_transformers_imports_from_the_repo_root():
     done = _run_in_root("-c", "import transformers.modeling_utils, hf_delta.kernels.bitdelta; print('ok')")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -113,6 +114,7 @@ def started_scripts() -> Iterator[dict[str, subprocess.Popen]]:
         proc.communicate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_starts_from_the_repo_root(script, started_scripts):
     stdout, stderr = started_scripts[script].communicate(timeout=300)

@@ -4,7 +4,10 @@ message, and save a screenshot. Fails, never skips, when Chromium or Playwright 
 
 from __future__ import annotations
 
+import pytest
 from demo_constants import DELTAS
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def test_page_chats_and_shows_bad_input_in_chromium(running_demo, greedy, tmp_path):

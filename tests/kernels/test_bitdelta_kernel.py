@@ -287,6 +287,7 @@ def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
 # ===================================================================================================
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 16, 300])  # decode tiles, and prefill tiles (block_m 64)

@@ -514,6 +514,7 @@ def test_default_config_heuristic(monkeypatch):
 # ===================================================================================================
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 16, 300])  # decode tiles, and prefill tiles (block_m 64)

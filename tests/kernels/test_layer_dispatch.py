@@ -47,6 +47,7 @@ def _layers_with(model: DeltaModel, names: list[str]) -> int:
     return sum(1 for m in model.modules() if isinstance(m, DeltaLinear) and all(n in m.deltas for n in names))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("scale", "passes"), [("row", (1, 1)), ("matrix", (1, 1)), ("row", (0, 1))])
 def test_mixed_batch_through_the_bitdelta_kernel_equals_the_reference(micro_zoo, micro_delta, monkeypatch,
                                                                       torch_one_thread, scale, passes):

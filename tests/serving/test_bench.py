@@ -39,6 +39,7 @@ def test_workload_is_seeded_and_skewed():
     assert names[2].alias_of == "d0" and names[0].alias_of is None
 
 
+@pytest.mark.slow
 def test_bench_serve_writes_results(tmp_path):
     settings = BenchSettings(deltas=(1, 3), popularity=("skewed",), requests=6, rates=(float("inf"),), max_tokens=3,
                              engine=EngineConfig(device_slots=2, cpu_slots=1, kv_cache_tokens=512, max_running=8,

@@ -1,6 +1,8 @@
 """Scale-out on Ray Serve: a local Ray instance on 127.0.0.1, two engine replicas behind Serve's HTTP proxy.
 
-One module-scoped cluster (starting it costs most of this file's time); the replica-kill test runs last.
+One cluster shared by the module (starting it costs most of this file's time), started by the first test that
+needs it. Each test passes alone and in any order: the affinity test has deltas of its own that no other test
+requests, and the replica-kill test shuts the cluster down afterwards (a later test starts a fresh one).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -33,9 +36,14 @@ from hf_delta.serving.ray import (  # noqa: E402
     build_app,
 )
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 KEY = "ray-key"
 MAX = 8
 DELTAS = ("arith-x1", "arith-x6", "cipher-x3", "cipher-x10", "facts-x1", "facts-x6", "chat-x3", "chat-x10")
+# Served too, but requested only by test_requests_go_to_the_replica_that_holds_their_delta, which needs deltas
+# that no replica holds yet whatever ran before it.
+FRESH = ("arith-x3", "cipher-x1", "cipher-x6", "facts-x3", "facts-x10")
 
 
 def _free_port() -> int:
@@ -44,8 +52,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cluster(micro_base, serving_deltas, broken_delta):
+class _Cluster:
+    """A local Ray instance running the app, started on first use; ``discard()`` shuts it down."""
+
+    def __init__(self, base, deltas):
+        self.base, self.deltas, self.url = base, deltas, None
+
+    def get(self) -> str:
+        if self.url is None:
+            try:
+                self.url = _start_cluster(self.base, self.deltas)
+            except BaseException:
+                self.discard()
+                raise
+        return self.url
+
+    def discard(self) -> None:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            self.url = None
+
+
+def _start_cluster(base, deltas) -> str:
     port = _free_port()
     # On a loaded 2-core CI machine a replica's queue-length answer can take longer than Serve's 0.1 s probe
     # deadline, and Serve then routes as if the replica were busy. Patient probes make the tests check the
@@ -56,16 +86,33 @@ def cluster(micro_base, serving_deltas, broken_delta):
                "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "20.0"}
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, logging_level=logging.WARNING, runtime_env={"env_vars": patient})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = EngineConfig(device_slots=4, cpu_slots=4, kv_cache_tokens=2048, block_size=8, max_running=32)
-        deltas = {**{name: serving_deltas[name] for name in DELTAS}, "broken": broken_delta}
-        serve.run(build_app(base=micro_base, deltas=deltas, replicas=2, config=config, api_key=KEY),
-                  name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = EngineConfig(device_slots=4, cpu_slots=4, kv_cache_tokens=2048, block_size=8, max_running=32)
+    serve.run(build_app(base=base, deltas=deltas, replicas=2, config=config, api_key=KEY),
+              name=APP_NAME, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def clusters(micro_base, serving_deltas, broken_delta):
+    deltas = {**{name: serving_deltas[name] for name in DELTAS + FRESH}, "broken": broken_delta}
+    manager = _Cluster(micro_base, deltas)
+    yield manager
+    if manager.url is not None:
+        manager.discard()
+
+
+@pytest.fixture
+def cluster(clusters) -> str:
+    """The base URL of the module's cluster (started if no earlier test left one running)."""
+    return clusters.get()
+
+
+@pytest.fixture
+def disposable_cluster(clusters) -> Iterator[str]:
+    """The module's cluster, shut down after the test: for a test that breaks it (kills a replica)."""
+    yield clusters.get()
+    clusters.discard()
 
 
 @pytest.fixture
@@ -120,7 +167,7 @@ def test_cli_flags_and_serve_config_args(micro_base):
 
 # ------------------------------------------------------------------------------------------------ on the cluster
 def test_same_routes_and_errors_as_hf_delta_serve(cluster, client, serving_prompts, reference):
-    assert [m.id for m in client.models.list()] == ["base", *DELTAS, "broken"]
+    assert [m.id for m in client.models.list()] == ["base", *DELTAS, *FRESH, "broken"]
     with pytest.raises(openai.NotFoundError, match="arith-x1"):  # lists the served models
         client.completions.create(model="nope", prompt="hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
@@ -149,8 +196,8 @@ def test_same_routes_and_errors_as_hf_delta_serve(cluster, client, serving_promp
 
 
 def test_requests_go_to_the_replica_that_holds_their_delta(client, serving_prompts, reference):
-    # Deltas no earlier test on this cluster has used: one that already sits on both replicas may go to either.
-    names = ("arith-x6", "cipher-x10", "facts-x1", "facts-x6", "chat-x10")
+    # Deltas no other test uses: one that already sits on both replicas may go to either.
+    names = FRESH
     first = {}
     for name in names:  # one request each: Serve places each delta on a replica, which loads it
         text, replica, _ = _complete(client, name, serving_prompts(name, 1)[0])
@@ -212,7 +259,8 @@ def _engine_replicas() -> dict[str, str]:
     return {n.rsplit("#", 1)[1]: n for n in names if n.startswith(f"SERVE_REPLICA::{APP_NAME}#EngineReplica#")}
 
 
-def test_killed_replica_is_replaced_and_its_clients_never_get_a_wrong_answer(client, serving_prompts, reference):
+def test_killed_replica_is_replaced_and_its_clients_never_get_a_wrong_answer(disposable_cluster, client,
+                                                                             serving_prompts, reference):
     name = "facts-x6"
     prompts = serving_prompts(name, 4)
     _complete(client, name, prompts[0])  # the delta is resident before the burst

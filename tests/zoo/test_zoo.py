@@ -18,6 +18,7 @@ def _weights(zoo) -> dict[str, dict[str, torch.Tensor]]:
     return {name: load_file(e.path / "model.safetensors") for name, e in zoo.entries.items()}
 
 
+@pytest.mark.slow
 def test_building_twice_gives_bit_identical_weights(tmp_path, torch_one_thread):
     first = _weights(build_zoo("micro", tmp_path / "a"))
     second = _weights(build_zoo("micro", tmp_path / "b"))

@@ -256,8 +256,10 @@ class ResidencyManager:
         self._detach(victim.name)
         victim.on_device = False
         self.counters["device_evictions"] += 1
-        if self._cpu_count() > self.cpu_slots:
-            victim.delta = None  # the host copy stays only while a CPU slot is free
+        # The host copy stays only while a CPU slot is free. The delta being attached (``acquire`` is the only
+        # caller) still counts as in CPU memory, but it leaves its slot now: hence the - 1.
+        if self._cpu_count() - 1 > self.cpu_slots:
+            victim.delta = None
         return True
 
     def _detach(self, name: str) -> None:
