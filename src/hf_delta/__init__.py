@@ -14,10 +14,11 @@ from pkgutil import extend_path
 
 __path__ = extend_path(__path__, __name__)
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._deprecated import install_module_aliases
 from ._version import __version__
+from .utils.lazy import lazy_exports
 
 _ERRORS = (
     "ArchitectureMismatchError", "BaseModelMismatchError", "BaseModelNotServedError", "CalibrationError",
@@ -84,18 +85,7 @@ __all__ = [  # the keys of _EXPORTS (a test checks), spelled out for tools that 
 install_module_aliases()
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'hf_delta' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # what editors and type checkers see; nothing is imported at run time

@@ -6,23 +6,14 @@ import argparse
 
 import pytest
 
-from hf_delta.demo import DemoSettings, add_demo_arguments, demo_main, parse_deltas, settings_from_env
+from hf_delta.demo import DemoSettings, add_demo_arguments, demo_main, settings_from_env
 from hf_delta.demo.options import settings_from_args
 from hf_delta.errors import EngineConfigError
+from hf_delta.utils.specs import DeltaSpec
 
 
 def _args(*argv: str) -> argparse.Namespace:
     return add_demo_arguments(argparse.ArgumentParser()).parse_args(list(argv))
-
-
-def test_parse_deltas():
-    assert parse_deltas("a=org/a, b = ./b ,") == {"a": "org/a", "b": "./b"}
-    assert parse_deltas(["a=org/a"]) == {"a": "org/a"}
-    assert parse_deltas(None) == {} and parse_deltas("") == {}
-    with pytest.raises(EngineConfigError, match="NAME=REPO"):
-        parse_deltas("org/a")
-    with pytest.raises(EngineConfigError, match="given twice"):
-        parse_deltas("a=x,a=y")
 
 
 def test_defaults_serve_the_small_zoo():
@@ -33,11 +24,12 @@ def test_defaults_serve_the_small_zoo():
 
 def test_environment_then_flags():
     env = {"HF_DELTA_DEMO_BASE": "org/base", "HF_DELTA_DEMO_DELTAS": "m=org/m,c=org/c", "HF_DELTA_DEMO_SIZE": "micro"}
-    assert settings_from_env(env) == DemoSettings(size="micro", base="org/base", deltas={"m": "org/m", "c": "org/c"})
+    assert settings_from_env(env) == DemoSettings(size="micro", base="org/base",
+                                                  deltas={"m": DeltaSpec("org/m"), "c": DeltaSpec("org/c")})
     settings = settings_from_args(_args("--base", "org/other", "--delta", "x=org/x", "--delta", "y=./y", "--port",
                                         "7999", "--no-launch"), env=env)
     assert (settings.base, settings.deltas, settings.port, settings.launch, settings.size) == (
-        "org/other", {"x": "org/x", "y": "./y"}, 7999, False, "micro")
+        "org/other", {"x": DeltaSpec("org/x"), "y": DeltaSpec("./y")}, 7999, False, "micro")
 
 
 def test_deltas_need_a_base():

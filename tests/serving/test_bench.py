@@ -20,7 +20,7 @@ from hf_delta.errors import EngineConfigError
 from hf_delta.serving import EngineConfig
 from hf_delta.serving.engine.residency import ResidencyManager
 from hf_delta.serving.engine.scheduler import Scheduler
-from hf_delta.serving.engine.specs import parse_delta_specs
+from hf_delta.utils.specs import parse_delta_specs
 
 
 def test_workload_is_seeded_and_skewed():

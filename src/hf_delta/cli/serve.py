@@ -9,7 +9,7 @@ import time
 
 from ..errors import EngineConfigError
 from ..serving.engine.config import add_engine_arguments, engine_config_from_args
-from ..serving.engine.specs import parse_delta_specs
+from ..utils.specs import parse_delta_specs
 
 logger = logging.getLogger(__name__)
 

@@ -129,6 +129,21 @@ def _check_in_memory_fits(base, finetuned, method: DeltaMethod, config: DeltaCon
                       "on a machine with more memory.")
 
 
+def _compress(base, finetuned, config: DeltaConfig, calibration, *, tokenizer, base_revision, revision, device,
+              progress, hub: dict[str, Any]) -> Delta | DeltaModel:
+    """The streamed ``Delta`` when the setting and the checkpoints allow it, else the in-memory ``DeltaModel``."""
+    config = copy.deepcopy(config)  # the delta owns its settings; the caller's object stays untouched
+    config.validate()
+    method = get_method(config.method)
+    delta = _stream(base, finetuned, config, method, tokenizer=tokenizer, base_revision=base_revision,
+                    revision=revision, device=torch.device(device or "cpu"), progress=progress, hub=hub)
+    if delta is not None:
+        return delta
+    _check_in_memory_fits(base, finetuned, method, config)
+    return _in_memory(base, finetuned, config, method, calibration, tokenizer=tokenizer, base_revision=base_revision,
+                      revision=revision, progress=progress, hub=hub)
+
+
 def compress_delta(
     base: str | Path | PreTrainedModel,
     finetuned: str | Path | PreTrainedModel,
@@ -163,18 +178,10 @@ def compress_delta(
     >>> delta = compress_delta("org/base", "org/finetune", BitDeltaConfig(distill_steps=0))  # doctest: +SKIP
     >>> delta.save_pretrained("my-delta")  # doctest: +SKIP
     """
-    config = copy.deepcopy(config)  # the delta owns its settings; the caller's object stays untouched
-    config.validate()
-    method = get_method(config.method)
     hub = {"token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
-    delta = _stream(base, finetuned, config, method, tokenizer=tokenizer, base_revision=base_revision,
-                    revision=revision, device=torch.device(device or "cpu"), progress=progress, hub=hub)
-    if delta is not None:
-        return delta
-    _check_in_memory_fits(base, finetuned, method, config)
-    model = _in_memory(base, finetuned, config, method, calibration, tokenizer=tokenizer, base_revision=base_revision,
-                       revision=revision, progress=progress, hub=hub)
-    return model.get_delta("default")
+    done = _compress(base, finetuned, config, calibration, tokenizer=tokenizer, base_revision=base_revision,
+                     revision=revision, device=device, progress=progress, hub=hub)
+    return done if isinstance(done, Delta) else done.get_delta("default")
 
 
 def compress(
@@ -209,15 +216,10 @@ def compress(
     >>> model = compress("org/base", "org/finetune", BitDeltaConfig())  # doctest: +SKIP
     >>> model.save_pretrained("my-delta")  # doctest: +SKIP
     """
-    config = copy.deepcopy(config)
-    config.validate()
-    method = get_method(config.method)
-    delta = _stream(base, finetuned, config, method, tokenizer=tokenizer, base_revision=base_revision,
-                    revision=revision, device=torch.device(device or "cpu"), progress=progress, hub={})
-    if delta is not None:
-        model = DeltaModel(load_model(base, revision=base_revision, dtype="auto"))
-        model.add_delta("default", delta)
-        return model
-    _check_in_memory_fits(base, finetuned, method, config)
-    return _in_memory(base, finetuned, config, method, calibration, tokenizer=tokenizer, base_revision=base_revision,
-                      revision=revision, progress=progress, hub={})
+    done = _compress(base, finetuned, config, calibration, tokenizer=tokenizer, base_revision=base_revision,
+                     revision=revision, device=device, progress=progress, hub={})
+    if isinstance(done, DeltaModel):
+        return done
+    model = DeltaModel(load_model(base, revision=base_revision, dtype="auto"))
+    model.add_delta("default", done)
+    return model

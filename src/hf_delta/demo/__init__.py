@@ -7,6 +7,6 @@ Importing this package does not import gradio: ``hf-delta demo`` wires its argum
 """
 
 from .options import add_demo_arguments, demo_main
-from .settings import DemoSettings, parse_deltas, settings_from_env
+from .settings import DemoSettings, settings_from_env
 
-__all__ = ["DemoSettings", "add_demo_arguments", "demo_main", "parse_deltas", "settings_from_env"]
+__all__ = ["DemoSettings", "add_demo_arguments", "demo_main", "settings_from_env"]

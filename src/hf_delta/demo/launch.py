@@ -11,6 +11,7 @@ from typing import Any
 from ..serving.engine.config import EngineConfig
 from ..serving.engine.engine import Engine
 from ..serving.engine.sampling import SamplingParams
+from ..utils.specs import DeltaSpec
 from .settings import DemoSettings
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ class DemoModels:
     """What to serve: a base, deltas, and what the app may show about them."""
 
     base: str | Path
-    deltas: dict[str, str | Path]
+    deltas: dict[str, DeltaSpec]
     finetunes: dict[str, Path] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
@@ -34,14 +35,17 @@ def resolve_models(settings: DemoSettings) -> DemoModels:
 
     zoo = prepare_zoo_demo(settings.size, zoo_dir=settings.zoo_dir, cache_dir=settings.cache_dir,
                            base=settings.zoo_base)
-    return DemoModels(base=zoo.base, deltas=dict(zoo.deltas), finetunes=zoo.finetunes, examples=zoo.examples)
+    deltas = {name: DeltaSpec(str(folder)) for name, folder in zoo.deltas.items()}
+    return DemoModels(base=zoo.base, deltas=deltas, finetunes=zoo.finetunes, examples=zoo.examples)
 
 
 def start_engine(models: DemoModels, *, config: EngineConfig | None = None, warm: bool = True, **engine_kwargs: Any
                  ) -> Engine:
     """An ``Engine`` over ``models`` with its loop running; ``warm`` loads every delta that fits a device slot
     (one 1-token request each), so the first chat or compare does not wait for a load."""
-    engine = Engine(models.base, deltas=models.deltas, config=config or EngineConfig(), **engine_kwargs)
+    engine = Engine(models.base, config=config or EngineConfig(), **engine_kwargs)
+    for name, spec in models.deltas.items():
+        engine.register_delta(name, spec.repo, revision=spec.revision)
     engine.start()
     if warm:
         warm_up(engine)

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import EngineConfigError
-from .settings import ENV_BASE, ENV_DELTAS, ENV_SIZE, DemoSettings, parse_deltas, settings_from_env
+from ..utils.specs import parse_delta_specs
+from .settings import ENV_BASE, ENV_DELTAS, ENV_SIZE, DemoSettings, settings_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
     if args.base:
         settings.base = args.base
     if args.delta:
-        settings.deltas = parse_deltas(args.delta)
+        settings.deltas = parse_delta_specs(args.delta)
     settings.zoo_dir = Path(args.zoo_dir) if args.zoo_dir else None
     settings.cache_dir = Path(args.cache_dir) if args.cache_dir else None
     settings.zoo_base = args.zoo_base

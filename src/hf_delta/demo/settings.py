@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EngineConfigError
+from ..utils.specs import DeltaSpec, parse_delta_specs
 
 ENV_BASE = "HF_DELTA_DEMO_BASE"
 ENV_DELTAS = "HF_DELTA_DEMO_DELTAS"
@@ -28,7 +28,7 @@ class DemoSettings:
         cache_dir: where the zoo's compressed deltas are cached (default ``$HF_DELTA_DEMO_CACHE`` or
             ``~/.cache/hf_delta/demo``).
         base: a real base model (Hub id or folder) instead of the zoo.
-        deltas: ``{name: delta repo (Hub id or folder)}`` served beside ``base``.
+        deltas: ``{name: DeltaSpec(repo, revision)}`` served beside ``base`` (``NAME=REPO[@REVISION]``).
         max_tokens: most tokens per reply (greedy decoding, so replies are reproducible).
         host, port: where to serve (Gradio's defaults, or ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``).
         launch: start the web app (``False``: only prepare the models, e.g. to warm a cache).
@@ -39,34 +39,11 @@ class DemoSettings:
     zoo_base: str = "llama-base"
     cache_dir: Path | None = None
     base: str | None = None
-    deltas: dict[str, str] = field(default_factory=dict)
+    deltas: dict[str, DeltaSpec] = field(default_factory=dict)
     max_tokens: int = 64
     host: str | None = None
     port: int | None = None
     launch: bool = True
-
-
-def parse_deltas(spec: str | list[str] | None) -> dict[str, str]:
-    """``"name=repo,name=repo"`` (or a list of ``name=repo``) → ``{name: repo}``.
-
-    Raises:
-        EngineConfigError: an item is not ``name=repo`` or a name repeats.
-
-    >>> parse_deltas("math=org/math-delta, chat=./chat-delta")
-    {'math': 'org/math-delta', 'chat': './chat-delta'}
-    """
-    items = spec.split(",") if isinstance(spec, str) else list(spec or [])
-    out: dict[str, str] = {}
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        name, sep, repo = (p.strip() for p in item.partition("="))
-        if not sep or not name or not repo:
-            raise EngineConfigError(f"A delta must be given as NAME=REPO (e.g. math=org/math-delta), got {item!r}.")
-        if name in out:
-            raise EngineConfigError(f"The delta name {name!r} is given twice ({out[name]} and {repo}).")
-        out[name] = repo
-    return out
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> DemoSettings:
@@ -77,5 +54,5 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> DemoSettings:
         settings.size = env[ENV_SIZE]
     if env.get(ENV_BASE):
         settings.base = env[ENV_BASE]
-    settings.deltas = parse_deltas(env.get(ENV_DELTAS))
+    settings.deltas = parse_delta_specs(env.get(ENV_DELTAS))
     return settings

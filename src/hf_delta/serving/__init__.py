@@ -8,8 +8,9 @@ and ``ray`` (the Ray Serve deployment). Names are imported on first use (hugging
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..utils.lazy import lazy_exports
 
 _LAZY = {
     "Engine": ".engine.engine",
@@ -67,14 +68,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .training.trainer import CoServingTrainer
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -4,8 +4,9 @@ trainer implements, so the engine never imports training code. Names load on fir
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ...utils.lazy import lazy_exports
 
 _LAZY = {
     "Engine": ".engine",
@@ -55,14 +56,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .step import Segment, StepBatch, StepOutput, forward_step
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -221,9 +222,7 @@ def forward_step(model, batch: StepBatch, cache: PagedKVCache | None) -> StepOut
     plan = AttentionPlan(batch, cache)
     base = model.base_model
     routing = model.routing
-    previous = routing.row_slots
-    try:
-        routing.row_slots = batch.slots.unsqueeze(0)
+    with routing.use(batch.slots.unsqueeze(0)):
         with _packed_attention(base.config):
             packed = base.get_decoder()(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
                                         use_cache=False, hf_delta_plan=plan).last_hidden_state
@@ -232,15 +231,16 @@ def forward_step(model, batch: StepBatch, cache: PagedKVCache | None) -> StepOut
         head = base.get_output_embeddings()
         if index.numel() == 0:  # only prefill chunks that do not reach their prompt's end
             logits = hidden.new_zeros((0, head.weight.shape[0]))
+        elif index.numel() == hidden.shape[0]:  # every token wants logits (all decodes): no gather, and the
+            logits = softcap_logits(head(packed)[0], base.config)  # decoder's [1, N] routing is reused as is
         else:
-            if index.numel() == hidden.shape[0]:  # every token wants logits (all decodes): no gather, and the
-                logits = head(packed)[0]  # decoder's [1, N] routing (its per-delta row split) is reused as is
-            else:
-                routing.row_slots = batch.slots[index]
-                logits = head(hidden[index])
-            softcap = getattr(base.config, "final_logit_softcapping", None)
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-    finally:
-        routing.row_slots = previous
+            with routing.use(batch.slots[index]):
+                logits = softcap_logits(head(hidden[index]), base.config)
     return StepOutput(hidden=hidden, logits=logits)
+
+
+def softcap_logits(logits: torch.Tensor, config: Any) -> torch.Tensor:
+    """The model's final logit soft-capping (Gemma 2: ``tanh(logits / cap) * cap``), when its config sets one;
+    what its own forward does after the head, which the engine and the trainer call directly."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits

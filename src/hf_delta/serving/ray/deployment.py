@@ -47,9 +47,9 @@ except ImportError as _err:  # ray is an optional extra
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ...utils.specs import parse_delta_specs
 from ..api.errors import SSE_DONE, authorized, error_event, error_response, unauthorized
 from ..engine.config import EngineConfig
-from ..engine.specs import parse_delta_specs
 
 logger = logging.getLogger(__name__)
 

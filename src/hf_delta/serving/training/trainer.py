@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ...errors import BaseModelNotServedError, FineTuneConfigError, FineTuneJobNotFoundError
 from ...model import BASE_NAME
 from ...utils.sizes import tensor_bytes
-from ..engine.step import AttentionPlan, Segment, StepBatch, _packed_attention, forward_step
+from ..engine.step import AttentionPlan, Segment, StepBatch, _packed_attention, forward_step, softcap_logits
 from .budget import CoServeScheduler
 from .jobs import (
     IGNORE,
@@ -335,11 +335,9 @@ class CoServingTrainer:
         last = index == len(self._layers) - 1
         x = torch.cat([s.saved[index] for s in batch.seqs])[None].requires_grad_(index > run.lowest)
         positions = batch.packed.positions[None]
-        previous = routing.row_slots
         frozen = [*base.parameters(), *(t for w in run.weights.values() for t in (w.A, w.B))]
         meter = SavedTensorMeter(exclude=frozen)
-        try:
-            routing.row_slots = batch.packed.slots[None]
+        with routing.use(batch.packed.slots[None]):
             with meter, _packed_attention(base.config):
                 out = self._layers[index](x, attention_mask=None, position_ids=positions,
                                           position_embeddings=self._decoder.rotary_emb(x, position_ids=positions),
@@ -353,8 +351,6 @@ class CoServingTrainer:
             else:
                 head_bytes = 0
                 y.backward(batch.grad)
-        finally:
-            routing.row_slots = previous
         batch.peak_layer_bytes = max(batch.peak_layer_bytes, meter.bytes + head_bytes)
         batch.grad = x.grad if x.requires_grad else None
         batch.layer -= 1
@@ -367,17 +363,13 @@ class CoServingTrainer:
         """Output head + cross-entropy over ``HEAD_CHUNK`` tokens at a time (the logits of one chunk exist at
         once): the gradient w.r.t. the final hidden states, the batch loss and the most bytes saved by a chunk."""
         base, routing = self.engine.model.base_model, self.engine.model.routing
-        softcap = getattr(base.config, "final_logit_softcapping", None)
         grad = torch.zeros_like(hidden)
         total, peak = 0.0, 0
         for a in range(0, hidden.shape[0], HEAD_CHUNK):
             b = min(a + HEAD_CHUNK, hidden.shape[0])
             h = hidden[a:b].requires_grad_()
-            routing.row_slots = batch.packed.slots[a:b]
-            with SavedTensorMeter(exclude=frozen) as meter:
-                logits = base.get_output_embeddings()(h)
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
+            with routing.use(batch.packed.slots[a:b]), SavedTensorMeter(exclude=frozen) as meter:
+                logits = softcap_logits(base.get_output_embeddings()(h), base.config)
                 loss = F.cross_entropy(logits.float(), batch.targets[a:b], ignore_index=IGNORE,
                                        reduction="sum") / batch.n_valid
             loss.backward()
