@@ -37,3 +37,21 @@ def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
     code = main(["compress", str(tmp_path / "nope"), str(tmp_path / "nope2"), str(tmp_path / "out")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_every_command_has_help_and_help_loads_no_torch():
+    """`hf-delta --help` and each command's `--help` (the benchmark commands the README quotes included) start,
+    and none of them imports torch: the parser and each command's flags are import-light."""
+    import subprocess
+    import sys
+
+    commands = [[], ["zoo"], ["zoo", "build"], ["eval"], ["compress"], ["serve"], ["demo"], ["bench"],
+                *(["bench", b] for b in ("fidelity", "serve", "ray", "coserve"))]
+    code = ("import sys; from hf_delta.cli.main import main\n"
+            "for argv in {commands!r}:\n"
+            "    try:\n        main([*argv, '--help'])\n    except SystemExit as e:\n        assert e.code == 0, argv\n"
+            "print('torch' in sys.modules, file=sys.stderr)").format(commands=commands)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().endswith("False")
+    assert done.stdout.count("usage: hf-delta") == len(commands)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_delta import DeltaModel
 from hf_delta.errors import ArchitectureMismatchError, DeltaNotFoundError
-from hf_delta.layers import _DeltaWrapper
+from hf_delta.layers import DeltaWrapper
 from hf_delta.storage import Delta
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -205,7 +205,7 @@ def test_qwen2_tied_deltas(micro_zoo, micro_delta):
     model = _model(micro_zoo, micro_delta, names, arch="qwen2")
     head = model.base_model.lm_head
     embed = model.base_model.model.embed_tokens
-    assert isinstance(head, _DeltaWrapper) and head.deltas["qwen2-arith"] is embed.deltas["qwen2-arith"]
+    assert isinstance(head, DeltaWrapper) and head.deltas["qwen2-arith"] is embed.deltas["qwen2-arith"]
     tok = AutoTokenizer.from_pretrained(micro_zoo["qwen2-base"].path)
     prompts = [*_prompts(micro_zoo, names), "import os"]
     enc = _left_padded(tok, prompts)
@@ -317,7 +317,7 @@ def test_merge_and_unload_equals_base_plus_decompressed_delta(micro_zoo, micro_d
     with torch.no_grad():
         delta_logits = model(**enc).logits
     merged = model.merge_and_unload()
-    assert not any(isinstance(m, _DeltaWrapper) for m in merged.modules())
+    assert not any(isinstance(m, DeltaWrapper) for m in merged.modules())
     expected = _dense(micro_zoo, micro_delta(name), arch).state_dict()
     got = merged.state_dict()
     assert set(got) == set(expected)
@@ -356,7 +356,7 @@ def test_unload_returns_the_untouched_base(micro_zoo, micro_delta):
         model(input_ids=ids)
     plain = model.unload()
     assert plain is base
-    assert not any(isinstance(m, _DeltaWrapper) for m in plain.modules())
+    assert not any(isinstance(m, DeltaWrapper) for m in plain.modules())
     assert type(plain.model.embed_tokens) is nn.Embedding and type(plain.lm_head) is nn.Linear
     for key, value in fresh.state_dict().items():
         assert torch.equal(plain.state_dict()[key], value), key
@@ -421,8 +421,8 @@ def test_delta_that_does_not_fit_the_model_is_rejected_whole(micro_zoo, micro_de
 
 # ------------------------------------------------------------------------------------- transactional add
 def _state(model: DeltaModel) -> tuple:
-    wrappers = sorted(n for n, m in model.base_model.named_modules() if isinstance(m, _DeltaWrapper))
-    held = {n: sorted(m.deltas) for n, m in model.base_model.named_modules() if isinstance(m, _DeltaWrapper)}
+    wrappers = sorted(n for n, m in model.base_model.named_modules() if isinstance(m, DeltaWrapper))
+    held = {n: sorted(m.deltas) for n, m in model.base_model.named_modules() if isinstance(m, DeltaWrapper)}
     return model.list_deltas(), model.active_delta, list(model.routing.slots), wrappers, held
 
 

@@ -129,7 +129,7 @@ class DeltaParts:
         return self
 
 
-class _DeltaWrapper(nn.Module):
+class DeltaWrapper(nn.Module):
     def __init__(self, base_layer: nn.Module, routing: DeltaRouting):
         super().__init__()
         self.base_layer = base_layer
@@ -156,7 +156,7 @@ def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t[rows]
 
 
-class DeltaLinear(_DeltaWrapper):
+class DeltaLinear(DeltaWrapper):
     """``nn.Linear`` plus per-row deltas; the output may widen for a delta with a grown vocabulary."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,7 +210,7 @@ class DeltaLinear(_DeltaWrapper):
         return yf.reshape(*lead, width)
 
 
-class DeltaEmbedding(_DeltaWrapper):
+class DeltaEmbedding(DeltaWrapper):
     """``nn.Embedding`` plus per-row deltas, including rows of tokens a fine-tune added."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -254,7 +254,7 @@ class DeltaEmbedding(_DeltaWrapper):
             )
 
 
-class DeltaOverride(_DeltaWrapper):
+class DeltaOverride(DeltaWrapper):
     """Any other module (norms, ...) whose parameters a delta replaces, evaluated per row."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -308,7 +308,7 @@ class DeltaOverride(_DeltaWrapper):
         return (table[which] * flat).reshape(unit.shape)
 
 
-def wrapper_for(module: nn.Module) -> type[_DeltaWrapper]:
+def wrapper_for(module: nn.Module) -> type[DeltaWrapper]:
     """The wrapper class that can host deltas of ``module``."""
     if isinstance(module, nn.Linear):
         return DeltaLinear

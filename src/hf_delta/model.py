@@ -19,7 +19,7 @@ from ._version import __version__
 from .errors import ArchitectureMismatchError, DeltaNotFoundError
 from .extract import vocab_module_names
 from .fingerprint import check_base
-from .layers import BASE_SLOT, DeltaParts, DeltaRouting, _DeltaWrapper, wrapper_for
+from .layers import BASE_SLOT, DeltaParts, DeltaRouting, DeltaWrapper, wrapper_for
 from .storage import GENERATION_CONFIG, Delta
 from .utils.loading import load_model
 
@@ -44,7 +44,7 @@ class DeltaModel(nn.Module):
         self.base_model = base_model
         self.routing = DeltaRouting()
         self.deltas: dict[str, Delta] = {}
-        self._wrapped: dict[str, _DeltaWrapper] = {}
+        self._wrapped: dict[str, DeltaWrapper] = {}
         # References, not copies: the fingerprint check and merges read the base's own tensors.
         self._base_state = dict(base_model.state_dict())
         for p in base_model.parameters():
@@ -207,7 +207,7 @@ class DeltaModel(nn.Module):
     def base_module(self, name: str) -> nn.Module:
         """The base's module ``name``, seen through any delta wrapper around it."""
         module = self.base_model.get_submodule(name)
-        return module.base_layer if isinstance(module, _DeltaWrapper) else module
+        return module.base_layer if isinstance(module, DeltaWrapper) else module
 
     def attached_tensors(self) -> list[torch.Tensor]:
         """Every delta tensor attached to the layers (a tensor a tied head shares appears once per layer)."""
@@ -221,7 +221,7 @@ class DeltaModel(nn.Module):
                     out.append(parts.new_rows)
         return out
 
-    def _wrap(self, name: str) -> _DeltaWrapper:
+    def _wrap(self, name: str) -> DeltaWrapper:
         if name in self._wrapped:
             return self._wrapped[name]
         parent_name, _, leaf = name.rpartition(".")

@@ -13,7 +13,7 @@ from hf_delta.errors import CalibrationError, DeltaConfigError
 from hf_delta.evaluation import mean_kl
 from hf_delta.methods import DeltaZipConfig, DeltaZipWeight
 from hf_delta.methods.deltazip import inverse_hessian_factor, prune_quantize
-from hf_delta.methods.deltazip.calibrate import _Calibrator
+from hf_delta.methods.deltazip.calibrate import LayerCalibrator
 from hf_delta.storage import Delta
 from hf_delta.utils.loading import load_model
 from hf_delta.utils.sizes import bf16_weight_bytes, folder_bytes
@@ -171,7 +171,7 @@ def test_calibrator_replays_layers_like_full_forwards(micro_zoo):
     mask[1, 6:] = 0
     batches = [(ids, mask), (ids[:, :5], mask[:, :5])]
     targets = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    calibrator = _Calibrator(base, batches, [*targets, "lm_head"])
+    calibrator = LayerCalibrator(base, batches, [*targets, "lm_head"])
     groups = calibrator.groups()
     assert groups[:4] == [[f"model.layers.0.self_attn.{p}_proj" for p in "qkv"], ["model.layers.0.self_attn.o_proj"],
                           ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 
 from ..errors import DeltaConfigError
 from ..fingerprint import check_base
-from ..layers import _DeltaWrapper
+from ..layers import DeltaWrapper
 from ..methods.lowrank import LowRankWeight
 from ..model import DeltaModel
 from ..storage import Delta
@@ -37,7 +37,7 @@ def _base_view(source: DeltaModel | None, base_model: PreTrainedModel | str | Pa
 
     def module(name: str) -> nn.Module:
         m = model.get_submodule(name)
-        return m.base_layer if isinstance(m, _DeltaWrapper) else m
+        return m.base_layer if isinstance(m, DeltaWrapper) else m
 
     return state, module, model
 

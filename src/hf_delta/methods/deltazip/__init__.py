@@ -24,7 +24,7 @@ from ...errors import CalibrationError, DeltaConfigError
 from ...extract import vocab_module_names
 from ..base import CompressedWeight, CompressionContext, DeltaMethod
 from ..registry import register_delta_method
-from .calibrate import _Calibrator
+from .calibrate import LayerCalibrator
 from .config import DeltaZipConfig
 from .gptq import QuantizedMatrix, inverse_hessian_factor, layout_of, prune_quantize
 from .weight import LAYOUTS, DeltaZipWeight
@@ -110,7 +110,7 @@ def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     for name in [n for n in deltas if n not in calibrated.values()]:
         finish(name, None)
     if calibrated:
-        _Calibrator(work, batches, list(calibrated)).run(finish_group, progress=ctx.progress)
+        LayerCalibrator(work, batches, list(calibrated)).run(finish_group, progress=ctx.progress)
     return {n: weights[n] for n in deltas}
 
 

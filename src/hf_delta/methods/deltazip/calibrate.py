@@ -63,7 +63,7 @@ def _call_layer(layer: nn.Module, hidden: torch.Tensor, rest: tuple | None, kwar
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class _Calibrator:
+class LayerCalibrator:
     """Walks the target modules of ``model`` in forward order, one group of modules sharing an input at a time.
 
     ``each_group(names, hessians)`` must write the compressed weights of ``names`` into ``model``; the next
