@@ -48,9 +48,9 @@ def test_every_command_has_help_and_help_loads_no_torch():
     commands = [[], ["zoo"], ["zoo", "build"], ["eval"], ["compress"], ["serve"], ["demo"], ["bench"],
                 *(["bench", b] for b in ("fidelity", "serve", "ray", "coserve"))]
     code = ("import sys; from hf_delta.cli.main import main\n"
-            "for argv in {commands!r}:\n"
+            f"for argv in {commands!r}:\n"
             "    try:\n        main([*argv, '--help'])\n    except SystemExit as e:\n        assert e.code == 0, argv\n"
-            "print('torch' in sys.modules, file=sys.stderr)").format(commands=commands)
+            "print('torch' in sys.modules, file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().endswith("False")

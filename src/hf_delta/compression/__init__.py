@@ -20,6 +20,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from .._version import __version__
 from ..config import CompressionRecord, DeltaConfig
+from ..errors import ModelLoadError
 from ..extract import extract_delta
 from ..fingerprint import base_fingerprint
 from ..methods import get_method
@@ -56,6 +57,15 @@ def _carried_files(base_tok, ft_tok, base_gen: GenerationConfig, ft_gen: Generat
     return files
 
 
+def _tokenizer_or_none(folder: Path) -> PreTrainedTokenizerBase | None:
+    """The folder's tokenizer; a checkpoint without one (weights only) carries no tokenizer files."""
+    try:
+        return load_tokenizer(folder)
+    except ModelLoadError:
+        logger.info("No tokenizer in %s: the delta carries no tokenizer files", folder)
+        return None
+
+
 def _record(base: str | Path | PreTrainedModel, base_revision: str | None, fingerprint: dict,
             name_of_object: str | None = None) -> CompressionRecord:
     return CompressionRecord(
@@ -81,8 +91,8 @@ def _stream(base, finetuned, config: DeltaConfig, method: DeltaMethod, *, tokeni
     with torch.random.fork_rng(devices=[]):  # seed compression without touching the caller's RNG state
         torch.manual_seed(config.seed)
         extracted, weights = streaming.stream_compress(pair, method, config, device=device, progress=progress)
-    tokenizer = tokenizer or load_tokenizer(ft_folder)
-    files = _carried_files(load_tokenizer(base_folder), tokenizer, *pair.generation_configs(base_folder, ft_folder))
+    files = _carried_files(_tokenizer_or_none(base_folder), tokenizer or _tokenizer_or_none(ft_folder),
+                           *pair.generation_configs(base_folder, ft_folder))
     return Delta(config=config, record=record, weights=weights, exact=extracted.exact, new_rows=extracted.new_rows,
                  tied=extracted.tied, vocab_size=extracted.vocab_size, files=files)
 
