@@ -22,7 +22,7 @@ class DemoModels:
     """What to serve: a base, deltas, and what the app may show about them."""
 
     base: str | Path
-    deltas: dict[str, DeltaSpec]
+    deltas: dict[str, DeltaSpec | str | Path]  # a folder or Hub id, or a spec with a revision
     finetunes: dict[str, Path] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
@@ -35,8 +35,7 @@ def resolve_models(settings: DemoSettings) -> DemoModels:
 
     zoo = prepare_zoo_demo(settings.size, zoo_dir=settings.zoo_dir, cache_dir=settings.cache_dir,
                            base=settings.zoo_base)
-    deltas = {name: DeltaSpec(str(folder)) for name, folder in zoo.deltas.items()}
-    return DemoModels(base=zoo.base, deltas=deltas, finetunes=zoo.finetunes, examples=zoo.examples)
+    return DemoModels(base=zoo.base, deltas=dict(zoo.deltas), finetunes=zoo.finetunes, examples=zoo.examples)
 
 
 def start_engine(models: DemoModels, *, config: EngineConfig | None = None, warm: bool = True, **engine_kwargs: Any
@@ -45,6 +44,7 @@ def start_engine(models: DemoModels, *, config: EngineConfig | None = None, warm
     (one 1-token request each), so the first chat or compare does not wait for a load."""
     engine = Engine(models.base, config=config or EngineConfig(), **engine_kwargs)
     for name, spec in models.deltas.items():
+        spec = spec if isinstance(spec, DeltaSpec) else DeltaSpec(str(spec))
         engine.register_delta(name, spec.repo, revision=spec.revision)
     engine.start()
     if warm:
