@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from ..compression import compress
+    from ..compression import compress_delta
+    from ..hub import push_delta_to_hub
     from ..methods import get_method
 
     method = get_method(args.method)
@@ -19,11 +20,11 @@ def _compress(args: argparse.Namespace) -> int:
             options[key] = value
     config = method.config_class(**options)
     calibration = Path(args.calibration).read_text().splitlines() if args.calibration else None
-    model = compress(args.base, args.finetuned, config, calibration)
-    model.save_pretrained(args.out)
+    delta = compress_delta(args.base, args.finetuned, config, calibration, device=args.device)
+    delta.save_pretrained(args.out)
     print(f"Saved {args.method} delta to {args.out}")
     if args.push_to_hub:
-        sha = model.push_to_hub(args.push_to_hub, private=args.private)
+        sha = push_delta_to_hub(delta, args.push_to_hub, private=args.private)
         print(f"Pushed to {args.push_to_hub} (commit {sha})")
     return 0
 
@@ -44,6 +45,7 @@ def register(sub) -> None:
     comp.add_argument("--rank", type=int, default=None, help="lowrank: rank of the delta")
     comp.add_argument("--options", default=None, help="extra config fields as JSON, e.g. '{\"scale\": \"row\"}'")
     comp.add_argument("--calibration", default=None, help="text file, one calibration text per line")
+    comp.add_argument("--device", default=None, help="where deltas are computed: cpu (default) or cuda")
     comp.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload to this Hub repo")
     comp.add_argument("--private", action="store_true", help="create the Hub repo private")
     comp.set_defaults(func=_compress)
