@@ -62,3 +62,27 @@ def test_streaming_gives_the_same_delta_as_the_loaded_models(micro_zoo, name, co
     assert streamed.record.base_fingerprint == loaded.record.base_fingerprint
     assert (streamed.tied, streamed.vocab_size) == (loaded.tied, loaded.vocab_size)
     assert streamed.files == {}  # the fine-tune keeps the base's tokenizer (the chat one carries its own)
+
+
+def test_scale_distillation_streams_with_a_layer_by_layer_teacher(micro_zoo, caplog):
+    """With calibration texts, distillation loads the base once and computes the fine-tune's logits layer by
+    layer; the distilled scales match those of the in-memory path (both models loaded)."""
+    from hf_delta.evaluation import task_calibration
+
+    entry = micro_zoo["llama-arith"]
+    base, ft = micro_zoo[entry.base].path, entry.path
+    tok = AutoTokenizer.from_pretrained(ft)
+    texts = task_calibration(tok, micro_zoo.task("llama-arith"), n=16)
+    config = BitDeltaConfig(distill_steps=6, distill_samples=16, distill_batch_size=4)
+    with caplog.at_level("INFO", logger="hf_delta"):
+        streamed = compress(base, ft, config, texts, progress=False)
+    assert "Streaming bitdelta" in caplog.text and "teacher" not in str(type(streamed.base_model))
+    loaded = compress(*(AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in (base, ft)), config,
+                      texts, tokenizer=tok, progress=False)
+    a, b = streamed.get_delta("default").weights, loaded.get_delta("default").weights
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name].scales, b[name].scales, rtol=1e-4, atol=1e-7)
+        assert torch.equal(a[name].signs, b[name].signs)
+    initial = compress_delta(base, ft, BitDeltaConfig(distill_steps=0), progress=False).weights
+    assert any(not torch.equal(a[n].scales, initial[n].scales) for n in a)  # distillation moved the scales

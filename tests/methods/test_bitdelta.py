@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
-from hf_delta import BitDeltaConfig, DeltaModel, compress
+from hf_delta import BitDeltaConfig, CompressionContext, DeltaModel, compress
 from hf_delta.errors import DeltaConfigError
 from hf_delta.extract import extract_delta
 from hf_delta.methods.bitdelta import BitDeltaWeight, compress_bitdelta, distill_scales
@@ -107,16 +105,12 @@ def test_config_validation():
 
 
 # ------------------------------------------------------------------------------------- scale distillation
-@dataclass
-class _Context:
-    """The parts of a CompressionContext that distillation reads, with calibration batches given."""
+class _Context(CompressionContext):
+    """A CompressionContext whose calibration batches are given (and whose requests for them are recorded)."""
 
-    finetuned: torch.nn.Module
-    config: BitDeltaConfig
-    batches: list
-    extracted: object = None
-    progress: bool = False
-    calls: list = field(default_factory=list)
+    def __init__(self, finetuned, config: BitDeltaConfig, batches: list, extracted=None):
+        super().__init__(None, finetuned, None, extracted, config, None, progress=False)
+        self.batches, self.calls = batches, []
 
     def calibration(self, **kwargs):
         self.calls.append(kwargs)

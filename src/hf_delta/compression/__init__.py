@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .._version import __version__
+from ..calibration import Batch
 from ..config import CompressionRecord, DeltaConfig
 from ..errors import ModelLoadError
 from ..extract import extract_delta
@@ -30,7 +31,7 @@ from ..model import DeltaModel
 from ..storage import GENERATION_CONFIG, TOKENIZER_FILES, Delta
 from ..utils.checkpoint import Checkpoint
 from ..utils.loading import load_model, load_tokenizer, resolve_model_folder
-from . import streaming
+from . import layerwise, streaming
 from .memory import IN_MEMORY_BYTES_PER_PARAMETER, check_fits
 
 logger = logging.getLogger(__name__)
@@ -76,25 +77,48 @@ def _record(base: str | Path | PreTrainedModel, base_revision: str | None, finge
     )
 
 
-def _stream(base, finetuned, config: DeltaConfig, method: DeltaMethod, *, tokenizer, base_revision, revision,
-            device, progress, hub: dict[str, Any]) -> Delta | None:
-    """The delta streamed from the two checkpoints, or ``None`` when they cannot be streamed."""
-    if isinstance(base, PreTrainedModel) or isinstance(finetuned, PreTrainedModel) or not method.streams(config):
+def _stream(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibration, *, tokenizer, base_revision,
+            revision, device, progress, hub: dict[str, Any]) -> Delta | DeltaModel | None:
+    """Compression from the two checkpoints, or ``None`` when they or the setting cannot be streamed.
+
+    Data-free settings give the ``Delta``. A method that refines its matrix-wise result (BitDelta's scale
+    distillation) gets the base loaded once in its own dtype and the fine-tune's outputs computed layer by
+    layer (``layerwise.py``), never the fine-tune as a second model; that needs calibration texts (sampling
+    text from the fine-tune would need it loaded)."""
+    if isinstance(base, PreTrainedModel) or isinstance(finetuned, PreTrainedModel):
+        return None
+    refines = method.compress_matrix is not None and method.refine is not None and calibration is not None
+    if not (method.streams(config) or refines):
         return None
     base_folder = resolve_model_folder(base, revision=base_revision, **hub)
     ft_folder = resolve_model_folder(finetuned, revision=revision, **hub)
     pair = streaming.open_pair(base_folder, ft_folder)
-    if pair is None:
+    if pair is None or (not method.streams(config) and not layerwise.supports(pair.finetuned.config)):
         return None
-    logger.info("Streaming %s compression from the checkpoints (no model is loaded)", config.method)
+    logger.info("Streaming %s compression from the checkpoints", config.method)
     record = _record(base, base_revision, streaming.fingerprint(pair))
     with torch.random.fork_rng(devices=[]):  # seed compression without touching the caller's RNG state
         torch.manual_seed(config.seed)
         extracted, weights = streaming.stream_compress(pair, method, config, device=device, progress=progress)
-    files = _carried_files(_tokenizer_or_none(base_folder), tokenizer or _tokenizer_or_none(ft_folder),
-                           *pair.generation_configs(base_folder, ft_folder))
-    return Delta(config=config, record=record, weights=weights, exact=extracted.exact, new_rows=extracted.new_rows,
-                 tied=extracted.tied, vocab_size=extracted.vocab_size, files=files)
+    tokenizer = tokenizer or _tokenizer_or_none(ft_folder)
+    files = _carried_files(_tokenizer_or_none(base_folder), tokenizer, *pair.generation_configs(base_folder, ft_folder))
+    delta = Delta(config=config, record=record, weights=weights, exact=extracted.exact, new_rows=extracted.new_rows,
+                  tied=extracted.tied, vocab_size=extracted.vocab_size, files=files)
+    if method.streams(config):
+        return delta
+    model = DeltaModel(load_model(base_folder, dtype="auto"))
+    model.add_delta("default", delta)
+
+    def teacher(batches: list[Batch]) -> Callable[[int], torch.Tensor]:
+        finetune = layerwise.LayerwiseModel(ft_folder, ckpt=pair.ft_ckpt)
+        hidden = finetune.final_hidden(batches, progress=progress)
+        return lambda i: finetune.logits(hidden[i])
+
+    ctx = CompressionContext(None, None, tokenizer, extracted, config, calibration, progress, teacher=teacher)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        method.refine(model, ctx)
+    return model
 
 
 def _in_memory(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibration, *, tokenizer, base_revision,
@@ -145,10 +169,11 @@ def _compress(base, finetuned, config: DeltaConfig, calibration, *, tokenizer, b
     config = copy.deepcopy(config)  # the delta owns its settings; the caller's object stays untouched
     config.validate()
     method = get_method(config.method)
-    delta = _stream(base, finetuned, config, method, tokenizer=tokenizer, base_revision=base_revision,
-                    revision=revision, device=torch.device(device or "cpu"), progress=progress, hub=hub)
-    if delta is not None:
-        return delta
+    streamed = _stream(base, finetuned, config, method, calibration, tokenizer=tokenizer,
+                       base_revision=base_revision, revision=revision, device=torch.device(device or "cpu"),
+                       progress=progress, hub=hub)
+    if streamed is not None:
+        return streamed
     _check_in_memory_fits(base, finetuned, method, config)
     return _in_memory(base, finetuned, config, method, calibration, tokenizer=tokenizer, base_revision=base_revision,
                       revision=revision, progress=progress, hub=hub)

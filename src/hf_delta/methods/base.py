@@ -6,7 +6,7 @@ from __future__ import annotations
 import abc
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -161,14 +161,29 @@ class DeltaMethod:
 class CompressionContext:
     """Everything a method may need while compressing one fine-tune."""
 
-    base: PreTrainedModel
-    finetuned: PreTrainedModel
+    base: PreTrainedModel | None
+    finetuned: PreTrainedModel | None
     tokenizer: PreTrainedTokenizerBase | None
     extracted: ExtractedDelta
     config: DeltaConfig
     calibration_texts: Sequence[str] | None
     progress: bool = True
+    teacher: Callable[[list[Batch]], Callable[[int], torch.Tensor]] | None = None
     _batches: list[Batch] | None = None
+
+    def teacher_logits(self, batches: list[Batch]) -> Callable[[int], torch.Tensor]:
+        """``f(i)``: the fine-tune's float32 logits on ``batches[i]`` (no gradient). The fine-tune's own forward
+        when it is loaded; when compression streams, its outputs computed layer by layer beforehand."""
+        if self.teacher is not None:
+            return self.teacher(batches)
+        model = self.finetuned.eval()
+
+        @torch.no_grad()
+        def logits(i: int) -> torch.Tensor:
+            ids, mask = batches[i]
+            return model(input_ids=ids, attention_mask=mask).logits.float()
+
+        return logits
 
     def calibration(self, *, n: int = 64, seq_len: int = 128, batch_size: int = 8) -> list[Batch]:
         """Calibration batches: the user's texts, else ``n`` sequences sampled from the fine-tune."""

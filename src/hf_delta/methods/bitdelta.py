@@ -253,16 +253,16 @@ def distill_scales(model: nn.Module, ctx: CompressionContext) -> list[float]:
     groups = [{"params": [w.scales], "lr": cfg.distill_lr * float(w.scales.detach().abs().mean()) or cfg.distill_lr}
               for w in weights]
     opt = torch.optim.Adam(groups)
-    teacher = ctx.finetuned.eval()
+    teacher = ctx.teacher_logits(batches)
     order = torch.Generator().manual_seed(cfg.seed)
     losses = []
     model.set_delta("default")
     try:
         for _ in tqdm(range(cfg.distill_steps), desc="bitdelta: scale distillation", disable=not ctx.progress):
-            ids, mask = batches[int(torch.randint(len(batches), (1,), generator=order))]
-            with torch.no_grad():
-                target = teacher(input_ids=ids, attention_mask=mask).logits.float()
+            index = int(torch.randint(len(batches), (1,), generator=order))
+            ids, mask = (t.to(model.device) for t in batches[index])
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            target = teacher(index).to(logits.device)
             real = mask.bool()
             loss = ((logits[real] - target[real][:, : logits.shape[-1]]) ** 2).mean()
             loss.backward()

@@ -25,13 +25,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from ...errors import EngineConfigError
+from ...utils.logits import softcap_logits
 from .kv_cache import PagedKVCache
 
 ATTENTION_NAME = "hf_delta_paged"
@@ -238,9 +238,3 @@ def forward_step(model, batch: StepBatch, cache: PagedKVCache | None) -> StepOut
                 logits = softcap_logits(head(hidden[index]), base.config)
     return StepOutput(hidden=hidden, logits=logits)
 
-
-def softcap_logits(logits: torch.Tensor, config: Any) -> torch.Tensor:
-    """The model's final logit soft-capping (Gemma 2: ``tanh(logits / cap) * cap``), when its config sets one;
-    what its own forward does after the head, which the engine and the trainer call directly."""
-    cap = getattr(config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits

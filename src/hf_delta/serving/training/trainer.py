@@ -38,8 +38,9 @@ import torch.nn.functional as F
 
 from ...errors import BaseModelNotServedError, FineTuneConfigError, FineTuneJobNotFoundError
 from ...model import BASE_NAME
+from ...utils.logits import softcap_logits
 from ...utils.sizes import tensor_bytes
-from ..engine.step import AttentionPlan, Segment, StepBatch, _packed_attention, forward_step, softcap_logits
+from ..engine.step import AttentionPlan, Segment, StepBatch, _packed_attention, forward_step
 from .budget import CoServeScheduler
 from .jobs import (
     IGNORE,

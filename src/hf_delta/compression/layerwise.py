@@ -1,0 +1,134 @@
+"""A causal LM run one decoder layer at a time from its checkpoint, so that a model too large for memory can
+still produce its outputs (BitDelta's distillation teacher).
+
+The model is built with its parameters on the meta device and its buffers real (rotary frequencies); the
+modules outside the decoder layers (embedding, final norm, output head: small) are loaded from the checkpoint,
+and each decoder layer is loaded, run over every calibration batch, and dropped before the next. The maths is
+the loaded model's: same modules, same float32 weights, same call arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from ..calibration import Batch
+from ..utils.checkpoint import Checkpoint
+from ..utils.logits import softcap_logits
+
+logger = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the first decoder layer's inputs are seen."""
+
+
+def supports(config: Any) -> bool:
+    """Whether a model of ``config`` can run layer by layer here: one layer type (one attention mask for all)."""
+    return len(set(getattr(config, "layer_types", None) or ["one"])) <= 1
+
+
+def _decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no decoder.layers list; it cannot be run layer by layer.")
+    return layers
+
+
+class LayerwiseModel:
+    """``folder``'s causal LM with at most one decoder layer in memory at a time (float32).
+
+    >>> teacher = LayerwiseModel("path/to/finetune")  # doctest: +SKIP
+    >>> hidden = teacher.final_hidden(batches)  # doctest: +SKIP
+    """
+
+    def __init__(self, folder, *, ckpt: Checkpoint | None = None):
+        self.ckpt = ckpt or Checkpoint(folder)
+        config = AutoConfig.from_pretrained(folder)
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(config)
+        self.model.eval()
+        if not supports(config):
+            raise ValueError(f"{config.model_type} mixes layer types {sorted(set(config.layer_types))}; each needs "
+                             "its own attention mask, so it is not run layer by layer.")
+        self.layers = _decoder_layers(self.model)
+        layer_params = {id(p) for p in self.layers.parameters()}
+        self._shared = [n for n, p in self.model.named_parameters(remove_duplicate=False) if id(p) not in layer_params]
+        prefix = {id(layer): i for i, layer in enumerate(self.layers)}
+        self._layer_prefix = {}
+        for name, module in self.model.named_modules():
+            if id(module) in prefix:
+                self._layer_prefix[prefix[id(module)]] = name
+        for name in self._shared:
+            self._load(name)
+        self.model.tie_weights()
+
+    def _load(self, name: str) -> None:
+        """Put parameter ``name`` (a float32 copy from the checkpoint) into the model."""
+        module_name, _, leaf = name.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        source = name if name in self.ckpt else None
+        if source is None:  # a tied output head: tie_weights() makes it the embedding's
+            return
+        tensor = self.ckpt.get(source)
+        module._parameters[leaf] = nn.Parameter(tensor.float() if tensor.is_floating_point() else tensor,
+                                                requires_grad=False)
+
+    @contextlib.contextmanager
+    def _layer(self, index: int) -> Iterator[nn.Module]:
+        layer, prefix = self.layers[index], self._layer_prefix[index]
+        names = [n for n, _ in layer.named_parameters()]
+        for n in names:
+            self._load(f"{prefix}.{n}")
+        try:
+            yield layer
+        finally:
+            for n in names:
+                module_name, _, leaf = n.rpartition(".")
+                module = layer.get_submodule(module_name) if module_name else layer
+                old = module._parameters[leaf]
+                module._parameters[leaf] = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
+                                                        requires_grad=False)
+
+    def _first_layer_inputs(self, batch: Batch) -> tuple[torch.Tensor, tuple, dict]:
+        seen: dict = {}
+
+        def hook(_module, args, kwargs):
+            seen["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+            seen["args"], seen["kwargs"] = args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _Stop
+
+        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        ids, mask = batch
+        try:
+            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return seen["hidden"], seen["args"], seen["kwargs"]
+
+    @torch.no_grad()
+    def final_hidden(self, batches: list[Batch], *, progress: bool = True) -> list[torch.Tensor]:
+        """The final norm's output for each batch (what the output head reads), computed layer by layer."""
+        inputs = [self._first_layer_inputs(b) for b in batches]
+        hidden = [h for h, _, _ in inputs]
+        for i in tqdm(range(len(self.layers)), desc="teacher: layers", disable=not progress, leave=False):
+            with self._layer(i) as layer:
+                for b, (_, args, kwargs) in enumerate(inputs):
+                    out = layer(hidden[b], *args, **kwargs)
+                    hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+        norm = getattr(self.model.get_decoder(), "norm", None)
+        return [norm(h) if norm is not None else h for h in hidden]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits (float32) from ``final_hidden``'s output: the head and any soft-capping."""
+        return softcap_logits(self.model.get_output_embeddings()(hidden), self.model.config).float()
