@@ -86,3 +86,26 @@ def test_scale_distillation_streams_with_a_layer_by_layer_teacher(micro_zoo, cap
         assert torch.equal(a[name].signs, b[name].signs)
     initial = compress_delta(base, ft, BitDeltaConfig(distill_steps=0), progress=False).weights
     assert any(not torch.equal(a[n].scales, initial[n].scales) for n in a)  # distillation moved the scales
+
+
+@pytest.mark.parametrize("name", ["llama-arith", "qwen2-cipher"])
+def test_deltazip_streams_layer_by_layer_to_the_same_delta(micro_zoo, name, caplog):
+    """With calibration texts, DeltaZip keeps one decoder layer in memory at a time; the delta is the one the
+    in-memory path (both models loaded) computes."""
+    from hf_delta import DeltaZipConfig
+    from hf_delta.evaluation import task_calibration
+
+    entry = micro_zoo[name]
+    base, ft = micro_zoo[entry.base].path, entry.path
+    tok = AutoTokenizer.from_pretrained(ft)
+    texts = task_calibration(tok, micro_zoo.task(name), n=16)
+    config = DeltaZipConfig(bits=4, sparsity="2:4")
+    with caplog.at_level("INFO", logger="hf_delta"):
+        streamed = compress_delta(base, ft, config, texts, progress=False)
+    assert "Streaming deltazip" in caplog.text
+    loaded = compress_delta(*(AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in (base, ft)),
+                            config, texts, tokenizer=tok, progress=False)
+    a, b = streamed.tensors(), loaded.tensors()
+    assert a.keys() == b.keys()
+    mismatched = [k for k in a if not torch.equal(a[k], b[k])]
+    assert mismatched == []

@@ -19,19 +19,20 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .._version import __version__
-from ..calibration import Batch
+from ..calibration import Batch, tokenize_calibration
 from ..config import CompressionRecord, DeltaConfig
 from ..errors import ModelLoadError
 from ..extract import extract_delta
 from ..fingerprint import base_fingerprint
 from ..methods import get_method
 from ..methods.base import CompressionContext, DeltaMethod
+from ..methods.deltazip import DeltaZipConfig
 from ..methods.registry import registered_methods
 from ..model import DeltaModel
 from ..storage import GENERATION_CONFIG, TOKENIZER_FILES, Delta
 from ..utils.checkpoint import Checkpoint
 from ..utils.loading import load_model, load_tokenizer, resolve_model_folder
-from . import layerwise, streaming
+from . import deltazip_stream, layerwise, streaming
 from .memory import IN_MEMORY_BYTES_PER_PARAMETER, check_fits
 
 logger = logging.getLogger(__name__)
@@ -88,23 +89,32 @@ def _stream(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibrati
     if isinstance(base, PreTrainedModel) or isinstance(finetuned, PreTrainedModel):
         return None
     refines = method.compress_matrix is not None and method.refine is not None and calibration is not None
-    if not (method.streams(config) or refines):
+    layered = isinstance(config, DeltaZipConfig) and deltazip_stream.supports(config) and calibration is not None
+    if not (method.streams(config) or refines or layered):
         return None
     base_folder = resolve_model_folder(base, revision=base_revision, **hub)
     ft_folder = resolve_model_folder(finetuned, revision=revision, **hub)
     pair = streaming.open_pair(base_folder, ft_folder)
     if pair is None or (not method.streams(config) and not layerwise.supports(pair.finetuned.config)):
         return None
+    tokenizer = tokenizer or _tokenizer_or_none(ft_folder)
+    if layered and tokenizer is None:
+        return None
     logger.info("Streaming %s compression from the checkpoints", config.method)
     record = _record(base, base_revision, streaming.fingerprint(pair))
     with torch.random.fork_rng(devices=[]):  # seed compression without touching the caller's RNG state
         torch.manual_seed(config.seed)
-        extracted, weights = streaming.stream_compress(pair, method, config, device=device, progress=progress)
-    tokenizer = tokenizer or _tokenizer_or_none(ft_folder)
+        if layered:
+            batches = tokenize_calibration(calibration, tokenizer, seq_len=config.calibration_seq_len,
+                                           batch_size=config.calibration_batch_size)
+            extracted, weights = deltazip_stream.stream_deltazip(pair, ft_folder, config, batches,
+                                                                 progress=progress)
+        else:
+            extracted, weights = streaming.stream_compress(pair, method, config, device=device, progress=progress)
     files = _carried_files(_tokenizer_or_none(base_folder), tokenizer, *pair.generation_configs(base_folder, ft_folder))
     delta = Delta(config=config, record=record, weights=weights, exact=extracted.exact, new_rows=extracted.new_rows,
                   tied=extracted.tied, vocab_size=extracted.vocab_size, files=files)
-    if method.streams(config):
+    if method.streams(config) or layered:
         return delta
     model = DeltaModel(load_model(base_folder, dtype="auto"))
     model.add_delta("default", delta)

@@ -82,8 +82,13 @@ class LayerwiseModel:
         module._parameters[leaf] = nn.Parameter(tensor.float() if tensor.is_floating_point() else tensor,
                                                 requires_grad=False)
 
+    def layer_name(self, index: int) -> str:
+        """The module name of decoder layer ``index`` (``model.layers.3``)."""
+        return self._layer_prefix[index]
+
     @contextlib.contextmanager
-    def _layer(self, index: int) -> Iterator[nn.Module]:
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer ``index`` with its weights loaded (float32) for the block; dropped afterwards."""
         layer, prefix = self.layers[index], self._layer_prefix[index]
         names = [n for n, _ in layer.named_parameters()]
         for n in names:
@@ -98,7 +103,9 @@ class LayerwiseModel:
                 module._parameters[leaf] = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
                                                         requires_grad=False)
 
-    def _first_layer_inputs(self, batch: Batch) -> tuple[torch.Tensor, tuple, dict]:
+    def first_layer_inputs(self, batch: Batch) -> tuple[torch.Tensor, tuple, dict]:
+        """The first decoder layer's hidden states and other call arguments for ``batch`` (masks and position
+        embeddings depend on the tokens only: every layer is called with the same ones)."""
         seen: dict = {}
 
         def hook(_module, args, kwargs):
@@ -116,16 +123,21 @@ class LayerwiseModel:
             handle.remove()
         return seen["hidden"], seen["args"], seen["kwargs"]
 
+    @staticmethod
+    def call_layer(layer: nn.Module, hidden: torch.Tensor, inputs: tuple[torch.Tensor, tuple, dict]) -> torch.Tensor:
+        """Run ``layer`` on ``hidden`` with the other arguments ``first_layer_inputs`` recorded."""
+        _, args, kwargs = inputs
+        out = layer(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
     @torch.no_grad()
     def final_hidden(self, batches: list[Batch], *, progress: bool = True) -> list[torch.Tensor]:
         """The final norm's output for each batch (what the output head reads), computed layer by layer."""
-        inputs = [self._first_layer_inputs(b) for b in batches]
+        inputs = [self.first_layer_inputs(b) for b in batches]
         hidden = [h for h, _, _ in inputs]
         for i in tqdm(range(len(self.layers)), desc="teacher: layers", disable=not progress, leave=False):
-            with self._layer(i) as layer:
-                for b, (_, args, kwargs) in enumerate(inputs):
-                    out = layer(hidden[b], *args, **kwargs)
-                    hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+            with self.layer(i) as layer:
+                hidden = [self.call_layer(layer, hidden[b], inputs[b]) for b in range(len(inputs))]
         norm = getattr(self.model.get_decoder(), "norm", None)
         return [norm(h) if norm is not None else h for h in hidden]
 

@@ -40,10 +40,11 @@ __all__ = [
     "compress_deltazip",
     "inverse_hessian_factor",
     "prune_quantize",
+    "quantize_delta",
 ]
 
 
-def _check_targets(cfg: DeltaZipConfig, deltas: dict[str, torch.Tensor], pruned: set[str]) -> None:
+def check_targets(cfg: DeltaZipConfig, deltas: dict[str, torch.Tensor], pruned: set[str]) -> None:
     """Shape constraints of the chosen layout on the actual target matrices, before any work."""
     for name, delta in deltas.items():
         k = delta.shape[1]
@@ -55,6 +56,24 @@ def _check_targets(cfg: DeltaZipConfig, deltas: dict[str, torch.Tensor], pruned:
             raise DeltaConfigError(
                 f"sparsity='2:4' needs in_features divisible by 4, but {name!r} has {k}; use an unstructured "
                 "sparsity such as 0.5, or exclude it from target_modules.")
+
+
+def quantize_delta(cfg: DeltaZipConfig, delta: torch.Tensor, hessian: torch.Tensor | None, *, vocab: bool,
+                   head: bool, as_linear: bool) -> tuple[DeltaZipWeight, torch.Tensor]:
+    """One matrix's compressed delta and its dequantised value (what the model then carries).
+
+    ``vocab``: an embedding or output-head matrix (its own bit width); ``head``: the head's matrix;
+    ``as_linear``: calibrated like a linear layer, so pruned too (a vocabulary matrix calibrated as the head).
+    """
+    bits = cfg.bits
+    if vocab:
+        bits = (cfg.head_bits if head else None) or cfg.embedding_bits or cfg.bits
+    sparsity = cfg.pruning if as_linear else None
+    qm = prune_quantize(delta, hessian, bits=bits, group_size=cfg.group_size, sparsity=sparsity, prune=cfg.prune,
+                        damp=cfg.damp, block_size=cfg.block_size)
+    weight = DeltaZipWeight.from_quantized(qm.q, qm.scales, qm.keep, bits=bits, group_size=cfg.group_size,
+                                           layout=layout_of(qm, sparsity, bits))
+    return weight, qm.dequantize()
 
 
 def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
@@ -70,7 +89,7 @@ def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     head_matrix = ctx.extracted.tied.get(head, head)
     if cfg.embedding_method == "gptq" and head_matrix in deltas:
         as_linear[head_matrix] = head
-    _check_targets(cfg, deltas, set(as_linear))
+    check_targets(cfg, deltas, set(as_linear))
     calibrated = {m: n for n, m in as_linear.items()} if cfg.use_hessian else {}  # module → its delta
     batches: list[Batch] = []
     if calibrated:
@@ -90,18 +109,11 @@ def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     weights: dict[str, CompressedWeight] = {}
 
     def finish(name: str, hessian: torch.Tensor | None) -> None:
-        bits = cfg.bits
-        if name in vocab:
-            bits = (cfg.head_bits if name == head_matrix else None) or cfg.embedding_bits or cfg.bits
-        # A vocabulary matrix calibrated as the output head is an ordinary linear layer to GPTQ/OBS: pruned too.
-        sparsity = cfg.pruning if name in as_linear else None
-        qm = prune_quantize(deltas[name], hessian, bits=bits, group_size=cfg.group_size, sparsity=sparsity,
-                            prune=cfg.prune, damp=cfg.damp, block_size=cfg.block_size)
-        weights[name] = DeltaZipWeight.from_quantized(qm.q, qm.scales, qm.keep, bits=bits,
-                                                      group_size=cfg.group_size, layout=layout_of(qm, sparsity, bits))
+        weights[name], dequantized = quantize_delta(cfg, deltas[name], hessian, vocab=name in vocab,
+                                                    head=name == head_matrix, as_linear=name in as_linear)
         if work is not None:
             base = base_weights[name]
-            work.get_submodule(name).weight.data[: base.shape[0]] = (base.float() + qm.dequantize()).to(work.dtype)
+            work.get_submodule(name).weight.data[: base.shape[0]] = (base.float() + dequantized).to(work.dtype)
 
     def finish_group(modules: list[str], hessians: dict[str, torch.Tensor | None]) -> None:
         for module in modules:

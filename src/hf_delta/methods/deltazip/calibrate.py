@@ -23,7 +23,7 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the inputs it needed have been seen."""
 
 
-class _Hessian:
+class Hessian:
     """Running ``2 XᵀX / n`` over the real (unpadded) rows of a layer's inputs."""
 
     def __init__(self) -> None:
@@ -40,7 +40,7 @@ class _Hessian:
         self.h += x.T @ x
 
 
-def _real_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def real_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[mask.bool()] if x.shape[:-1] == mask.shape else x
 
 
@@ -112,12 +112,12 @@ class LayerCalibrator:
 
     def _hessians(self, names: list[str], run: Callable[[int], None]) -> dict[str, torch.Tensor | None]:
         """Run ``run(batch_index)`` over all batches with hooks collecting the inputs of ``names``."""
-        acc = {n: _Hessian() for n in names}
+        acc = {n: Hessian() for n in names}
         seen: set[str] = set()
         state = {"mask": None}
 
         def hook(module, args, name):
-            acc[name].add(_real_rows(args[0], state["mask"]))
+            acc[name].add(real_rows(args[0], state["mask"]))
             seen.add(name)
             if seen == set(names):
                 raise _Stop
