@@ -16,11 +16,23 @@
 # The small-zoo phases read the zoo from $HF_DELTA_ZOO (default ~/.cache/hf_delta/zoo; `hf-delta zoo build
 # --size small` makes it) and skip when it is missing. Results go to benchmarks/results/gpu/; with $OUT set
 # (the device tool), the logs and results are also packed into $OUT/gpu_check.tar.gz and a summary printed last.
+#
+# GPU_CHECK_DRY_RUN=1 runs every phase on the CPU at toy sizes (tests collected, not run; the micro zoo;
+# Triton's interpreter; results in the work dir): tests/test_gpu_check.py does, so a GPU session never finds
+# a broken script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-unset TRITON_INTERPRET  # the compiled kernels are what this checks
 export PYTHONUNBUFFERED=1
+if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then
+    DEVICE=cpu SIZE=micro REQUESTS=2 SYNTHETIC=tiny DELTAS_7B=2 KERNEL_MODE=--cpu-smoke
+    TEST_ARGS=(--collect-only -q)
+    export TRITON_INTERPRET=1
+else
+    DEVICE=cuda SIZE=small REQUESTS=32 SYNTHETIC=llama-7b KERNEL_MODE=--quick
+    TEST_ARGS=(-q -ra --durations=10)
+    unset TRITON_INTERPRET  # the compiled kernels are what this checks
+fi
 # The checkout's sources, installed or not (src/ and kernels/ together make the hf_delta package).
 export PYTHONPATH="$PWD/src:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 ALL_PHASES="tests engine coserve serve-small kernels serve-7b"
@@ -28,9 +40,10 @@ PHASES=${*:-$ALL_PHASES}
 for p in $PHASES; do
     case " $ALL_PHASES " in *" $p "*) ;; *) echo "gpu_check: unknown phase $p (phases: $ALL_PHASES)"; exit 2 ;; esac
 done
-RESULTS=benchmarks/results/gpu
 LOGS=$(mktemp -d)
 WORK=${HF_DELTA_BENCH_WORK:-${TMPDIR:-/tmp}/hf-delta-gpu-work}
+RESULTS=${GPU_CHECK_DRY_RUN:+$WORK/results}
+RESULTS=${RESULTS:-benchmarks/results/gpu}
 ZOO=${HF_DELTA_ZOO:-$HOME/.cache/hf_delta/zoo}
 mkdir -p "$RESULTS" "$WORK"
 SUMMARY="$LOGS/summary.txt"
@@ -38,7 +51,8 @@ SUMMARY="$LOGS/summary.txt"
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || nvidia-smi
     "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__,
-"| cuda", torch.version.cuda, "| triton", triton.__version__, "|", torch.cuda.get_device_name())'
+"| cuda", torch.version.cuda, "| triton", triton.__version__, "|",
+torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (dry run)")'
 } 2>&1 | tee "$LOGS/env.txt"
 
 # phase NAME SECONDS COMMAND...: run COMMAND under a time limit, log it, record its exit status and duration.
@@ -54,8 +68,8 @@ phase() {
 }
 
 has_small_zoo() {
-    if [ -f "$ZOO/small/zoo.json" ]; then return 0; fi
-    printf '%-12s skipped: no small zoo under %s\n' "$1" "$ZOO" | tee -a "$SUMMARY"
+    if [ -f "$ZOO/$SIZE/zoo.json" ]; then return 0; fi
+    printf '%-12s skipped: no %s zoo under %s\n' "$1" "$SIZE" "$ZOO" | tee -a "$SUMMARY"
     return 1
 }
 
@@ -64,30 +78,35 @@ for p in $PHASES; do
     tests)
         workers=()  # compile kernels in parallel where pytest-xdist is installed
         "$PY" -c 'import xdist' 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
-        phase tests "${LIMIT_TESTS:-200}" "$PY" -m pytest tests/kernels tests/test_layers.py -q -p no:cacheprovider \
-            -ra --durations=10 "${workers[@]}" ;;
+        phase tests "${LIMIT_TESTS:-200}" "$PY" -m pytest tests/kernels tests/test_layers.py -p no:cacheprovider \
+            "${TEST_ARGS[@]}" "${workers[@]}" ;;
     engine)
-        phase engine "${LIMIT_ENGINE:-120}" env HF_DELTA_TEST_DEVICE=cuda "$PY" -m pytest tests/serving/test_engine.py \
-            -q -p no:cacheprovider -ra ;;
+        phase engine "${LIMIT_ENGINE:-120}" env HF_DELTA_TEST_DEVICE=$DEVICE "$PY" -m pytest tests/serving/test_engine.py \
+            -p no:cacheprovider "${TEST_ARGS[@]}" ;;
     coserve)
         has_small_zoo coserve && phase coserve "${LIMIT_COSERVE:-120}" "$PY" -m hf_delta.cli -v bench coserve \
-            --size small --dir "$ZOO" --requests 32 --rate 2 --device cuda --out "$RESULTS" --work-dir "$WORK" ;;
+            --size "$SIZE" --dir "$ZOO" --requests "$REQUESTS" --rate 2 --device "$DEVICE" --out "$RESULTS" --work-dir "$WORK" ;;
     serve-small)
         has_small_zoo serve-small && phase serve-small "${LIMIT_SERVE_SMALL:-120}" "$PY" benchmarks/serve.py -v \
-            --size small --dir "$ZOO" --deltas 16 --systems engine,naive,merged --device cuda --load-repeats 3 --out "$RESULTS" --work-dir "$WORK" ;;
+            --size "$SIZE" --dir "$ZOO" --deltas "${DELTAS_7B:-16}" ${GPU_CHECK_DRY_RUN:+--requests "$REQUESTS"} \
+            --systems engine,naive,merged \
+            --device "$DEVICE" --load-repeats 3 --out "$RESULTS" --work-dir "$WORK" ;;
     kernels)
         # shellcheck disable=SC2086  # KERNEL_BENCH_ARGS is a list of flags
-        phase kernels "${LIMIT_KERNELS:-90}" "$PY" benchmarks/kernel_bench.py --quick ${KERNEL_BENCH_ARGS:-} ;;
+        phase kernels "${LIMIT_KERNELS:-90}" "$PY" benchmarks/kernel_bench.py $KERNEL_MODE \
+            ${GPU_CHECK_DRY_RUN:+--out-dir "$RESULTS"} ${KERNEL_BENCH_ARGS:-} ;;
     serve-7b)
-        phase serve-7b "${LIMIT_SERVE_7B:-300}" "$PY" benchmarks/serve.py -v --synthetic llama-7b --deltas "${DELTAS_7B:-16}" \
-            --popularity skewed --requests 32 --rate inf --max-tokens 32 --systems engine,naive \
-            --device-slots 16 --cpu-slots 16 --load-repeats 1 --out "$RESULTS" --work-dir "$WORK" ;;
+        phase serve-7b "${LIMIT_SERVE_7B:-300}" "$PY" benchmarks/serve.py -v --synthetic "$SYNTHETIC" \
+            --deltas "${DELTAS_7B:-16}" --popularity skewed --requests "$REQUESTS" --rate inf --max-tokens 32 \
+            --systems engine,naive --device "$DEVICE" --device-slots 16 --cpu-slots 16 --load-repeats 1 \
+            --out "$RESULTS" --work-dir "$WORK" ;;
     esac
 done
 
-find benchmarks/results -maxdepth 1 -name 'kernels-*' -newer "$LOGS/env.txt" -exec cp {} "$RESULTS"/ \;
+[ -z "${GPU_CHECK_DRY_RUN:-}" ] && find benchmarks/results -maxdepth 1 -name 'kernels-*' -newer "$LOGS/env.txt" \
+    -exec cp {} "$RESULTS"/ \;
 if [ -n "${OUT:-}" ]; then
-    tar czf "$OUT/gpu_check.tar.gz" -C "$LOGS" . -C "$PWD/benchmarks/results" gpu
+    tar czf "$OUT/gpu_check.tar.gz" -C "$LOGS" . -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
 fi
 echo "--- gpu_check summary (logs in $LOGS)"
 cat "$LOGS/env.txt" "$SUMMARY"
