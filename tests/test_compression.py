@@ -109,3 +109,20 @@ def test_deltazip_streams_layer_by_layer_to_the_same_delta(micro_zoo, name, capl
     assert a.keys() == b.keys()
     mismatched = [k for k in a if not torch.equal(a[k], b[k])]
     assert mismatched == []
+
+
+def test_settings_that_calibrate_accept_weights_only_checkpoints_and_log_the_refinement_loss(tmp_path, caplog):
+    # Neither checkpoint has tokenizer files: the in-memory path used to fail loading the base's tokenizer.
+    from hf_delta import DeltaZipConfig
+    from hf_delta.bench.scale import calibration_texts
+    from hf_delta.bench.scale_pair import write_pair
+    from hf_delta.bench.synthetic import word_tokenizer
+
+    base, finetuned = write_pair(tmp_path, "tiny")
+    calib = {"calibration": calibration_texts(512, 2, 16), "tokenizer": word_tokenizer(512)}
+    delta = compress_delta(base, finetuned, DeltaZipConfig(bits=4, calibration_samples=2), progress=False, **calib)
+    assert delta.weights and "tokenizer.json" in delta.files  # the tokenizer given travels, as when streaming
+    with caplog.at_level("INFO", logger="hf_delta.compression"):
+        compress_delta(base, finetuned, BitDeltaConfig(distill_steps=3, distill_samples=2), progress=False, **calib)
+    (losses,) = [r.refine_losses for r in caplog.records if hasattr(r, "refine_losses")]
+    assert len(losses) == 3

@@ -101,3 +101,44 @@ def add_bench_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibration texts: the fine-tune's training split, or sampled from it (data-free)")
     parser.add_argument("--merge", action="store_true",
                         help="keep rows of other settings already in the results file (run a long grid in parts)")
+
+
+SCALE_SIZES = ("tiny", "0.1b", "0.85b", "7b")  # hf_delta.bench.scale_pair.SHAPES (not imported: it loads torch)
+SCALE_METHODS = ("bitdelta", "lowrank", "deltazip", "bitdelta-distill", "load")
+
+
+def _choices(allowed: tuple[str, ...]):
+    def parse(value: str) -> list[str]:
+        words = _words(value)
+        bad = [w for w in words if w not in allowed]
+        if bad or not words:
+            raise argparse.ArgumentTypeError(f"{value!r}: expected a comma-separated subset of {','.join(allowed)}")
+        return words
+
+    return parse
+
+
+def add_bench_scale_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``hf-delta bench scale``."""
+    import tempfile
+
+    parser.add_argument("--sizes", type=_choices(SCALE_SIZES), default=["0.85b"],
+                        help=f"synthetic Llama shapes, comma-separated ({','.join(SCALE_SIZES)})")
+    parser.add_argument("--methods", type=_choices(SCALE_METHODS), default=list(SCALE_METHODS),
+                        help="measurements, comma-separated: compression methods and 'load' (N 1-bit deltas on "
+                             "the base + generate)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (then torch.cuda.max_memory_allocated too)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
+    parser.add_argument("--rank", type=int, default=16, help="low-rank: singular values kept per matrix")
+    parser.add_argument("--calibration", type=int, default=32, help="DeltaZip: calibration sequences")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
+    parser.add_argument("--distill-steps", type=int, default=5, help="BitDelta distillation: Adam steps")
+    parser.add_argument("--distill-batch", type=int, default=1, help="BitDelta distillation: sequences per step")
+    parser.add_argument("--deltas", type=int, default=4, help="load: 1-bit deltas put on the base")
+    parser.add_argument("--new-tokens", type=int, default=4, help="load: tokens generated per row")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic pair")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="shapes, bytes and the memory check only; writes no checkpoint")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "hf-delta-scale"),
+                        help="where the synthetic checkpoints and deltas are kept (reused across runs)")

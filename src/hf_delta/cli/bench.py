@@ -1,4 +1,4 @@
-"""``hf-delta bench fidelity|serve|ray|coserve``: benchmarks that write JSON + Markdown under benchmarks/results."""
+"""``hf-delta bench fidelity|serve|ray|coserve|scale``: benchmarks writing JSON + Markdown under benchmarks/results."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from ..bench.options import (
     add_bench_coserve_arguments,
     add_bench_fidelity_arguments,
     add_bench_ray_arguments,
+    add_bench_scale_arguments,
     add_bench_serve_arguments,
 )
 
@@ -39,6 +40,12 @@ def _coserve(args: argparse.Namespace) -> int:
     return bench_coserve_main(args, command=args.command_line)
 
 
+def _scale(args: argparse.Namespace) -> int:
+    from ..bench.scale import bench_scale_main
+
+    return bench_scale_main(args, command=args.command_line)
+
+
 def register(sub) -> None:
     """Add ``bench`` and its subcommands to the ``hf-delta`` subcommands."""
     bench = sub.add_parser("bench", help="benchmarks that write JSON + Markdown under benchmarks/results")
@@ -52,6 +59,8 @@ def register(sub) -> None:
          "engine replicas on Ray Serve: 1 vs 2 replicas, delta affinity on/off"),
         ("coserve", add_bench_coserve_arguments, _coserve,
          "LoRA fine-tuning co-served with inference vs alone / turn-taking"),
+        ("scale", add_bench_scale_arguments, _scale,
+         "compression and loading at real sizes (synthetic 0.85B / 7B Llama checkpoints): RSS, time, ratio, error"),
     ):
         parser = bench_sub.add_parser(name, help=help_text)
         add_arguments(parser)

@@ -59,13 +59,21 @@ def _carried_files(base_tok, ft_tok, base_gen: GenerationConfig, ft_gen: Generat
     return files
 
 
-def _tokenizer_or_none(folder: Path) -> PreTrainedTokenizerBase | None:
+def _tokenizer_or_none(folder: str | Path, revision: str | None = None) -> PreTrainedTokenizerBase | None:
     """The folder's tokenizer; a checkpoint without one (weights only) carries no tokenizer files."""
     try:
-        return load_tokenizer(folder)
+        return load_tokenizer(folder, revision=revision)
     except ModelLoadError:
         logger.info("No tokenizer in %s: the delta carries no tokenizer files", folder)
         return None
+
+
+def _refine(method: DeltaMethod, model: DeltaModel, ctx: CompressionContext) -> None:
+    """Run the method's refinement (BitDelta: scale distillation) and log its loss history."""
+    losses = method.refine(model, ctx)
+    if losses:
+        logger.info("%s refinement: loss %.6g -> %.6g over %d steps", ctx.config.method, losses[0], losses[-1],
+                    len(losses), extra={"refine_losses": list(losses)})
 
 
 def _record(base: str | Path | PreTrainedModel, base_revision: str | None, fingerprint: dict,
@@ -127,7 +135,7 @@ def _stream(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibrati
     ctx = CompressionContext(None, None, tokenizer, extracted, config, calibration, progress, teacher=teacher)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        method.refine(model, ctx)
+        _refine(method, model, ctx)
     return model
 
 
@@ -138,7 +146,8 @@ def _in_memory(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibr
     ft_model = load_model(finetuned, revision=revision, **hub)
     if tokenizer is None and not isinstance(finetuned, PreTrainedModel):
         tokenizer = load_tokenizer(finetuned, revision=revision)
-    base_tok = None if isinstance(base, PreTrainedModel) else load_tokenizer(base, revision=base_revision)
+    # A base without tokenizer files (weights only) is compared as "no tokenizer", as when streaming.
+    base_tok = None if isinstance(base, PreTrainedModel) else _tokenizer_or_none(base, base_revision)
     extracted = extract_delta(base_model, ft_model, target_modules=config.target_modules,
                               compress_embeddings=config.compress_embeddings)
     record = _record(base, base_revision, base_fingerprint(base_model), base_model.config._name_or_path)
@@ -152,7 +161,7 @@ def _in_memory(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibr
     model = DeltaModel(base_model)
     model.add_delta("default", delta)
     if method.refine is not None:
-        method.refine(model, ctx)
+        _refine(method, model, ctx)
     return model
 
 
