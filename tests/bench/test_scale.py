@@ -21,7 +21,7 @@ CASES = {
     "bitdelta-streamed": (BitDeltaConfig(distill_steps=0), True),
     "lowrank-streamed": (LowRankConfig(rank=16), True),
     "deltazip-4bit-2:4": (DeltaZipConfig(bits=4, sparsity="2:4", calibration_samples=2, calibration_seq_len=32),
-                          False),
+                          True),  # layer by layer, calibrated
 }
 
 
@@ -63,7 +63,7 @@ def test_real_shapes_compress_load_and_mixed_batch(case, pair_01b, reference_log
     base, finetuned = pair_01b
     config, streams = CASES[case]
     kwargs = {}
-    if not streams:
+    if isinstance(config, DeltaZipConfig):
         kwargs = {"calibration": calibration_texts(32000, 2, 32), "tokenizer": word_tokenizer(32000)}
     with caplog.at_level("INFO", logger="hf_delta.compression"):
         delta = compress_delta(base, finetuned, config, progress=False, **kwargs)
