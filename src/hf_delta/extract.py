@@ -127,6 +127,13 @@ def pair_layout(base: PreTrainedModel, finetuned: PreTrainedModel, *, target_mod
     return layout, out
 
 
+def _difference(f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``f − b`` in float32 with one float32 temporary (16-bit inputs are cast element by element)."""
+    delta = f.to(torch.float32, copy=True)
+    delta -= b
+    return delta
+
+
 def split_tensor(layout: PairLayout, name: str, b: torch.Tensor, f: torch.Tensor,
                  out: ExtractedDelta) -> tuple[str, torch.Tensor] | None:
     """File one parameter of the pair: exact tensors and new vocabulary rows go into ``out``; a matrix to
@@ -143,14 +150,14 @@ def split_tensor(layout: PairLayout, name: str, b: torch.Tensor, f: torch.Tensor
         out.kinds[module] = "embedding" if module == layout.embed else "linear"
         if f.shape[0] > b.shape[0]:
             out.new_rows[module] = f[b.shape[0] :].detach().clone()
-        return module, f[: b.shape[0]].float() - b.float()
+        return module, _difference(f[: b.shape[0]], b)
     if f.shape != b.shape:
         raise ArchitectureMismatchError(
             f"{name}: base shape {tuple(b.shape)} vs fine-tune {tuple(f.shape)}; these models do not pair."
         )
     if module in layout.targets and leaf == "weight":
         out.kinds[module] = "linear"
-        return module, f.float() - b.float()
+        return module, _difference(f, b)
     if f.is_floating_point() and not torch.equal(f, b):
         out.exact[name] = f.detach().clone()
     return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -236,3 +238,22 @@ def test_compress_is_deterministic_with_a_seed(micro_zoo):
         assert torch.equal(scales, runs[1][m]), m
         changed += not torch.equal(scales, initial.get_delta("default").weights[m].scales)
     assert changed == len(runs[0])  # distillation did run
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("passes", [1, 3])
+def test_from_delta_in_row_chunks_equals_the_whole_matrix_and_leaves_the_input_alone(monkeypatch, per_row, passes):
+    import hf_delta.methods.bitdelta as bitdelta
+
+    delta = torch.randn(37, 29, generator=torch.Generator().manual_seed(0)) * 1e-3
+    before = delta.clone()
+    whole = BitDeltaWeight.from_delta(delta, per_row=per_row, passes=passes)
+    monkeypatch.setattr(bitdelta, "_CHUNK_VALUES", 3 * 29 + 5)  # 3 rows a chunk, the last one short
+    chunked = BitDeltaWeight.from_delta(delta, per_row=per_row, passes=passes)
+    assert torch.equal(delta, before)
+    assert torch.equal(chunked.signs, whole.signs)
+    torch.testing.assert_close(chunked.scales, whole.scales, rtol=1e-6, atol=0)
+    # the residual passes fit what the earlier ones left: each pass shrinks the error
+    errors = [(delta - BitDeltaWeight(delta.shape, whole.signs[: p + 1], whole.scales[: p + 1]).to_dense()).norm()
+              for p in range(passes)]
+    assert all(b < a for a, b in itertools.pairwise(errors))

@@ -20,6 +20,7 @@ from ..extract import ExtractedDelta, pair_layout, split_tensor
 from ..methods.base import CompressedWeight
 from ..methods.deltazip import DeltaZipConfig, check_targets, quantize_delta
 from ..methods.deltazip.calibrate import Hessian, real_rows
+from ..utils.memory import release_freed_memory
 from .layerwise import LayerwiseModel
 from .streaming import StreamedPair, _read
 
@@ -127,5 +128,6 @@ def stream_deltazip(pair: StreamedPair, ft_folder, config: DeltaZipConfig, batch
                                                                 head=False, as_linear=True)
                     layer.get_submodule(name[len(prefix) + 1:]).weight.data.copy_(b_w + dequantized)
             hidden = [run(b) for b in range(len(batches))]
+        release_freed_memory()
     order = [n.rpartition(".")[0] for n in state if n.rpartition(".")[0] in weights]
     return out, {n: weights[n] for n in dict.fromkeys(order)}

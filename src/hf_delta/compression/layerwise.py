@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from ..calibration import Batch
 from ..utils.checkpoint import Checkpoint
 from ..utils.logits import softcap_logits
+from ..utils.memory import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class LayerwiseModel:
         for i in tqdm(range(len(self.layers)), desc="teacher: layers", disable=not progress, leave=False):
             with self.layer(i) as layer:
                 hidden = [self.call_layer(layer, hidden[b], inputs[b]) for b in range(len(inputs))]
+            release_freed_memory()
         norm = getattr(self.model.get_decoder(), "norm", None)
         return [norm(h) if norm is not None else h for h in hidden]
 

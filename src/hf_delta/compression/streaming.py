@@ -22,6 +22,7 @@ from ..extract import ExtractedDelta, pair_layout, split_tensor
 from ..fingerprint import base_fingerprint
 from ..methods.base import CompressedWeight, DeltaMethod
 from ..utils.checkpoint import Checkpoint
+from ..utils.memory import release_freed_memory
 from .memory import STREAM_BYTES_PER_VALUE, check_fits
 
 logger = logging.getLogger(__name__)
@@ -75,17 +76,27 @@ def _tied_head(model: PreTrainedModel, name: str) -> bool:
         and model.get_submodule(name.rpartition(".")[0]) is head
 
 
-def _read(ckpt: Checkpoint, model: PreTrainedModel, name: str) -> torch.Tensor:
-    """A parameter's tensor in float32 for floating types (as the model loaded in float32 holds it)."""
+def _read(ckpt: Checkpoint, model: PreTrainedModel, name: str, *, as_float: bool = True) -> torch.Tensor:
+    """A parameter's tensor, floating ones in float32 (as the model loaded in float32 holds them) unless
+    ``as_float=False`` keeps the checkpoint's dtype (a large matrix whose float32 delta is taken next)."""
     if name not in ckpt and _tied_head(model, name):
         name = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
     t = ckpt.get(name)
-    return t.float() if t.is_floating_point() else t
+    return t.float() if as_float and t.is_floating_point() else t
+
+
+def _as_float(tensors: dict[str, torch.Tensor], before: set[str]) -> None:
+    """Entries added since ``before`` in float32, as the in-memory path stores them."""
+    for key in set(tensors) - before:
+        if tensors[key].is_floating_point():
+            tensors[key] = tensors[key].float()
 
 
 def fingerprint(pair: StreamedPair) -> dict:
     """The base's fingerprint, as the loaded model's would be, from ``pair.base_ckpt``."""
-    return base_fingerprint(pair.base, read=lambda name: _read(pair.base_ckpt, pair.base, name))
+    found = base_fingerprint(pair.base, read=lambda name: _read(pair.base_ckpt, pair.base, name))
+    release_freed_memory()
+    return found
 
 
 def stream_compress(pair: StreamedPair, method: DeltaMethod, config: DeltaConfig, *,
@@ -101,9 +112,14 @@ def stream_compress(pair: StreamedPair, method: DeltaMethod, config: DeltaConfig
     weights: dict[str, CompressedWeight] = {}
     bar = tqdm(names, desc=f"{config.method}: streaming", unit="tensor", disable=not progress)
     for name in bar:
-        b = _read(pair.base_ckpt, pair.base, name)
-        f = _read(pair.ft_ckpt, pair.finetuned, name)
+        module, _, leaf = name.rpartition(".")
+        large = leaf == "weight" and (module in layout.targets or module in layout.vocab_modules)
+        b = _read(pair.base_ckpt, pair.base, name, as_float=not large)
+        f = _read(pair.ft_ckpt, pair.finetuned, name, as_float=not large)
+        exact, new_rows = set(out.exact), set(out.new_rows)
         found = split_tensor(layout, name, b, f, out)
+        _as_float(out.exact, exact)
+        _as_float(out.new_rows, new_rows)
         del b, f
         if found is None:
             continue
@@ -111,4 +127,5 @@ def stream_compress(pair: StreamedPair, method: DeltaMethod, config: DeltaConfig
         weight = method.compress_matrix(delta.to(device), out.kinds[module], config)
         weights[module] = weight.moved_to("cpu")
         del delta
+        release_freed_memory()
     return out, weights

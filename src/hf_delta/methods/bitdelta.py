@@ -21,6 +21,8 @@ from ._dispatch import IdentityCache, kernels_forced, stacked_slots, use_kernels
 from .base import CompressedWeight, CompressionContext, DeltaMethod
 from .registry import register_delta_method
 
+_CHUNK_VALUES = 1 << 22  # values of the delta processed at once by from_delta
+
 
 class BitDeltaWeight(CompressedWeight):
     """Packed signs ``[passes, out, ceil(in / 8)]`` (uint8) and fp32 scales ``[passes, out or 1]``."""
@@ -38,17 +40,33 @@ class BitDeltaWeight(CompressedWeight):
 
     @classmethod
     def from_delta(cls, delta: torch.Tensor, *, per_row: bool = False, passes: int = 1) -> BitDeltaWeight:
-        """Compress a dense ``[out, in]`` delta with ``passes`` sign masks (1 = plain BitDelta)."""
-        residual = delta.float()
-        signs, scales = [], []
-        for _ in range(passes):
-            positive = residual >= 0
-            mag = residual.abs()
-            scale = mag.mean(dim=1) if per_row else mag.mean().reshape(1)
-            signs.append(pack_1bit_u8(positive))
-            scales.append(scale)
-            residual = residual - scale.unsqueeze(-1) * (positive.float() * 2 - 1)
-        return cls(tuple(delta.shape), torch.stack(signs), torch.stack(scales))
+        """Compress a dense ``[out, in]`` delta with ``passes`` sign masks (1 = plain BitDelta).
+
+        Rows are processed in chunks of about ``_CHUNK_VALUES`` values, so the float32 work of a 32000-row
+        vocabulary matrix stays a few tens of MB instead of several times the matrix (a 7B model's head).
+        """
+        out_f, in_f = delta.shape
+        step = max(1, _CHUNK_VALUES // max(in_f, 1))
+        chunks = [slice(r, min(r + step, out_f)) for r in range(0, out_f, step)]
+        signs = torch.empty(passes, out_f, packed_width(in_f, 1), dtype=torch.uint8, device=delta.device)
+        scales = torch.empty(passes, out_f if per_row else 1, dtype=torch.float32, device=delta.device)
+        for p in range(passes):
+            total = torch.zeros((), dtype=torch.float64, device=delta.device)
+            for rows in chunks:
+                # This pass's residual: the delta minus what the earlier passes already represent.
+                residual = delta[rows].to(torch.float32, copy=True)  # worked on in place below
+                for q in range(p):
+                    scale = scales[q, rows] if per_row else scales[q]
+                    residual -= scale.unsqueeze(-1) * unpack_signs(signs[q, rows], in_f)
+                signs[p, rows] = pack_1bit_u8(residual >= 0)
+                mag = residual.abs_()
+                if per_row:
+                    scales[p, rows] = mag.mean(dim=1)
+                else:
+                    total += mag.sum(dtype=torch.float64)
+            if not per_row:
+                scales[p] = (total / max(delta.numel(), 1)).float()
+        return cls(tuple(delta.shape), signs, scales)
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out = torch.zeros(self.shape, dtype=torch.float32, device=self.signs.device)
