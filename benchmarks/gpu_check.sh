@@ -9,6 +9,8 @@
 #   serve-small  hf-delta bench serve on the small zoo, 16 deltas (engine, naive swapping, merged, PEFT loop)
 #   kernels      benchmarks/kernel_bench.py --quick (every delta format in one table; KERNEL_BENCH_ARGS adds flags)
 #   serve-7b     hf-delta bench serve on Llama-7B-shaped random weights with synthetic deltas
+#   scale-7b     hf-delta bench scale: BitDelta with 200 distillation steps on the Llama-2-7B-shaped pair (peak GPU
+#                memory, time; the pair is written to $HF_DELTA_BENCH_WORK first, ~27 GB)
 #
 #   bash benchmarks/gpu_check.sh                      # every phase, in that order
 #   bash benchmarks/gpu_check.sh tests engine         # some phases
@@ -25,17 +27,17 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then
-    DEVICE=cpu SIZE=micro REQUESTS=2 SYNTHETIC=tiny DELTAS_7B=2 KERNEL_MODE=--cpu-smoke
+    DEVICE=cpu SIZE=micro REQUESTS=2 SYNTHETIC=tiny DELTAS_7B=2 KERNEL_MODE=--cpu-smoke SCALE_SIZE=tiny DISTILL_STEPS=2
     TEST_ARGS=(--collect-only -q)
     export TRITON_INTERPRET=1
 else
-    DEVICE=cuda SIZE=small REQUESTS=32 SYNTHETIC=llama-7b KERNEL_MODE=--quick
+    DEVICE=cuda SIZE=small REQUESTS=32 SYNTHETIC=llama-7b KERNEL_MODE=--quick SCALE_SIZE=7b DISTILL_STEPS=200
     TEST_ARGS=(-q -ra --durations=10)
     unset TRITON_INTERPRET  # the compiled kernels are what this checks
 fi
 # The checkout's sources, installed or not (src/ and kernels/ together make the hf_delta package).
 export PYTHONPATH="$PWD/src:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
-ALL_PHASES="tests engine coserve serve-small kernels serve-7b"
+ALL_PHASES="tests engine coserve serve-small kernels serve-7b scale-7b"
 PHASES=${*:-$ALL_PHASES}
 for p in $PHASES; do
     case " $ALL_PHASES " in *" $p "*) ;; *) echo "gpu_check: unknown phase $p (phases: $ALL_PHASES)"; exit 2 ;; esac
@@ -100,6 +102,10 @@ for p in $PHASES; do
             --deltas "${DELTAS_7B:-16}" --popularity skewed --requests "$REQUESTS" --rate inf --max-tokens 32 \
             --systems engine,naive --device "$DEVICE" --device-slots 16 --cpu-slots 16 --load-repeats 1 \
             --out "$RESULTS" --work-dir "$WORK" ;;
+    scale-7b)
+        phase scale-7b "${LIMIT_SCALE_7B:-420}" "$PY" -m hf_delta.cli bench scale --sizes "$SCALE_SIZE" \
+            --methods bitdelta-distill --distill-steps "$DISTILL_STEPS" --device "$DEVICE" --out "$RESULTS" \
+            --work-dir "$WORK" ;;
     esac
 done
 
