@@ -11,6 +11,7 @@ from hf_delta import BitDeltaConfig, CompressionContext, DeltaModel, compress
 from hf_delta.errors import DeltaConfigError
 from hf_delta.extract import extract_delta
 from hf_delta.methods.bitdelta import BitDeltaWeight, compress_bitdelta, distill_scales
+from hf_delta.packing import unpack_signs
 from hf_delta.storage import Delta
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -257,3 +258,22 @@ def test_from_delta_in_row_chunks_equals_the_whole_matrix_and_leaves_the_input_a
     errors = [(delta - BitDeltaWeight(delta.shape, whole.signs[: p + 1], whole.scales[: p + 1]).to_dense()).norm()
               for p in range(passes)]
     assert all(b < a for a, b in itertools.pairwise(errors))
+
+
+def test_the_sign_matmul_under_autograd_keeps_only_packed_signs_and_gives_the_same_gradients():
+    gen = torch.Generator().manual_seed(0)
+    weight = BitDeltaWeight.from_delta(torch.randn(24, 40, generator=gen), per_row=True, passes=2)
+    weight.scales = torch.nn.Parameter(weight.scales.clone())
+    x = torch.randn(5, 40, generator=gen, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = weight.apply(x)
+    assert not any(t.shape == (24, 40) for t in saved)  # no dense ±1 matrix kept for the backward
+    (y ** 2).sum().backward()
+    # reference: the dense maths with plain autograd
+    x_ref = x.detach().clone().requires_grad_()
+    scales = weight.scales.detach().clone().requires_grad_()
+    dense = sum(scales[p].unsqueeze(-1) * unpack_signs(weight.signs[p], 40) for p in range(2))
+    ((x_ref @ dense.T) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)  # same maths, other summation order
+    torch.testing.assert_close(weight.scales.grad, scales.grad, rtol=1e-4, atol=1e-4)

@@ -24,6 +24,21 @@ from .registry import register_delta_method
 _CHUNK_VALUES = 1 << 22  # values of the delta processed at once by from_delta
 
 
+class _SignMatmul(torch.autograd.Function):
+    """``x @ unpack(signs)ᵀ`` whose backward unpacks the signs again rather than saving the dense ±1 matrix."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, signs: torch.Tensor, in_features: int) -> torch.Tensor:
+        ctx.save_for_backward(signs)
+        ctx.in_features = in_features
+        return x @ unpack_signs(signs, in_features, x.dtype).T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (signs,) = ctx.saved_tensors
+        return grad @ unpack_signs(signs, ctx.in_features, grad.dtype), None, None
+
+
 class BitDeltaWeight(CompressedWeight):
     """Packed signs ``[passes, out, ceil(in / 8)]`` (uint8) and fp32 scales ``[passes, out or 1]``."""
 
@@ -83,9 +98,14 @@ class BitDeltaWeight(CompressedWeight):
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         # Scale after the matmul: x @ signᵀ is exact in the activation dtype's accumulation, then one multiply.
+        # Under autograd (scale distillation) the ±1 matrix is re-unpacked in the backward instead of being
+        # kept for it: a 7B model would otherwise hold every layer's dense sign matrix until the backward.
+        grad = torch.is_grad_enabled() and x.requires_grad
         out = None
         for p in range(self.passes):
-            y = (x @ unpack_signs(self.signs[p], self.shape[1], x.dtype).T) * self.scales[p].to(x.dtype)
+            signs = _SignMatmul.apply(x, self.signs[p], self.shape[1]) if grad else \
+                x @ unpack_signs(self.signs[p], self.shape[1], x.dtype).T
+            y = signs * self.scales[p].to(x.dtype)
             out = y if out is None else out + y
         return out
 
