@@ -22,7 +22,7 @@ from ..methods.deltazip import DeltaZipConfig, check_targets, quantize_delta
 from ..methods.deltazip.calibrate import Hessian, real_rows
 from ..utils.memory import release_freed_memory
 from .layerwise import LayerwiseModel
-from .streaming import StreamedPair, _read
+from .streaming import StreamedPair, _as_float, _read
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +97,24 @@ def stream_deltazip(pair: StreamedPair, ft_folder, config: DeltaZipConfig, batch
     # written into the calibration model as base + compressed delta, as the in-memory path does first).
     linear = {f"{t}.weight" for t in layout.targets}
     for name in [n for n in state if not layout.skips(n) and n not in linear]:
-        found = split_tensor(layout, name, _read(pair.base_ckpt, pair.base, name),
-                             _read(pair.ft_ckpt, pair.finetuned, name), out)
+        large = name.rpartition(".")[0] in layout.vocab_modules  # read in its own dtype; its delta is fp32
+        exact, new_rows = set(out.exact), set(out.new_rows)
+        found = split_tensor(layout, name, _read(pair.base_ckpt, pair.base, name, as_float=not large),
+                             _read(pair.ft_ckpt, pair.finetuned, name, as_float=not large), out)
+        _as_float(out.exact, exact)
+        _as_float(out.new_rows, new_rows)
         if found is None:
             continue
         module, delta = found  # a vocabulary matrix: the only kind split_tensor returns here
         weights[module], dequantized = quantize_delta(config, delta, None, vocab=True, head=module == head_matrix,
                                                       as_linear=False)
+        del delta
         target = model.model.get_submodule(module).weight
-        target.data[: delta.shape[0]] = base_weight(module)[: delta.shape[0]] + dequantized
+        rows = dequantized.shape[0]
+        target.data[:rows] = base_weight(module)[:rows]
+        target.data[:rows] += dequantized
+        del dequantized
+        release_freed_memory()
     inputs = [model.first_layer_inputs(b) for b in batches]
     hidden = [h for h, _, _ in inputs]
     masks = [mask for _, mask in batches]
@@ -127,6 +136,7 @@ def stream_deltazip(pair: StreamedPair, ft_folder, config: DeltaZipConfig, batch
                     weights[name], dequantized = quantize_delta(config, f_w - b_w, hessians[name], vocab=False,
                                                                 head=False, as_linear=True)
                     layer.get_submodule(name[len(prefix) + 1:]).weight.data.copy_(b_w + dequantized)
+                release_freed_memory()
             hidden = [run(b) for b in range(len(batches))]
         release_freed_memory()
     order = [n.rpartition(".")[0] for n in state if n.rpartition(".")[0] in weights]
