@@ -130,6 +130,7 @@ def _stream(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibrati
     def teacher(batches: list[Batch]) -> Callable[[int], torch.Tensor]:
         finetune = layerwise.LayerwiseModel(ft_folder, ckpt=pair.ft_ckpt)
         hidden = finetune.final_hidden(batches, progress=progress)
+        finetune.keep_head_only()
         return lambda i: finetune.logits(hidden[i])
 
     ctx = CompressionContext(None, None, tokenizer, extracted, config, calibration, progress, teacher=teacher)

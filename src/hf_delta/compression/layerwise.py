@@ -143,6 +143,17 @@ class LayerwiseModel:
         norm = getattr(self.model.get_decoder(), "norm", None)
         return [norm(h) if norm is not None else h for h in hidden]
 
+    def keep_head_only(self) -> None:
+        """Drop every loaded weight but the output head's (all that ``logits`` needs once hidden states exist)."""
+        head = self.model.get_output_embeddings()
+        keep = {id(p) for p in head.parameters()}
+        for module in self.model.modules():
+            for leaf, param in list(module._parameters.items()):
+                if param is not None and id(param) not in keep and param.device.type != "meta":
+                    module._parameters[leaf] = nn.Parameter(
+                        torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
+        release_freed_memory()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits (float32) from ``final_hidden``'s output: the head and any soft-capping."""
         return softcap_logits(self.model.get_output_embeddings()(hidden), self.model.config).float()

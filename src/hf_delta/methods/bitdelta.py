@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaFormatError
 from ..packing import pack_1bit_u8, packed_width, unpack_signs
+from ..utils.memory import release_freed_memory
 from ._dispatch import IdentityCache, kernels_forced, stacked_slots, use_kernels
 from .base import CompressedWeight, CompressionContext, DeltaMethod
 from .registry import register_delta_method
@@ -268,7 +269,8 @@ def compress_bitdelta(ctx: CompressionContext) -> dict[str, CompressedWeight]:
 
 
 def _checksum(tensors) -> float:
-    return float(sum(t.detach().double().sum() for t in tensors))
+    """Sum of every value in float64, a chunk at a time (no float64 copy of a whole vocabulary matrix)."""
+    return float(sum(chunk.double().sum() for t in tensors for chunk in t.detach().reshape(-1).split(_CHUNK_VALUES)))
 
 
 def distill_scales(model: nn.Module, ctx: CompressionContext) -> list[float]:
@@ -307,6 +309,7 @@ def distill_scales(model: nn.Module, ctx: CompressionContext) -> list[float]:
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            release_freed_memory()  # each step unpacks every layer's signs: keep the heap from growing
     finally:
         for w in weights:
             w.scales = w.scales.detach()
