@@ -316,15 +316,15 @@ def test_unknown_config_keys_warn_but_load(chat_folder, caplog):
 # ---------------------------------------------------------------------------------------- atomic saves
 def _failing_save_file(monkeypatch, after: int) -> list[str]:
     written: list[str] = []
-    real = storage.save_file
+    real = storage.write_safetensors
 
-    def save_file(tensors, filename, metadata=None):
+    def write_safetensors(filename, tensors, metadata=None):
         if len(written) >= after:
             raise OSError("disk full (simulated)")
-        real(tensors, filename, metadata=metadata)
+        real(filename, tensors, metadata=metadata)
         written.append(str(filename))
 
-    monkeypatch.setattr(storage, "save_file", save_file)
+    monkeypatch.setattr(storage, "write_safetensors", write_safetensors)
     return written
 
 

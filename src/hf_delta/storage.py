@@ -20,12 +20,13 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .config import CONFIG_NAME, FORMAT_VERSION, CompressionRecord, DeltaConfig
 from .errors import DeltaFormatError
 from .methods import get_method, weight_class_for
 from .methods.base import CompressedWeight
+from .utils.checkpoint import write_safetensors
 from .utils.io import atomic_directory, atomic_write_text
 from .utils.sizes import tensor_bytes
 
@@ -96,7 +97,7 @@ class Delta:
         )
         with atomic_directory(folder) as tmp:
             for filename, names in split.filename_to_tensors.items():
-                save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+                write_safetensors(tmp / filename, {n: tensors[n] for n in names}, metadata={"format": "pt"})
             if split.is_sharded:
                 index = {"metadata": {"total_size": tensor_bytes(tensors.values())},
                          "weight_map": split.tensor_to_filename}
