@@ -19,7 +19,7 @@ from ..calibration import Batch
 from ..extract import ExtractedDelta, pair_layout, split_tensor
 from ..methods.base import CompressedWeight
 from ..methods.deltazip import DeltaZipConfig, check_targets, quantize_delta
-from ..methods.deltazip.calibrate import Hessian, real_rows
+from ..methods.deltazip.calibrate import Hessian, call_groups, real_rows
 from ..utils.memory import release_freed_memory
 from .layerwise import LayerwiseModel
 from .streaming import StreamedPair, _as_float, _read
@@ -33,30 +33,12 @@ def supports(config: DeltaZipConfig) -> bool:
 
 
 def _groups(layer: torch.nn.Module, prefix: str, targets: list[str], run) -> list[list[str]]:
-    """The layer's targets in call order, those fed the very same input tensor grouped (q/k/v, gate/up)."""
-    calls: list[tuple[str, torch.Tensor]] = []
-    hooks = [layer.get_submodule(n[len(prefix) + 1:]).register_forward_pre_hook(
-        lambda _m, a, n=n: calls.append((n, a[0]))) for n in targets]
-    try:
-        run()
-    finally:
-        for h in hooks:
-            h.remove()
-    groups: list[list[str]] = []
-    seen, prev = set(), None
-    for name, x in calls:
-        if name in seen:
-            continue
-        seen.add(name)
-        if prev is not None and x is prev:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        prev = x
-    unused = [n for n in targets if n not in seen]
-    if unused:
-        groups.append(unused)  # never called: compressed without calibration, as the in-memory path does
-    return groups
+    """The layer's targets grouped by shared input, in call order; any never called last (compressed without
+    calibration, as the in-memory path does)."""
+    groups = call_groups({n: layer.get_submodule(n[len(prefix) + 1:]) for n in targets}, run)
+    called = {n for g in groups for n in g}
+    unused = [n for n in targets if n not in called]
+    return [*groups, unused] if unused else groups
 
 
 def _hessians(layer: torch.nn.Module, prefix: str, group: list[str], run, masks: list[torch.Tensor]

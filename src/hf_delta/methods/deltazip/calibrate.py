@@ -63,6 +63,31 @@ def _call_layer(layer: nn.Module, hidden: torch.Tensor, rest: tuple | None, kwar
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def call_groups(modules: dict[str, nn.Module], run: Callable[[], object]) -> list[list[str]]:
+    """The ``modules`` that ``run()`` calls, in call order, consecutive ones fed the very same input tensor
+    grouped (q/k/v, gate/up): each group gets one Hessian of that shared input."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: calls.append((n, a[0]))) for n, m in modules.items()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    prev = None
+    for name, x in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if prev is not None and x is prev:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        prev = x
+    return groups
+
+
 class LayerCalibrator:
     """Walks the target modules of ``model`` in forward order, one group of modules sharing an input at a time.
 
@@ -83,27 +108,9 @@ class LayerCalibrator:
 
     def groups(self) -> list[list[str]]:
         """Targets in call order, consecutive ones fed the very same input tensor grouped (q/k/v, gate/up)."""
-        calls: list[tuple[str, torch.Tensor]] = []
-        hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: calls.append((n, a[0])))
-                 for n, m in self.modules.items()]
-        try:
-            self._forward(self.batches[0])
-        finally:
-            for h in hooks:
-                h.remove()
-        groups: list[list[str]] = []
-        seen: set[str] = set()
-        prev = None
-        for name, x in calls:
-            if name in seen:
-                continue
-            seen.add(name)
-            if prev is not None and x is prev:
-                groups[-1].append(name)
-            else:
-                groups.append([name])
-            prev = x
-        unused = sorted(set(self.modules) - seen)
+        groups = call_groups(self.modules, lambda: self._forward(self.batches[0]))
+        called = {n for g in groups for n in g}
+        unused = sorted(set(self.modules) - called)
         if unused:
             logger.warning("Modules %s are never called in a forward pass; compressing them without calibration",
                            unused)
