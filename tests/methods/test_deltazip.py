@@ -293,3 +293,16 @@ def test_bad_inputs_fail_before_any_work(micro_zoo, monkeypatch):
     with pytest.raises(DeltaConfigError, match="divisible by 4, but 'lm_head' has 30"):
         compress(odd_base, odd_ft, DeltaZipConfig(sparsity="2:4", embedding_method="gptq",
                                                   target_modules=["down_proj"]), progress=False)
+
+
+@pytest.mark.parametrize("group_size", [None, 8])
+def test_round_to_nearest_in_row_chunks_equals_the_whole_matrix(monkeypatch, group_size):
+    import hf_delta.methods.deltazip as deltazip
+
+    config = DeltaZipConfig(bits=4, embedding_bits=4, group_size=group_size)
+    delta = torch.randn(37, 16, generator=torch.Generator().manual_seed(0)) * 1e-3
+    whole = prune_quantize(delta, None, bits=4, group_size=group_size)
+    monkeypatch.setattr(deltazip, "_CHUNK_VALUES", 5 * 16 + 3)  # 5 rows a chunk, the last one short
+    weight, dequantized = deltazip.quantize_delta(config, delta, None, vocab=True, head=False, as_linear=False)
+    torch.testing.assert_close(dequantized, whole.dequantize(), rtol=0, atol=0)
+    torch.testing.assert_close(weight.to_dense(), whole.dequantize(), rtol=0, atol=0)

@@ -285,6 +285,9 @@ def distill_scales(model: nn.Module, ctx: CompressionContext) -> list[float]:
         return []
     batches = ctx.calibration(n=cfg.distill_samples, seq_len=cfg.distill_seq_len,
                               batch_size=cfg.distill_batch_size)
+    # The teacher first: a streamed one runs the fine-tune layer by layer, best before the student's weights
+    # are touched (a memory-mapped base becomes resident only then).
+    teacher = ctx.teacher_logits(batches)
     weights = [w for w in model.get_delta("default").weights.values() if isinstance(w, BitDeltaWeight)]
     frozen = [p for p in model.parameters()] + [w.signs for w in weights]
     before = _checksum(frozen)
@@ -293,7 +296,6 @@ def distill_scales(model: nn.Module, ctx: CompressionContext) -> list[float]:
     groups = [{"params": [w.scales], "lr": cfg.distill_lr * float(w.scales.detach().abs().mean()) or cfg.distill_lr}
               for w in weights]
     opt = torch.optim.Adam(groups)
-    teacher = ctx.teacher_logits(batches)
     order = torch.Generator().manual_seed(cfg.seed)
     losses = []
     model.set_delta("default")

@@ -32,6 +32,8 @@ from .weight import LAYOUTS, DeltaZipWeight
 if TYPE_CHECKING:
     from ...calibration import Batch
 
+_CHUNK_VALUES = 1 << 22  # values quantised at once by round to nearest
+
 __all__ = [
     "LAYOUTS",
     "DeltaZipConfig",
@@ -69,8 +71,17 @@ def quantize_delta(cfg: DeltaZipConfig, delta: torch.Tensor, hessian: torch.Tens
     if vocab:
         bits = (cfg.head_bits if head else None) or cfg.embedding_bits or cfg.bits
     sparsity = cfg.pruning if as_linear else None
-    qm = prune_quantize(delta, hessian, bits=bits, group_size=cfg.group_size, sparsity=sparsity, prune=cfg.prune,
-                        damp=cfg.damp, block_size=cfg.block_size)
+    options = {"bits": bits, "group_size": cfg.group_size, "prune": cfg.prune, "damp": cfg.damp,
+               "block_size": cfg.block_size}
+    if hessian is None and sparsity is None:
+        # Round to nearest: rows are independent, so a 32000-row vocabulary matrix is done in row chunks
+        # (the solver's float32 work on the whole matrix was the peak of DeltaZip at 7B-class sizes).
+        step = max(1, _CHUNK_VALUES // max(delta.shape[1], 1))
+        parts = [prune_quantize(delta[r : r + step], None, **options) for r in range(0, delta.shape[0], step)]
+        qm = QuantizedMatrix(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]),
+                             None if parts[0].keep is None else torch.cat([p.keep for p in parts]))
+    else:
+        qm = prune_quantize(delta, hessian, sparsity=sparsity, **options)
     weight = DeltaZipWeight.from_quantized(qm.q, qm.scales, qm.keep, bits=bits, group_size=cfg.group_size,
                                            layout=layout_of(qm, sparsity, bits))
     return weight, qm.dequantize()
