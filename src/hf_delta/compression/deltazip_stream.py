@@ -98,6 +98,7 @@ def stream_deltazip(pair: StreamedPair, ft_folder, config: DeltaZipConfig, batch
         del dequantized
         release_freed_memory()
     inputs = [model.first_layer_inputs(b) for b in batches]
+    model.drop_outside_layers()  # the vocabulary matrices were needed for those inputs only
     hidden = [h for h, _, _ in inputs]
     masks = [mask for _, mask in batches]
     for i in tqdm(range(len(model.layers)), desc="deltazip: layers", disable=not progress, leave=False):

@@ -145,11 +145,18 @@ class LayerwiseModel:
 
     def keep_head_only(self) -> None:
         """Drop every loaded weight but the output head's (all that ``logits`` needs once hidden states exist)."""
-        head = self.model.get_output_embeddings()
-        keep = {id(p) for p in head.parameters()}
+        self._drop_loaded(keep=self.model.get_output_embeddings())
+
+    def drop_outside_layers(self) -> None:
+        """Drop the embedding, final norm and head once the first layer's inputs are captured (layer-by-layer
+        calibration needs only the decoder layers after that)."""
+        self._drop_loaded(keep=None)
+
+    def _drop_loaded(self, *, keep: nn.Module | None) -> None:
+        kept = {id(p) for p in keep.parameters()} if keep is not None else set()
         for module in self.model.modules():
             for leaf, param in list(module._parameters.items()):
-                if param is not None and id(param) not in keep and param.device.type != "meta":
+                if param is not None and id(param) not in kept and param.device.type != "meta":
                     module._parameters[leaf] = nn.Parameter(
                         torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
         release_freed_memory()
