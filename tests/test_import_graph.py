@@ -28,7 +28,7 @@ LAYERS = [
     ["layers", "hub"],
     ["storage"],
     ["methods"],  # its __init__: registers every built-in method
-    ["methods.bitdelta", "methods.lowrank", "methods.deltazip"],
+    ["methods.bitdelta", "methods.lowrank", "methods.deltazip", "methods.mixed_svd"],
     ["methods._dispatch"],
     ["methods.registry"],
     ["methods.base"],

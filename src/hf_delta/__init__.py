@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "BitDeltaConfig": "hf_delta.methods.bitdelta",
     "DeltaZipConfig": "hf_delta.methods.deltazip",
     "LowRankConfig": "hf_delta.methods.lowrank",
+    "MixedSVDConfig": "hf_delta.methods.mixed_svd",
     "CompressedWeight": "hf_delta.methods.base",
     "CompressionContext": "hf_delta.methods.base",
     "DeltaMethod": "hf_delta.methods.base",
@@ -72,6 +73,7 @@ __all__ = [  # the keys of _EXPORTS (a test checks), spelled out for tools that 
     "InvalidRequestError",
     "LowRankConfig",
     "MissingDependencyError",
+    "MixedSVDConfig",
     "ModelLoadError",
     "ZooError",
     "__version__",
@@ -115,6 +117,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; nothing is imported at 
     from .methods.bitdelta import BitDeltaConfig
     from .methods.deltazip import DeltaZipConfig
     from .methods.lowrank import LowRankConfig
+    from .methods.mixed_svd import MixedSVDConfig
     from .methods.registry import register_delta_method, registered_methods
     from .model import DeltaModel
     from .storage import Delta

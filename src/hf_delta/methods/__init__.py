@@ -4,6 +4,7 @@ from .base import CompressedWeight, CompressionContext, DeltaMethod
 from .bitdelta import BitDeltaConfig, BitDeltaWeight
 from .deltazip import DeltaZipConfig, DeltaZipWeight
 from .lowrank import LowRankConfig, LowRankWeight
+from .mixed_svd import MixedSVDConfig, MixedSVDWeight
 from .registry import get_method, register_delta_method, registered_methods, weight_class_for
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "DeltaZipWeight",
     "LowRankConfig",
     "LowRankWeight",
+    "MixedSVDConfig",
+    "MixedSVDWeight",
     "get_method",
     "register_delta_method",
     "registered_methods",
