@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_delta import BitDeltaConfig, CompressionRecord, DeltaModel, LowRankConfig, compress, compress_delta
 from hf_delta.errors import BaseModelMismatchError
+from hf_delta.storage import Delta
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -49,7 +53,7 @@ def test_the_record_says_where_the_base_came_from(micro_zoo):
 @pytest.mark.parametrize("name", ["llama-arith", "qwen2-cipher"])  # untied and tied vocabularies
 @pytest.mark.parametrize("config", [BitDeltaConfig(distill_steps=0, scale="row", residual_passes=1),
                                     LowRankConfig(rank=4)], ids=["bitdelta", "lowrank"])
-def test_streaming_gives_the_same_delta_as_the_loaded_models(micro_zoo, name, config, caplog):
+def test_streaming_gives_the_same_delta_as_the_loaded_models(micro_zoo, name, config, caplog, tmp_path):
     entry = micro_zoo[name]
     base, ft = micro_zoo[entry.base].path, entry.path
     with caplog.at_level("INFO", logger="hf_delta"):
@@ -62,6 +66,14 @@ def test_streaming_gives_the_same_delta_as_the_loaded_models(micro_zoo, name, co
     assert streamed.record.base_fingerprint == loaded.record.base_fingerprint
     assert (streamed.tied, streamed.vocab_size) == (loaded.tied, loaded.vocab_size)
     assert streamed.files == {}  # the fine-tune keeps the base's tokenizer (the chat one carries its own)
+    # What the streaming path writes records its weight files' checksums, and loads back checked.
+    streamed.save_pretrained(tmp_path / "streamed", max_shard_size=4000)
+    shards = sorted((tmp_path / "streamed").glob("delta_model-*.safetensors"))
+    assert len(shards) >= 2
+    recorded = json.loads((tmp_path / "streamed" / "delta_config.json").read_text())["checksums"]
+    assert recorded == {p.name: "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest() for p in shards}
+    again = Delta.from_folder(tmp_path / "streamed").tensors()
+    assert again.keys() == a.keys() and all(torch.equal(again[k], a[k]) for k in a)
 
 
 def test_scale_distillation_streams_with_a_layer_by_layer_teacher(micro_zoo, caplog):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -97,6 +99,26 @@ def test_offline_and_local_files_only_use_the_cache(hub, hub_cache, hf_offline, 
     assert len(hub.requests) == served  # nothing asked of the server
     with pytest.raises(DeltaFormatError, match=r"not in the local cache.*HF_HUB_OFFLINE"):
         DeltaModel.from_pretrained(base, repo_id + "-never-downloaded")
+
+
+def test_checksums_survive_push_and_pull_and_catch_a_corrupted_cache(hub, hub_cache, micro_zoo, micro_delta,
+                                                                      repo_id):
+    delta = _local(micro_delta, "llama-arith")
+    push_delta_to_hub(delta, repo_id)
+    files = hub.files(repo_id)
+    recorded = json.loads(files["delta_config.json"])["checksums"]
+    assert recorded == {"delta_model.safetensors":
+                        "sha256:" + hashlib.sha256(files["delta_model.safetensors"]).hexdigest()}
+    model = DeltaModel.from_pretrained(micro_zoo["llama-base"].path, repo_id)
+    assert _tensors_equal(model.get_delta("default"), delta)
+    # A bit flipped in the cached snapshot (disk error, interrupted copy) is refused, naming the file.
+    cached = Path(snapshot_download(repo_id)) / "delta_model.safetensors"
+    blob = cached.resolve()
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0x01
+    blob.write_bytes(bytes(data))
+    with pytest.raises(DeltaFormatError, match=rf"{re.escape(str(cached))} is corrupted.*download"):
+        DeltaModel.from_pretrained(micro_zoo["llama-base"].path, repo_id)
 
 
 # ---------------------------------------------------------------------------------------------- tokens, cards

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -136,7 +138,7 @@ def test_deltazip_masks_are_compact_on_disk_and_expanded_on_load(tmp_path):
         assert on_disk[f"{module}::mask"].shape == (rows, compact_2of4_width(k))  # 2/3 bit per weight
     assert on_disk["d::mask"].shape == delta.weights["d"].mask.shape  # bitmaps are saved as they are
     config = json.loads((tmp_path / "repo" / CONFIG_NAME).read_text())
-    assert config["format_version"] == FORMAT_VERSION == 2
+    assert config["format_version"] == FORMAT_VERSION == 3
     assert config["modules"]["weights"]["a"]["mask_encoding"] == "2of4-compact"
     assert "mask_encoding" not in config["modules"]["weights"]["d"]
     loaded = Delta.from_folder(tmp_path / "repo")
@@ -159,6 +161,7 @@ def test_format_1_repo_still_loads_and_is_resaved_in_the_current_format(tmp_path
     save_file(delta.tensors(), folder / WEIGHTS_NAME, metadata={"format": "pt"})
     config = json.loads((folder / CONFIG_NAME).read_text())
     config["format_version"] = 1
+    del config["checksums"]  # format 3 added them
     for meta in config["modules"]["weights"].values():
         meta.pop("mask_encoding", None)
     (folder / CONFIG_NAME).write_text(json.dumps(config))
@@ -173,10 +176,19 @@ def test_format_1_repo_still_loads_and_is_resaved_in_the_current_format(tmp_path
     assert all(torch.equal(again.weights[m].to_dense(), w.to_dense()) for m, w in delta.weights.items())
 
 
+def _rewrite_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace the weight file as a buggy writer would: wrong content, consistent checksums (so the load gets
+    past them to the check under test)."""
+    save_file(tensors, folder / WEIGHTS_NAME)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["checksums"] = {WEIGHTS_NAME: "sha256:" + hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()}
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+
+
 def _set_tensor(folder: Path, name: str, value) -> None:
     tensors = load_file(folder / WEIGHTS_NAME)
     tensors[name] = value(tensors[name])
-    save_file(tensors, folder / WEIGHTS_NAME)
+    _rewrite_weights(folder, tensors)
 
 
 @pytest.mark.parametrize(("breaks", "message"), [
@@ -218,17 +230,12 @@ def _edit_config(**changes):
 
 def _drop_module_tensors(folder: Path) -> None:
     tensors = load_file(folder / WEIGHTS_NAME)
-    from safetensors.torch import save_file
-
-    save_file({k: v for k, v in tensors.items() if not k.startswith("model.layers.1.mlp.up_proj::")},
-              folder / WEIGHTS_NAME)
+    _rewrite_weights(folder, {k: v for k, v in tensors.items() if not k.startswith("model.layers.1.mlp.up_proj::")})
 
 
 def _drop_scales(folder: Path) -> None:
     tensors = load_file(folder / WEIGHTS_NAME)
-    from safetensors.torch import save_file
-
-    save_file({k: v for k, v in tensors.items() if k != "lm_head::scales"}, folder / WEIGHTS_NAME)
+    _rewrite_weights(folder, {k: v for k, v in tensors.items() if k != "lm_head::scales"})
 
 
 BROKEN = {
@@ -371,3 +378,72 @@ def test_save_keeps_unrelated_files(chat_folder, tmp_path):
     (folder / "README.md").write_text("card")
     Delta.from_folder(chat_folder).save_pretrained(folder)
     assert (folder / "README.md").read_text() == "card" and (folder / WEIGHTS_NAME).is_file()
+
+
+# ------------------------------------------------------------------------------------------------- checksums
+def _sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _flip_data_byte(path: Path, at: float = 0.5) -> None:
+    """Flip one byte of the tensor data, leaving the safetensors header (and so every shape) intact."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    i = start + int((len(data) - start) * at)
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("shard_size", ["5GB", 4000])
+def test_checksums_record_every_weight_file(chat_folder, tmp_path, shard_size):
+    folder = tmp_path / "repo"
+    Delta.from_folder(chat_folder).save_pretrained(folder, max_shard_size=shard_size)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    files = storage.weight_files(folder)
+    assert len(files) == (1 if shard_size == "5GB" else len(list(folder.glob("delta_model-*.safetensors")))) >= 1
+    assert config["checksums"] == {p.name: _sha256(p) for p in files}  # hashlib over the files as written
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("shard_size", ["5GB", 4000])
+def test_flipped_tensor_bytes_are_refused_naming_the_file(chat_folder, tmp_path, monkeypatch, shard_size,
+                                                          chunked):
+    if chunked:  # the path of large files: memory-mapped, hashed in chunks
+        monkeypatch.setattr(storage, "_READ_WHOLE_BYTES", 0)
+    folder = tmp_path / "repo"
+    Delta.from_folder(chat_folder).save_pretrained(folder, max_shard_size=shard_size)
+    victim = storage.weight_files(folder)[-1]
+    _flip_data_byte(victim)
+    with pytest.raises(DeltaFormatError, match=rf"{re.escape(str(victim))} is corrupted.*download or save the "
+                                               "delta again"):
+        Delta.from_folder(folder)
+    # Without the checksum the same file parses: the check is what stands between it and a wrong model.
+    _strip_key(folder, "checksums")
+    _edit_config(format_version=2)(folder)
+    silent, saved = Delta.from_folder(folder).tensors(), Delta.from_folder(chat_folder).tensors()
+    assert silent.keys() == saved.keys() and not all(torch.equal(silent[k], saved[k]) for k in saved)
+
+
+def test_format_2_repo_without_checksums_loads_with_a_note(chat_folder, tmp_path, caplog):
+    delta = Delta.from_folder(chat_folder)
+    _strip_key(chat_folder, "checksums")
+    _edit_config(format_version=2)(chat_folder)
+    with caplog.at_level("INFO", logger="hf_delta.storage"):
+        old = Delta.from_folder(chat_folder)
+    assert old.format_version == 2 and "carry no checksums" in caplog.text
+    _assert_same_delta(delta, old)
+    old.save_pretrained(tmp_path / "v3")  # re-saving adds them
+    assert json.loads((tmp_path / "v3" / CONFIG_NAME).read_text())["checksums"] == \
+        {WEIGHTS_NAME: _sha256(tmp_path / "v3" / WEIGHTS_NAME)}
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda f: _strip_key(f, "checksums"), r"format 3 records a checksum for each weight file"),
+    (_edit_config(checksums=["sha256:00"]), r"format 3 records a checksum"),
+    (_edit_config(checksums={"other.safetensors": "sha256:00"}), r"no checksum for delta_model.safetensors"),
+    (_edit_config(checksums={WEIGHTS_NAME: "sha256:00"}), r"delta_model.safetensors is corrupted"),
+])
+def test_format_3_checksum_entry_is_checked(chat_folder, edit, message):
+    edit(chat_folder)
+    with pytest.raises(DeltaFormatError, match=message):
+        Delta.from_folder(chat_folder)

@@ -16,8 +16,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "delta_config.json"
 # 2: a weight kind may encode its tensors more compactly on disk than in memory, saying so in its entry of
-# ``modules["weights"]`` (DeltaZip: compact 2:4 metadata). Format 1 repos are still read.
-FORMAT_VERSION = 2
+# ``modules["weights"]`` (DeltaZip: compact 2:4 metadata).
+# 3: ``checksums`` records the SHA-256 of every weight file; a load checks them. Formats 1 and 2 are still read.
+FORMAT_VERSION = 3
 # Not "adapter_config.json": transformers and vLLM would try to load a delta repo as a LoRA adapter.
 
 
@@ -96,5 +97,6 @@ class CompressionRecord:
 # Keys of delta_config.json beside a method's settings. "dtype" was written by format 1-2 repos of hf_delta
 # 0.1 and never read; it is skipped without a warning.
 NON_SETTING_KEYS = frozenset(
-    {"method", "format_version", "modules", "dtype", *(f.name for f in dataclasses.fields(CompressionRecord))}
+    {"method", "format_version", "modules", "checksums", "dtype",
+     *(f.name for f in dataclasses.fields(CompressionRecord))}
 )

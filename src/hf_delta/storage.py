@@ -6,6 +6,8 @@ Tensor names inside the safetensors file:
   (``config.modules["weights"][<module>]`` says its type and any disk encoding, e.g. compact 2:4 metadata);
 * ``exact::<parameter>`` — a fine-tuned tensor stored as it is;
 * ``new_rows::<module>`` — rows of a grown vocabulary.
+
+``delta_config.json`` records the SHA-256 of each weight file (format 3); loading checks them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .errors import DeltaFormatError
 from .methods import get_method, weight_class_for
 from .methods.base import CompressedWeight
 from .utils.checkpoint import write_safetensors
+from .utils.checksums import bytes_checksum, file_checksum
 from .utils.io import atomic_directory, atomic_write_text
 from .utils.sizes import tensor_bytes
 
@@ -96,8 +99,10 @@ class Delta:
             tensors, filename_pattern="delta_model{suffix}.safetensors", max_shard_size=max_shard_size
         )
         with atomic_directory(folder) as tmp:
-            for filename, names in split.filename_to_tensors.items():
-                write_safetensors(tmp / filename, {n: tensors[n] for n in names}, metadata={"format": "pt"})
+            config["checksums"] = {
+                filename: write_safetensors(tmp / filename, {n: tensors[n] for n in names}, metadata={"format": "pt"})
+                for filename, names in split.filename_to_tensors.items()
+            }
             if split.is_sharded:
                 index = {"metadata": {"total_size": tensor_bytes(tensors.values())},
                          "weight_map": split.tensor_to_filename}
@@ -120,7 +125,7 @@ class Delta:
             raise DeltaFormatError(f"Delta folder {str(folder)!r} does not exist.")
         data = read_config(folder)
         modules = _check_modules(data.get("modules"), folder)
-        tensors = _read_tensors(folder)
+        tensors = _read_tensors(folder, _checksums(data, folder))
         weights: dict[str, CompressedWeight] = {}
         for module, meta in modules["weights"].items():
             prefix = f"{module}::"
@@ -224,24 +229,57 @@ def _check_modules(modules: Any, folder: Path) -> dict[str, Any]:
     return modules
 
 
+def _checksums(data: dict[str, Any], folder: Path) -> dict[str, str] | None:
+    """The weight files' recorded checksums; ``None`` for a repo older than format 3 (logged: nothing to check)."""
+    version = data.get("format_version", FORMAT_VERSION)
+    checksums = data.get("checksums")
+    if checksums is None and version < 3:
+        logger.info("%s is a format %d delta repo: its weight files carry no checksums, so corruption cannot be "
+                    "detected. Re-save it (Delta.from_folder(...).save_pretrained(...)) to add them.", folder, version)
+        return None
+    if not (isinstance(checksums, dict) and all(isinstance(v, str) for v in checksums.values())):
+        raise DeltaFormatError(
+            f"{folder / CONFIG_NAME}: format {version} records a checksum for each weight file in 'checksums' "
+            f"({{file: 'sha256:<hex>'}}), got {str(checksums)[:200]}. The config was edited or is corrupt; "
+            "re-download or re-save the delta.")
+    return checksums
+
+
 _READ_WHOLE_BYTES = 64 * 2**20
 
 
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(folder: Path, checksums: dict[str, str] | None) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
         if not path.is_file():
             raise DeltaFormatError(f"{path} is missing: the delta repo at {folder} is incomplete. Re-download it.")
+        expected = None
+        if checksums is not None:
+            expected = checksums.get(path.name)
+            if expected is None:
+                raise DeltaFormatError(
+                    f"{folder / CONFIG_NAME} records no checksum for {path.name} (it has {sorted(checksums)}): the "
+                    "files do not belong together. Re-download or re-save the delta.")
+        # Small shards are read in one go: parsing them from memory is ~3x faster than mapping the file, and
+        # loading a delta fast is the point of serving deltas. Large ones stay memory-mapped, hashed in chunks.
+        raw = path.read_bytes() if path.stat().st_size <= _READ_WHOLE_BYTES else None
+        if expected is not None:
+            _verify(path, file_checksum(path) if raw is None else bytes_checksum(raw), expected)
         try:
-            # Small shards are read in one go: parsing them from memory is ~3x faster than mapping the file,
-            # and loading a delta fast is the point of serving deltas. Large ones stay memory-mapped.
-            small = path.stat().st_size <= _READ_WHOLE_BYTES
-            tensors.update(safetensors_load(path.read_bytes()) if small else load_file(path))
+            tensors.update(load_file(path) if raw is None else safetensors_load(raw))
         except (SafetensorError, OSError, ValueError) as err:
             raise DeltaFormatError(
                 f"{path} is corrupted or truncated ({err}). Delete it and download or save the delta again."
             ) from err
     return tensors
+
+
+def _verify(path: Path, found: str, expected: str) -> None:
+    if found != expected:
+        raise DeltaFormatError(
+            f"{path} is corrupted or truncated: its checksum {found} differs from {expected}, which "
+            f"{CONFIG_NAME} recorded when the delta was saved. Delete it and download or save the delta again."
+        )
 
 
 def describe(folder: str | Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from .checksums import digest, new_hasher
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -115,9 +116,13 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], *,
-                      metadata: dict[str, str] | None = None) -> None:
+                      metadata: dict[str, str] | None = None) -> str:
     """Write ``tensors`` as a safetensors file, one tensor at a time (``safetensors.torch.save_file`` first
-    copies every tensor into one bytes object: a second copy of a 7B model's 850 MB delta)."""
+    copies every tensor into one bytes object: a second copy of a 7B model's 850 MB delta).
+
+    Returns:
+        The file's checksum (``utils.checksums``), hashed from the bytes as they are written.
+    """
     names = sorted(tensors)
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -130,10 +135,15 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], *,
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    hasher = new_hasher()
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            hasher.update(chunk)
         for name in names:
             t = tensors[name].detach().to("cpu").contiguous()
             if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                f.write(data)
+                hasher.update(data)
+    return digest(hasher)
