@@ -39,7 +39,7 @@ with tempfile.TemporaryDirectory() as tmp:
 
     # Low-rank deltas travel as ordinary PEFT LoRA adapters.
     lowrank = compress(base, zoo["llama-cipher"].path, LowRankConfig(rank=8), progress=False)
-    export_peft_lora(lowrank, base, f"{tmp}/cipher-lora")
+    export_peft_lora(lowrank, base, f"{tmp}/cipher-lora", norms="modules_to_save")  # exact, one adapter a pass
     peft_model = PeftModel.from_pretrained(load_model_and_tokenizer(base)[0], f"{tmp}/cipher-lora")
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():

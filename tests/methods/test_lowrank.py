@@ -58,12 +58,12 @@ def test_peft_export_matches_delta_model(micro_zoo, tmp_path, name, options):
     model = compress(base_path, entry.path, LowRankConfig(**options), progress=False)
     model.save_pretrained(tmp_path / "delta")
     loaded = Delta.from_folder(tmp_path / "delta")
-    export_peft_lora(loaded, base_path, tmp_path / "lora")
+    export_peft_lora(loaded, base_path, tmp_path / "lora", norms="modules_to_save")
     peft_model = PeftModel.from_pretrained(load_model(base_path), tmp_path / "lora").eval()
     ids = torch.randint(0, 380, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_logits(peft_model, ids), _logits(model, ids), rtol=1e-4, atol=1e-4)
     # The DeltaModel itself exports too (its own base, no second copy needed).
-    export_peft_lora(model, None, tmp_path / "lora2")
+    export_peft_lora(model, None, tmp_path / "lora2", norms="modules_to_save")
     assert (tmp_path / "lora2" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "lora" / "adapter_model.safetensors").read_bytes()
 
