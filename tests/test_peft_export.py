@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from architectures import VOCAB, tiny_config
 from peft import PeftModel
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hf_delta import DeltaModel, LowRankConfig, compress, export_peft_lora
 from hf_delta.errors import DeltaConfigError
@@ -94,15 +95,8 @@ def test_mixed_batch_generate_equals_delta_model(micro_zoo, tmp_path):
 
 def _tied_llama_pair(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     """A tiny tied-embedding Llama and two fine-tunes that change only its matrices (by rank-2 updates)."""
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     base.save_pretrained(tmp_path / "base")
@@ -127,7 +121,7 @@ def test_tied_embedding_second_adapter_is_exact(tmp_path):
     reference, peft_model = _pair(base, finetunes, tmp_path / "out", LowRankConfig(rank=4, factor_dtype="float32"))
     for name in finetunes:
         assert json.loads((tmp_path / "out" / name / "adapter_config.json").read_text())["ensure_weight_tying"] is False
-    _assert_mixed_batch_matches(reference, peft_model, vocab=96)
+    _assert_mixed_batch_matches(reference, peft_model, vocab=VOCAB)
 
 
 def test_norms_are_refused_by_default_and_the_options_say_what_they_do(micro_zoo, tmp_path, caplog):
