@@ -3,7 +3,7 @@
 ``create_app`` mounts the inference routes (``completions.py``: ``GET /health``, ``GET /v1/models``,
 ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/stats``) and the fine-tuning jobs API
 (``fine_tuning.py``), whose trainer it attaches to the engine when the app is created. Error bodies and status
-codes: ``errors.py``.
+codes: ``errors.py``; the request-body limit: ``limits.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -23,12 +23,14 @@ from ..training.trainer import CoServingTrainer
 from .completions import completions_router
 from .errors import authorized, error_response, unauthorized
 from .fine_tuning import fine_tuning_router
+from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, fine_tuning_dir: str | Path | None = None,
-               fine_tuning: bool = True, trainer: CoServingTrainer | None = None) -> FastAPI:
+               fine_tuning: bool = True, trainer: CoServingTrainer | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving ``engine`` (its thread is started and stopped with the app).
 
     Args:
@@ -40,6 +42,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, fine_tuning_dir: s
             ``CoServingTrainer``) is attached to ``engine`` here; it adds no work to the steps until a job
             is submitted.
         trainer: the ``CoServingTrainer`` running the jobs.
+        max_body_bytes: larger request bodies are answered with 413 before they are read whole or parsed.
     """
     owns_thread = not engine.is_running
 
@@ -56,8 +59,20 @@ def create_app(engine: Engine, *, api_key: str | None = None, fine_tuning_dir: s
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        unknown = [".".join(str(x) for x in e.get("loc", ())[1:]) for e in exc.errors() if e.get("type") ==
+                   "extra_forbidden"]
+        if unknown:  # a parameter this server does not know: 400 naming it, never silently ignored
+            return error_response(400, f"Unsupported parameter(s): {', '.join(repr(u) for u in unknown)}. This "
+                                  "server does not implement them; remove them from the request (docs/serving.md "
+                                  "lists every parameter it accepts).", "invalid_request_error",
+                                  "unsupported_parameter")
         problems = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
         return error_response(422, f"Invalid request body: {problems}", "invalid_request_error")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = "request_too_large" if exc.status_code == 413 else None
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", code)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -65,6 +80,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, fine_tuning_dir: s
             return unauthorized()
         return await call_next(request)
 
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)  # outermost: runs before the key check
     app.include_router(completions_router(engine))
     if fine_tuning:
         if trainer is None:

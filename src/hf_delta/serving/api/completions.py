@@ -1,6 +1,7 @@
 """The inference routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/stats``, ``POST /v1/completions`` and
 ``POST /v1/chat/completions`` (both with SSE streaming). The ``model`` field of a request picks the delta (or
-the base). Every request runs in the shared engine; one that fails never affects the others."""
+the base). Each choice (``n`` per prompt) is one engine request; every request runs in the shared engine and
+one that fails never affects the others. Streams carry the same ``logprobs`` as whole answers, chunk by chunk."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter
@@ -17,7 +19,9 @@ from fastapi.responses import StreamingResponse
 
 from ..engine.engine import Engine
 from ..engine.handles import GenerationChunk, RequestHandle
+from ..engine.sampling import SamplingParams
 from .errors import SSE_DONE, error_event, from_exception
+from .logprobs import TokenStrings, chat_logprobs, completion_logprobs, merge_completion_logprobs
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -42,22 +46,30 @@ def completions_router(engine: Engine) -> APIRouter:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
+        choices: list[_Choice] = []
         try:
             engine.resolve_model(body.model)
             body.checks()
-            max_tokens = 16 if body.max_tokens is None else body.max_tokens
-            params = body.sampling(max_tokens)
-            prompts = [await run_in_threadpool(engine.encode, body.model, p) for p in body.prompts()]
-            for ids in prompts:
+            params = body.completion_sampling()
+            prompts = body.prompts()
+            encoded = [await run_in_threadpool(engine.encode, body.model, p) for p in prompts]
+            for ids in encoded:
                 engine.check_length(len(ids), params.max_tokens)
+            tokenizer = engine.tokenizer_for(body.model)
             loop = asyncio.get_running_loop()
-            handles = [engine.submit(body.model, ids, params=params, loop=loop) for ids in prompts]
+            for prompt, ids in zip(prompts, encoded, strict=True):
+                echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if body.echo else None
+                for i in range(body.n or 1):
+                    handle = engine.submit(body.model, ids, params=_nth(params, i), loop=loop)
+                    choices.append(_Choice(handle, ids, echo))
         except Exception as err:
+            _abort(engine, choices)
             return from_exception(err)
-        return await _respond(engine, handles, body, chat=False)
+        return await _respond(engine, choices, body, TokenStrings(tokenizer), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
+        choices: list[_Choice] = []
         try:
             engine.resolve_model(body.model)
             body.checks()
@@ -65,42 +77,76 @@ def completions_router(engine: Engine) -> APIRouter:
             ids = await run_in_threadpool(engine.encode, body.model, text, add_special_tokens=False)
             requested = body.requested_max_tokens
             max_tokens = requested if requested is not None else max(1, engine.max_total_tokens - len(ids))
-            params = body.sampling(max_tokens)
+            params = body.chat_sampling(max_tokens)
             engine.check_length(len(ids), params.max_tokens)
-            handles = [engine.submit(body.model, ids, params=params, loop=asyncio.get_running_loop(),
-                                     add_special_tokens=False)]
+            loop = asyncio.get_running_loop()
+            for i in range(body.n or 1):
+                handle = engine.submit(body.model, ids, params=_nth(params, i), loop=loop, add_special_tokens=False)
+                choices.append(_Choice(handle, ids, None))
         except Exception as err:
+            _abort(engine, choices)
             return from_exception(err)
-        return await _respond(engine, handles, body, chat=True)
+        return await _respond(engine, choices, body, TokenStrings(engine.tokenizer_for(body.model)), chat=True)
     return app
 
 
-async def _respond(engine: Engine, handles: list[RequestHandle], body, *, chat: bool):
+@dataclass
+class _Choice:
+    """One choice of an answer: its request, its prompt's ids, and the prompt text it echoes (``echo``)."""
+
+    handle: RequestHandle
+    prompt_ids: list[int]
+    echo: str | None
+
+
+def _nth(params: SamplingParams, i: int) -> SamplingParams:
+    """The parameters of a prompt's ``i``-th choice: a seeded request's choices get seeds ``seed, seed+1, ...``
+    (the same seed would give ``n`` equal samples)."""
+    return params if i == 0 or params.seed is None else replace(params, seed=params.seed + i)
+
+
+def _abort(engine: Engine, choices: list[_Choice]) -> None:
+    for choice in choices:
+        engine.abort(choice.handle.request_id)
+
+
+def _usage(choices: list[_Choice], completion_tokens: int, n: int) -> dict[str, int]:
+    prompt = sum(len(c.prompt_ids) for c in choices[::n])  # a prompt counts once, however many choices it has
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+
+
+def _prompt_logprobs(strings: TokenStrings, choice: _Choice, entries) -> tuple[dict[str, Any], int]:
+    return completion_logprobs(strings, choice.prompt_ids, entries or [None] * len(choice.prompt_ids))
+
+
+async def _respond(engine: Engine, choices: list[_Choice], body, strings: TokenStrings, *, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if body.stream:
-        return await _stream(engine, handles, body, rid, created, chat=chat)
+        return await _stream(engine, choices, body, strings, rid, created, chat=chat)
     try:
-        results = [await h.aresult() for h in handles]
+        results = [await c.handle.aresult() for c in choices]
     except Exception as err:
-        for h in handles:
-            engine.abort(h.request_id)
+        _abort(engine, choices)
         return from_exception(err)
-    choices = []
-    for i, r in enumerate(results):
+    answers = []
+    for i, (choice, r) in enumerate(zip(choices, results, strict=True)):
         if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": r.text},
-                            "finish_reason": r.finish_reason, "logprobs": None})
-        else:
-            choices.append({"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None})
+            logprobs = chat_logprobs(strings, r.logprobs) if body.logprobs else None
+            answers.append({"index": i, "message": {"role": "assistant", "content": r.text},
+                            "finish_reason": r.finish_reason, "logprobs": logprobs})
+            continue
+        logprobs, offset = None, 0
+        if body.logprobs is not None and choice.echo is not None:
+            logprobs, offset = _prompt_logprobs(strings, choice, r.prompt_logprobs)
+        if body.logprobs is not None:
+            generated, _ = completion_logprobs(strings, r.token_ids, r.logprobs, offset)
+            logprobs = generated if logprobs is None else merge_completion_logprobs(logprobs, generated)
+        answers.append({"index": i, "text": (choice.echo or "") + r.text, "finish_reason": r.finish_reason,
+                        "logprobs": logprobs})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": body.model, "choices": choices, "usage": _usage(results)}
-
-
-def _usage(results) -> dict[str, int]:
-    prompt = sum(r.prompt_tokens for r in results)
-    completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+            "model": body.model, "choices": answers,
+            "usage": _usage(choices, sum(r.completion_tokens for r in results), body.n or 1)}
 
 
 async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, GenerationChunk]]:
@@ -128,24 +174,37 @@ async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Gene
             t.cancel()
 
 
-async def _stream(engine: Engine, handles: list[RequestHandle], body, rid: str, created: int, *, chat: bool):
-    chunks = _merged(handles)
+async def _stream(engine: Engine, choices: list[_Choice], body, strings: TokenStrings, rid: str, created: int, *,
+                  chat: bool):
+    chunks = _merged([c.handle for c in choices])
     try:
         first = await chunks.__anext__()
     except StopAsyncIteration:  # pragma: no cover - a handle always ends with a finished chunk
         first = None
-    if first is not None and first[1].error is not None and len(handles) == 1:
+    if first is not None and first[1].error is not None and len(choices) == 1:
         return from_exception(first[1].error)  # failed before any output: a plain HTTP error
     kind = "chat.completion.chunk" if chat else "text_completion"
+    offsets = [0] * len(choices)  # completions: characters sent so far per choice (their logprobs' text_offset)
+    started = [False] * len(choices)
 
-    def frame(i: int, text: str | None, finish: str | None, *, role: bool = False) -> str:
+    def frame(i: int, chunk: GenerationChunk | None) -> str:
         if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if chunk is None else {}
+            if chunk is not None and chunk.text:
+                delta["content"] = chunk.text
+            logprobs = chat_logprobs(strings, chunk.logprobs) if chunk is not None and body.logprobs else None
+            choice = {"index": i, "delta": delta, "finish_reason": chunk and chunk.finish_reason, "logprobs": logprobs}
         else:
-            choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
+            text, logprobs = chunk.text, None
+            echo = choices[i].echo if not started[i] else None
+            if body.logprobs is not None:
+                if echo is not None:
+                    logprobs, offsets[i] = _prompt_logprobs(strings, choices[i], chunk.prompt_logprobs)
+                generated, offsets[i] = completion_logprobs(strings, chunk.token_ids, chunk.logprobs or [], offsets[i])
+                logprobs = generated if logprobs is None else merge_completion_logprobs(logprobs, generated)
+            choice = {"index": i, "text": (echo or "") + text, "finish_reason": chunk.finish_reason,
+                      "logprobs": logprobs}
+            started[i] = True
         payload = {"id": rid, "object": kind, "created": created, "model": body.model, "choices": [choice]}
         return f"data: {json.dumps(payload)}\n\n"
 
@@ -153,8 +212,8 @@ async def _stream(engine: Engine, handles: list[RequestHandle], body, rid: str, 
         done: list[GenerationChunk] = []
         try:
             if chat:
-                for i in range(len(handles)):
-                    yield frame(i, None, None, role=True)
+                for i in range(len(choices)):
+                    yield frame(i, None)
             pending = [first] if first is not None else []
             while True:
                 if pending:
@@ -167,19 +226,15 @@ async def _stream(engine: Engine, handles: list[RequestHandle], body, rid: str, 
                 if chunk.error is not None:
                     yield error_event(chunk.error)
                     return
-                if chunk.text or chunk.finished:
-                    yield frame(i, chunk.text, chunk.finish_reason)
+                if chunk.text or chunk.finished or (choices[i].echo is not None and not started[i]):
+                    yield frame(i, chunk)
                 if chunk.finished:
                     done.append(chunk)
             if body.include_usage:
-                prompt = sum(h.prompt_tokens for h in handles)
-                completion = sum(c.timing.get("completion_tokens", 0) for c in done)
-                usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+                usage = _usage(choices, sum(c.timing.get("completion_tokens", 0) for c in done), body.n or 1)
                 yield f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"  # noqa: E501
             yield SSE_DONE
         finally:
-            for h in handles:
-                if not h.done:
-                    engine.abort(h.request_id)
+            _abort(engine, [c for c in choices if not c.handle.done])
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -6,7 +6,8 @@
 ``GET .../events`` (the loss history as ``fine_tuning.job.event`` metrics), ``GET .../checkpoints`` and
 ``POST .../cancel``. ``training_file`` is a JSONL file in the server's fine-tuning directory (there is
 no files API). The trained
-adapter is served under ``suffix`` (or ``ft-<id>``) once the job succeeds.
+adapter is served under ``suffix`` (or ``ft-<id>``) once the job succeeds. Answers name the job's folders
+relative to the fine-tuning directory, and error messages name no server path (``errors.scrub_paths``).
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ from pydantic import BaseModel, ConfigDict
 
 from ...errors import BaseModelNotServedError, FineTuneConfigError, FineTuneJobNotFoundError
 from ..training.trainer import CoServingTrainer
-from .errors import from_exception
+from .errors import error_response, from_exception, scrub_paths
 
 DEFAULT_LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 DEFAULT_LEARNING_RATE = 1e-3  # what learning_rate_multiplier multiplies
 
 
 class FineTuningJobRequest(BaseModel):
-    """``POST /v1/fine_tuning/jobs``."""
+    """``POST /v1/fine_tuning/jobs`` (unknown fields → 400 naming them; ``validation_file``, ``integrations`` and
+    ``metadata`` → 400: no validation runs, no integrations, jobs are not tagged)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     training_file: str | None = None
@@ -43,6 +45,16 @@ class FineTuningJobRequest(BaseModel):
     lora: dict[str, Any] | None = None
     output_dir: str | None = None
     hub_model_id: str | None = None
+    validation_file: str | None = None
+    integrations: list[Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+    def refused(self) -> str | None:
+        """The message refusing a field this server does not implement, if one is set."""
+        for name in ("validation_file", "integrations", "metadata"):
+            if getattr(self, name):
+                return f"{name} is not supported by hf_delta's fine-tuning jobs; remove it from the request."
+        return None
 
     def hyper(self) -> dict[str, Any]:
         """Hyperparameters from OpenAI's fields (``"auto"`` = default) plus hf_delta's own names."""
@@ -58,8 +70,25 @@ class FineTuningJobRequest(BaseModel):
 
 
 def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                   "code": code}}, status_code=status)
+    return error_response(status, message, "invalid_request_error", code)
+
+
+def _relative(root: Path, path: str) -> str:
+    """``path`` as the client may see it: relative to the fine-tuning directory (else without its folders)."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return scrub_paths(path)
+
+
+def _job(job, root: Path) -> dict[str, Any]:
+    """The job's OpenAI object with the server's folders made relative to ``root`` and its error scrubbed."""
+    out = job.to_openai()
+    if out["error"]:
+        out["error"] = {**out["error"], "message": scrub_paths(out["error"]["message"])}
+    out["result_files"] = [_relative(root, f) for f in out["result_files"]]
+    out["hf_delta"] = {**out["hf_delta"], "output_dir": _relative(root, out["hf_delta"]["output_dir"])}
+    return out
 
 
 def _answer(err: BaseException) -> JSONResponse:
@@ -85,6 +114,8 @@ def fine_tuning_router(trainer: CoServingTrainer, *, output_root: str | Path | N
 
     @app.post("/v1/fine_tuning/jobs")
     async def create_job(body: FineTuningJobRequest):
+        if (refused := body.refused()) is not None:
+            return _error(400, refused)
         data = body.training_data
         if data is None:
             if body.training_file is None:
@@ -92,13 +123,13 @@ def fine_tuning_router(trainer: CoServingTrainer, *, output_root: str | Path | N
                                    "training_data (inline records).")
             if not _inside(root, body.training_file):
                 return _error(400, f"training_file {body.training_file!r} must be a relative path inside the "
-                                   f"server's fine-tuning directory ({root}); or send the records as training_data.")
+                                   "server's fine-tuning directory; or send the records as training_data.")
             data = root / body.training_file
         name = body.suffix
         folder = body.output_dir or name or uuid.uuid4().hex[:12]
         if not _inside(root, folder):
             return _error(400, f"output_dir {folder!r} must be a relative folder inside the server's fine-tuning "
-                               f"directory ({root}); the server decides where jobs write.")
+                               "directory; the server decides where jobs write.")
         try:
             job = await run_in_threadpool(
                 trainer.submit, lora=body.lora or DEFAULT_LORA, data=data, model=body.model,
@@ -106,17 +137,17 @@ def fine_tuning_router(trainer: CoServingTrainer, *, output_root: str | Path | N
                 hub_model_id=body.hub_model_id)
         except Exception as err:
             return _answer(err)
-        return job.to_openai()
+        return _job(job, root)
 
     @app.get("/v1/fine_tuning/jobs")
     async def list_jobs(limit: int = 20) -> dict[str, Any]:
         jobs = trainer.list_jobs()
-        return {"object": "list", "data": [j.to_openai() for j in jobs[:limit]], "has_more": len(jobs) > limit}
+        return {"object": "list", "data": [_job(j, root) for j in jobs[:limit]], "has_more": len(jobs) > limit}
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")
     async def get_job(job_id: str):
         try:
-            return trainer.get(job_id).to_openai()
+            return _job(trainer.get(job_id), root)
         except Exception as err:
             return _answer(err)
 
@@ -141,13 +172,13 @@ def fine_tuning_router(trainer: CoServingTrainer, *, output_root: str | Path | N
             return _answer(err)
         data = [{"object": "fine_tuning.job.checkpoint", "id": f"{job.id}-ckpt-{c['step']}",
                  "fine_tuning_job_id": job.id, "step_number": c["step"], "metrics": {"train_loss": c["loss"]},
-                 "fine_tuned_model_checkpoint": c["path"]} for c in reversed(job.checkpoints)]
+                 "fine_tuned_model_checkpoint": _relative(root, c["path"])} for c in reversed(job.checkpoints)]
         return {"object": "list", "data": data, "has_more": False}
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     async def cancel(job_id: str):
         try:
-            return trainer.cancel(job_id).to_openai()
+            return _job(trainer.cancel(job_id), root)
         except Exception as err:
             return _answer(err)
     return app

@@ -30,8 +30,9 @@ from .config import EngineConfig, process_rss
 from .handles import GenerationChunk, GenerationResult, RequestHandle
 from .hooks import StepHook, StepWork
 from .kv_cache import PagedKVCache
+from .logits import TokenLogprob, pick_tokens, score_prompt
 from .residency import ResidencyManager
-from .sampling import SamplingParams, TextStream, make_generator, sample_rows
+from .sampling import SamplingParams, TextStream, make_generator
 from .scheduler import Request, Scheduler
 from .step import Segment, StepBatch, check_supported, forward_step
 from .tokenizers import DeltaTokenizers, encode, render_chat
@@ -139,7 +140,8 @@ class Engine:
 
         Raises:
             DeltaNotFoundError: ``model`` is not served.
-            InvalidRequestError: the prompt is empty or it cannot fit the context / KV budget.
+            InvalidRequestError: the prompt is empty or it cannot fit the context / KV budget, or ``logit_bias``
+                names a token outside the model's vocabulary.
             DeltaLoadError: the delta's repo cannot be fetched (its tokenizer is needed here).
         """
         params = params or SamplingParams()
@@ -147,11 +149,17 @@ class Engine:
         tokenizer = self.tokenizer_for(model)
         ids = self.encode(model, prompt, add_special_tokens=add_special_tokens)
         self.check_length(len(ids), params.max_tokens)
+        outside = sorted(t for t in params.logit_bias if t >= len(tokenizer))
+        if outside:
+            raise InvalidRequestError(f"logit_bias names token ids {outside} outside the vocabulary of {model!r} "
+                                      f"(ids 0..{len(tokenizer) - 1}).")
         request = Request(id=request_id or f"req-{uuid.uuid4().hex[:16]}", model=name, prompt_ids=ids,
                           params=params, eos_ids=self.tokenizers.eos_ids(name))
         handle = RequestHandle(request.id, model, len(ids), loop=loop)
         request.state.update(stream=TextStream(tokenizer, params.stop), handle=handle,
-                             generator=None if params.greedy else make_generator(params.seed))
+                             generator=None if params.greedy else make_generator(params.seed, self.model.device))
+        if params.prompt_logprobs is not None:  # position 0 has nothing before it to be scored by
+            request.state.update(prompt_logprobs=[None] * len(ids), prompt_scored=len(ids) == 1)
         self._post("submit", request)
         return handle
 
@@ -293,14 +301,14 @@ class Engine:
     def _slot(self, request: Request) -> int:
         return -1 if request.model == BASE_NAME else self.model.routing.slot_of(request.model)
 
+    def _segment(self, request: Request, n: int) -> Segment:
+        start = request.num_computed
+        return Segment(request.id, start, n, self._slot(request), logits=start + n == request.num_tokens,
+                       all_logits=request.state.get("prompt_scored") is False)
+
     def _segments(self, plan: Sequence[tuple[Request, int]]) -> tuple[list[Segment], list[list[int]]]:
-        segments, tokens = [], []
-        for request, n in plan:
-            start = request.num_computed
-            segments.append(Segment(request.id, start, n, self._slot(request),
-                                    logits=start + n == request.num_tokens))
-            tokens.append(request.tokens[start : start + n])
-        return segments, tokens
+        segments = [self._segment(request, n) for request, n in plan]
+        return segments, [request.tokens[s.start : s.start + n] for s, (request, n) in zip(segments, plan, strict=True)]
 
     def _forward(self, plan: Sequence[tuple[Request, int]],
                  training: StepWork | None = None) -> tuple[torch.Tensor | None, dict[str, BaseException]]:
@@ -347,26 +355,37 @@ class Engine:
         return out.logits, {}  # training segments want no logits: every row is a request's
 
     def _run(self, plan: Sequence[tuple[Request, int]], training: StepWork | None = None) -> None:
+        segments = [self._segment(request, n) for request, n in plan]  # before the pass moves num_computed
         logits, errors = (self._forward(plan, training) if plan or (training is not None and training.segments)
                           else (None, {}))
         sampling: list[Request] = []
-        for request, n in plan:
+        rows: list[int] = []  # the logits row of each request in ``sampling``
+        offset = 0  # failed requests have no rows
+        for (request, n), segment in zip(plan, segments, strict=True):
             error = errors.get(request.id)
             if error is not None:
                 self._finish(request, "error", error=error)
                 continue
+            offset += segment.num_logits
+            if segment.all_logits:
+                score_prompt(request, segment.start, logits[offset - segment.num_logits : offset])
             request.num_computed += n
             self.counters["tokens"] += n
-            if request.num_computed == request.num_tokens:  # its last token ran: the segment wanted logits
+            if request.num_computed < request.num_tokens:
+                continue
+            if request.params.max_tokens == 0:  # only the prompt's log-probabilities were asked for
+                self._finish(request, "length")
+            else:  # its last token ran: the segment wanted its logits
                 sampling.append(request)
+                rows.append(offset - 1)
         if not sampling:
             return
-        picked = sample_rows(logits, [r.params for r in sampling], [r.state["generator"] for r in sampling])
+        picked, logprobs = pick_tokens(logits[rows], sampling)
         now = time.monotonic()
-        for request, token in zip(sampling, picked, strict=True):
-            self._append(request, token, now)
+        for request, token, logprob in zip(sampling, picked, logprobs, strict=True):
+            self._append(request, token, now, logprob)
 
-    def _append(self, request: Request, token: int, now: float) -> None:
+    def _append(self, request: Request, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         request.output_ids.append(token)
         self.counters["generated"] += 1
         if request.first_token_at is None:
@@ -375,20 +394,31 @@ class Engine:
         if token in request.eos_ids and not params.ignore_eos:
             self._finish(request, "stop")
             return
-        text = stream.push(token)
+        text = stream.push(token, can_stop=len(request.output_ids) >= params.min_tokens)
         reason = None
         if stream.stopped:
             reason = "stop"
         elif len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
             reason = "length"
-        pending = request.state.setdefault("pending", [])
-        pending.append(token)
+        request.state.setdefault("pending", []).append(token)
+        if logprob is not None:
+            request.state.setdefault("pending_logprobs", []).append(logprob)
         if reason is None:
             if text:
-                request.state["handle"]._push(GenerationChunk(request.id, text, list(pending)))
-                pending.clear()
+                self._push(request, GenerationChunk(request.id, text, []))
             return
         self._finish(request, reason, text=text)
+
+    @staticmethod
+    def _push(request: Request, chunk: GenerationChunk) -> None:
+        """Send ``chunk`` with the tokens (and log-probabilities) not sent yet; the first chunk also carries the
+        prompt's log-probabilities."""
+        chunk.token_ids = request.state.pop("pending", [])
+        if request.params.logprobs is not None:
+            chunk.logprobs = request.state.pop("pending_logprobs", [])
+        if request.state.get("prompt_scored"):
+            chunk.prompt_logprobs = request.state.pop("prompt_logprobs", None)
+        request.state["handle"]._push(chunk)
 
     def _finish(self, request: Request, reason: str, *, error: BaseException | None = None, text: str = "") -> None:
         if request.status == "finished":
@@ -399,9 +429,8 @@ class Engine:
         request.finish_reason = reason
         if error is None and reason != "abort":
             text += request.state["stream"].flush()
-        ids = request.state.pop("pending", [])
-        request.state["handle"]._push(GenerationChunk(request.id, text, ids, finish_reason=reason, error=error,
-                                                      timing=self._timing(request)))
+        self._push(request, GenerationChunk(request.id, text, [], finish_reason=reason, error=error,
+                                            timing=self._timing(request)))
 
     @staticmethod
     def _timing(request: Request) -> dict[str, float | None]:

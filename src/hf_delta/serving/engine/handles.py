@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .logits import TokenLogprob
+
 
 @dataclass
 class GenerationChunk:
@@ -15,6 +17,8 @@ class GenerationChunk:
 
     ``finish_reason``: ``"stop"`` (end-of-sequence token or stop string), ``"length"`` (max_tokens or the
     context), ``"abort"`` (cancelled) or ``"error"`` (``error`` says why; other requests are unaffected).
+    ``logprobs``: one entry per id of ``token_ids`` when the request asked for them. ``prompt_logprobs``: on
+    the request's first chunk when it asked for them, one entry per prompt token (``None`` for the first).
     """
 
     request_id: str
@@ -23,6 +27,8 @@ class GenerationChunk:
     finish_reason: str | None = None
     error: BaseException | None = None
     timing: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -31,7 +37,8 @@ class GenerationChunk:
 
 @dataclass
 class GenerationResult:
-    """A finished request: its text, token ids, why it stopped, token counts and timings."""
+    """A finished request: its text, token ids, why it stopped, token counts and timings; the log-probabilities
+    of its tokens (and of its prompt's) when it asked for them."""
 
     request_id: str
     model: str
@@ -41,6 +48,8 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     timing: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class RequestHandle:
@@ -94,9 +103,11 @@ class RequestHandle:
         if last.error is not None:
             raise last.error
         ids = [t for c in chunks for t in c.token_ids]
+        logprobs = None if last.logprobs is None else [e for c in chunks for e in c.logprobs or ()]
+        prompt = next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None)
         return GenerationResult(self.request_id, self.model, "".join(c.text for c in chunks), ids,
                                 last.finish_reason, self.prompt_tokens, last.timing.get("completion_tokens", len(ids)),
-                                last.timing)
+                                last.timing, logprobs, prompt)
 
     def result(self) -> GenerationResult:
         """Block until the request finishes; raises the request's error if it failed."""

@@ -6,7 +6,8 @@ A ``StepBatch`` is the whole contract between the scheduler and the model:
   one after the other; ``slots[i]`` is the delta slot of token ``i`` (``-1`` = base), read by every
   delta-aware layer through the model's ``DeltaRouting``;
 * ``segments``: which consecutive tokens belong to one sequence, where they start (their positions), the
-  KV handle they read and append to, and whether the logits of their last token are wanted.
+  KV handle they read and append to, and whether the logits of their last token (or of all of them, to
+  score a prompt) are wanted.
 
 Attention runs through a transformers attention function registered under ``"hf_delta_paged"``: the model
 computes projections, rotary embeddings, MLPs and the output head as usual over ``[1, N]`` tokens; only the
@@ -48,6 +49,12 @@ class Segment:
     slot: int = -1
     cached: bool = True
     logits: bool = True
+    all_logits: bool = False  # logits of every token (prompt log-probabilities), not only the last one's
+
+    @property
+    def num_logits(self) -> int:
+        """Rows of the step's logits that belong to this segment."""
+        return self.length if self.all_logits else int(self.logits)
 
 
 @dataclass
@@ -74,7 +81,9 @@ class StepBatch:
             ids.extend(toks)
             pos.extend(range(seg.start, seg.start + seg.length))
             slots.extend([seg.slot] * seg.length)
-            if seg.logits:
+            if seg.all_logits:
+                last.extend(range(len(ids) - seg.length, len(ids)))
+            elif seg.logits:
                 last.append(len(ids) - 1)
 
         def t(x: list[int]) -> torch.Tensor:
@@ -89,7 +98,8 @@ class StepBatch:
 
 @dataclass
 class StepOutput:
-    """Final hidden states of every token (``[N, hidden]``) and logits of the wanted ones (``[K, vocab]``)."""
+    """Final hidden states of every token (``[N, hidden]``) and logits of the wanted ones (``[K, vocab]``, in
+    segment order, ``Segment.num_logits`` rows each)."""
 
     hidden: torch.Tensor
     logits: torch.Tensor
