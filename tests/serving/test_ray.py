@@ -8,6 +8,7 @@ requests, and the replica-kill test shuts the cluster down afterwards (a later t
 from __future__ import annotations
 
 import argparse
+import http.client
 import importlib
 import logging
 import socket
@@ -177,6 +178,13 @@ def test_same_routes_and_errors_as_hf_delta_serve(cluster, client, serving_promp
     status, body = _post(cluster, b'{"model": "arith-x1", "prompt": ')
     assert status == 422 and "JSON" in body["error"]["message"]
     assert _post(cluster, b'{"model": "arith-x1", "prompt": "x"}', key=None)[0] == 401
+    host, port = cluster.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)  # 50 MB declared, a byte sent: 413 unread
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Length", str(50 * 2**20))
+    conn.endheaders(b"{")
+    assert conn.getresponse().status == 413
+    conn.close()
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=cluster + "/v1", api_key="wrong", max_retries=0).get("/stats", cast_to=object)
 

@@ -50,3 +50,39 @@ def test_a_row_sampled_in_a_batch_gets_the_token_it_gets_alone():
     batched = sample_rows(logits, params, [make_generator(i) for i in range(len(logits))])
     alone = [sample_rows(logits[i : i + 1], [p], [make_generator(i)])[0] for i, p in enumerate(params)]
     assert batched == alone
+
+
+def test_draws_follow_the_filtered_distribution():
+    """Many rows with their own generators: token frequencies match temperature → top-k → top-p computed here
+    by hand (sorted lists), and filtered tokens are never drawn."""
+    logits = torch.tensor([2.0, 1.5, 1.4, 0.3, 0.2, -1.0, 0.9])
+    temperature, top_k, top_p = 0.8, 5, 0.85
+    scaled = (logits / temperature).tolist()
+    kept = sorted(range(len(scaled)), key=lambda t: -scaled[t])[:top_k]
+    weights = {t: torch.tensor(scaled[t]).exp().item() for t in kept}
+    total = sum(weights.values())
+    nucleus, mass = {}, 0.0
+    for t in kept:  # most likely first, until the mass before a token reaches top_p
+        if mass >= top_p:
+            break
+        nucleus[t] = weights[t] / total
+        mass += weights[t] / total
+    want = {t: p / sum(nucleus.values()) for t, p in nucleus.items()}
+    rows = 4000
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * rows
+    drawn = sample_rows(logits.expand(rows, -1), params, [make_generator(i) for i in range(rows)])
+    assert set(drawn) <= set(want)
+    for token, p in want.items():
+        assert abs(drawn.count(token) / rows - p) < 0.03, (token, drawn.count(token) / rows, p)
+
+
+def test_no_stop_string_before_min_tokens(tokenizer):
+    first = len(_ids(tokenizer, ["END x"]))
+    ids = _ids(tokenizer, ["END x", " END", " more"])
+    stream = TextStream(tokenizer, stop=["END"])
+    sent = []
+    for n, i in enumerate(ids, start=1):
+        sent.append(stream.push(i, can_stop=n > first))  # min_tokens = the tokens of "END x"
+        if stream.stopped:
+            break
+    assert stream.stopped and "".join(sent) + stream.flush() == "END x "

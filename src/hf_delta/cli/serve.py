@@ -38,6 +38,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion")
     parser.add_argument("--local-files-only", action="store_true", help="never download from the Hub")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
+    parser.add_argument("--max-body-bytes", type=int, default=None,
+                        help="request bodies larger than this get HTTP 413 before they are read whole (default 16 MiB)")
     add_engine_arguments(parser)
     g = parser.add_argument_group("scale-out on Ray Serve (pip install 'hf_delta[ray]'; see docs/ray.md)")
     g.add_argument("--ray", action="store_true", help="serve with N engine replicas on Ray Serve")
@@ -60,6 +62,7 @@ def serve_main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..serving.api.app import create_app
+    from ..serving.api.limits import DEFAULT_MAX_BODY_BYTES
     from ..serving.engine.engine import Engine
 
     deltas = parse_delta_specs(args.delta)
@@ -70,7 +73,8 @@ def serve_main(args: argparse.Namespace) -> int:
     for name, (repo, revision) in deltas.items():
         engine.register_delta(name, repo, revision=revision)
     logger.info("Serving %s on http://%s:%d/v1", engine.model_names(), args.host, args.port)
-    app = create_app(engine, api_key=args.api_key, fine_tuning_dir=args.fine_tuning_dir)
+    app = create_app(engine, api_key=args.api_key, fine_tuning_dir=args.fine_tuning_dir,
+                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     engine.close()
     return 0
@@ -94,7 +98,8 @@ def serve_ray_main(args: argparse.Namespace, *, config) -> int:
     start_ray(address=args.ray_address, num_cpus=args.ray_cpus, host=args.host, port=args.port)
     app = build_app(base=args.base, deltas=deltas, replicas=args.replicas, config=config, base_name=args.base_name,
                     api_key=args.api_key, device=args.device, dtype=args.dtype, replica_cpus=args.replica_cpus,
-                    replica_gpus=args.replica_gpus, local_files_only=args.local_files_only)
+                    replica_gpus=args.replica_gpus, local_files_only=args.local_files_only,
+                    **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
     serve.run(app, name=APP_NAME, route_prefix="/")
     logger.warning("Serving %d deltas with %d replicas on http://%s:%d/v1 (Ctrl-C stops)", len(deltas),
                    args.replicas, args.host, args.port)

@@ -14,7 +14,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -68,11 +68,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, fine_tuning_dir: s
                                   "unsupported_parameter")
         problems = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
         return error_response(422, f"Invalid request body: {problems}", "invalid_request_error")
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        code = "request_too_large" if exc.status_code == 413 else None
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", code)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):

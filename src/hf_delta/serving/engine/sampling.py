@@ -150,8 +150,8 @@ class TextStream:
 
     ``push(token)`` returns the new text that is final, and whether a stop string was hit (the text before
     it has then been returned in full); ``push(token, can_stop=False)`` neither looks for stop strings nor holds
-    text back (a request still short of its ``min_tokens``). ``flush()`` returns what was held back when
-    generation ends.
+    text back (a request still short of its ``min_tokens``): stop strings are then looked for only in the text
+    that comes after. ``flush()`` returns what was held back when generation ends.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
@@ -162,6 +162,7 @@ class TextStream:
         self._full = ""  # everything decoded so far
         self._prefix = 0  # ids[_prefix:_read] decode to the tail of _full (a window, not the whole output)
         self._read = 0
+        self._searched_from = 0  # stop strings may start here or later (after the text sent while they could not)
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
@@ -184,7 +185,9 @@ class TextStream:
         self._prefix, self._read = self._read, len(self.ids)
         full = self._full
         if not can_stop:
-            return self._emit(full)
+            text = self._emit(full)
+            self._searched_from = len(self.text)
+            return text
         cut = self._first_stop(full)
         if cut is not None:
             self.stopped = True
@@ -206,7 +209,7 @@ class TextStream:
         return new
 
     def _first_stop(self, full: str) -> int | None:
-        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        start = max(self._searched_from, len(self.text) - max((len(s) for s in self.stop), default=0))
         hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
 

@@ -49,6 +49,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ...utils.specs import parse_delta_specs
 from ..api.errors import SSE_DONE, authorized, error_event, error_response, unauthorized
+from ..api.limits import DEFAULT_MAX_BODY_BYTES, read_body, too_large_message
 from ..engine.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -109,11 +110,13 @@ class EngineReplica:
         device, dtype: where the base goes (default: ``cuda`` when the replica has a GPU, else CPU float32).
         torch_threads: torch CPU threads of this replica (replicas sharing a machine should not oversubscribe).
         local_files_only: never download from the Hub.
+        max_body_bytes: larger request bodies are answered with 413 (``create_app``).
     """
 
     def __init__(self, *, base: str, deltas: Mapping[str, tuple[str, str | None]], config: EngineConfig,
                  base_name: str = "base", api_key: str | None = None, device: str | None = None,
-                 dtype: str | None = None, torch_threads: int | None = 1, local_files_only: bool = False):
+                 dtype: str | None = None, torch_threads: int | None = 1, local_files_only: bool = False,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         import torch
 
         from ..api.app import create_app
@@ -128,7 +131,7 @@ class EngineReplica:
         for name, (repo, revision) in deltas.items():
             self.engine.register_delta(name, repo, revision=revision)
         self.engine.start()
-        self.app = create_app(self.engine, api_key=api_key)
+        self.app = create_app(self.engine, api_key=api_key, max_body_bytes=max_body_bytes)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.counts = {"requests": 0, "hits": 0, "misses": 0, "multiplexed_loads": 0}
 
@@ -219,10 +222,13 @@ class DeltaRouter:
         deltas: the served delta names (requests for them carry the multiplexed id).
         api_key: checked here for ``/v1/stats`` (the replicas check every other route).
         retries: times a request is re-sent when its replica is lost before answering.
+        max_body_bytes: larger request bodies are answered with 413 here, before they are read whole.
     """
 
-    def __init__(self, engine: Any, *, deltas: list[str], api_key: str | None = None, retries: int = 2):
+    def __init__(self, engine: Any, *, deltas: list[str], api_key: str | None = None, retries: int = 2,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         self.engine = engine.options(stream=True)
+        self.max_body_bytes = max_body_bytes
         self.deltas = set(deltas)
         self.api_key = api_key
         self.retries = retries
@@ -235,7 +241,10 @@ class DeltaRouter:
             if not authorized(request.headers.get("authorization", ""), self.api_key):
                 return unauthorized()
             return JSONResponse({"router": self.counts, "replicas": self.replicas})
-        body = await request.body()
+        body = await read_body(request, self.max_body_bytes)
+        if body is None:
+            return error_response(413, too_large_message(self.max_body_bytes), "invalid_request_error",
+                                  "request_too_large")
         model = _model_of(body) if request.method == "POST" else None
         forwarded = {"method": request.method, "path": path, "query": request.url.query.encode(),
                      "headers": request.headers.raw, "body": body, "model": model}
@@ -303,7 +312,8 @@ def build_app(*, base: str | Path, deltas: Mapping[str, str | Path | tuple[str, 
               replicas: int = 1, config: EngineConfig | None = None, base_name: str = "base",
               api_key: str | None = None, device: str | None = None, dtype: str | None = None,
               replica_cpus: float = 1.0, replica_gpus: float = 0.0, torch_threads: int | None = 1,
-              max_ongoing_requests: int | None = None, local_files_only: bool = False) -> serve.Application:
+              max_ongoing_requests: int | None = None, local_files_only: bool = False,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> serve.Application:
     """The Serve application: ``replicas`` ``EngineReplica`` s behind one ``DeltaRouter`` ingress.
 
     Args:
@@ -315,7 +325,8 @@ def build_app(*, base: str | Path, deltas: Mapping[str, str | Path | tuple[str, 
         replica_cpus, replica_gpus: Ray resources of each replica (``replica_gpus=1`` puts each on its own GPU).
         max_ongoing_requests: requests in flight per replica (default: the engine's ``max_running``); the
             router sends more elsewhere, so keep it at the batch the engine should see.
-        base_name, api_key, device, dtype, torch_threads, local_files_only: as for ``hf-delta serve``.
+        base_name, api_key, device, dtype, torch_threads, local_files_only, max_body_bytes: as for
+            ``hf-delta serve``.
 
     Raises:
         EngineConfigError: ``replicas`` < 1 or an impossible engine config.
@@ -331,10 +342,10 @@ def build_app(*, base: str | Path, deltas: Mapping[str, str | Path | tuple[str, 
         num_replicas=replicas, max_ongoing_requests=ongoing,
         ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
     ).bind(base=str(base), deltas=specs, config=config, base_name=base_name, api_key=api_key, device=device,
-           dtype=dtype, torch_threads=torch_threads, local_files_only=local_files_only)
+           dtype=dtype, torch_threads=torch_threads, local_files_only=local_files_only, max_body_bytes=max_body_bytes)
     router = serve.deployment(DeltaRouter, name="DeltaRouter").options(
         num_replicas=1, max_ongoing_requests=max(1000, ongoing * replicas), ray_actor_options={"num_cpus": 0})
-    return router.bind(replica, deltas=list(specs), api_key=api_key)
+    return router.bind(replica, deltas=list(specs), api_key=api_key, max_body_bytes=max_body_bytes)
 
 
 def app_builder(args: Mapping[str, Any]) -> serve.Application:
