@@ -10,8 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+
+def reference_model(base: Path, deltas: Mapping[str, Path]):
+    """A ``DeltaModel`` over ``base`` with ``deltas`` (``{name: folder}``) added, in eval mode."""
+    from hf_delta import DeltaModel
+    from hf_delta.storage import Delta
+    from hf_delta.utils.loading import load_model
+
+    model = DeltaModel(load_model(base))
+    for name, folder in deltas.items():
+        model.add_delta(name, Delta.from_folder(folder))
+    return model.eval()
 
 
 def adjusted(logits: torch.Tensor, prompt: Sequence[int], output: Sequence[int], eos: Collection[int], *,

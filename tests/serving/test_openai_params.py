@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from http_helpers import request_json
-from sampling_reference import greedy, prompt_logprobs
+from sampling_reference import greedy, prompt_logprobs, reference_model
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -32,13 +32,7 @@ def tokenizer(micro_base):
 
 @pytest.fixture(scope="module")
 def model(micro_base, serving_deltas):
-    from hf_delta import DeltaModel
-    from hf_delta.storage import Delta
-    from hf_delta.utils.loading import load_model
-
-    reference = DeltaModel(load_model(micro_base))
-    reference.add_delta(DELTA, Delta.from_folder(serving_deltas[DELTA]))
-    return reference.eval()
+    return reference_model(micro_base, {DELTA: serving_deltas[DELTA]})
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sampling_reference import adjusted, greedy, prompt_logprobs
+from sampling_reference import adjusted, greedy, prompt_logprobs, reference_model
 
 from hf_delta.serving.engine import Engine, EngineConfig, SamplingParams
 from hf_delta.serving.engine.logits import adjust_logits
@@ -18,13 +18,7 @@ TOP = 3
 
 @pytest.fixture(scope="module")
 def model(micro_base, serving_deltas):
-    from hf_delta import DeltaModel
-    from hf_delta.storage import Delta
-    from hf_delta.utils.loading import load_model
-
-    reference = DeltaModel(load_model(micro_base))
-    reference.add_delta(DELTA, Delta.from_folder(serving_deltas[DELTA]))
-    return reference.eval()
+    return reference_model(micro_base, {DELTA: serving_deltas[DELTA]})
 
 
 @pytest.fixture(scope="module")
