@@ -291,3 +291,22 @@ def test_no_error_body_names_a_server_path(server, fine_tuning_dir, broken_delta
         message = body["error"]["message"]
         assert not any(p in message for p in private), message
     assert "delta_model.safetensors" in bodies[-1][1]["error"]["message"]  # the file is still named
+
+
+def test_lm_eval_local_completions_log_likelihoods(server, micro_base, model, tokenizer):
+    """lm-eval's own ``local-completions`` client (``lm_eval[api]``) against this server equals the reference."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm_eval[api]")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    pairs = [("add 1 to 2 3 =", " 3 4"), ("encode a b =", " c d")]
+    for name in (DELTA, "base"):
+        lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=name, tokenizer_backend="huggingface",
+                                 tokenizer=str(micro_base), num_concurrent=1, max_retries=1, batch_size=2)
+        got = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i)
+                                for i, pair in enumerate(pairs)])
+        for (context, continuation), (logprob, _) in zip(pairs, got, strict=True):
+            ids, start = tokenizer(context + continuation)["input_ids"], len(tokenizer(context)["input_ids"])
+            want = prompt_logprobs(model, _ref_name(name), ids).logprobs[start - 1 :]
+            assert logprob == pytest.approx(sum(want), abs=1e-4), (name, context)
