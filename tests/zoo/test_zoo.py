@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from hf_delta.bench.zoo_eval import linear_layers_changed
 from hf_delta.errors import ModelLoadError, ZooError
 from hf_delta.utils.loading import check_tokenizer_fits, load_model_and_tokenizer
+from hf_delta.utils.progress import listen_progress
 from hf_delta.zoo import build_zoo, get_recipe, load_zoo, make_task
 
 
@@ -27,6 +28,29 @@ def test_building_twice_gives_bit_identical_weights(tmp_path, torch_one_thread):
         assert first[name].keys() == second[name].keys()
         for key in first[name]:
             assert torch.equal(first[name][key], second[name][key]), f"{name}:{key} differs between builds"
+
+
+@pytest.mark.slow
+def test_building_some_models_gives_the_same_weights_and_the_rest_comes_later(micro_zoo, tmp_path,
+                                                                             torch_one_thread):
+    steps = []
+    with listen_progress(lambda desc, done, total: steps.append((desc, done, total))):
+        part = build_zoo("micro", tmp_path, models=["llama-facts"])
+    assert sorted(part.entries) == ["llama-base", "llama-facts"]  # its base comes with it, nothing else
+    assert {desc for desc, _, _ in steps} == {"pretrain llama-base", "fine-tune llama-facts"}
+    assert ("fine-tune llama-facts", get_recipe("micro").finetune.steps, get_recipe("micro").finetune.steps) in steps
+    full = _weights(micro_zoo)
+    for name, weights in _weights(part).items():
+        assert weights.keys() == full[name].keys()
+        assert all(torch.equal(weights[k], full[name][k]) for k in weights), f"{name} differs from the full build"
+    with pytest.raises(ZooError, match=r"lacks \['qwen2-base'"):
+        load_zoo("micro", tmp_path)  # a partial zoo is not the whole zoo
+    base_written = (part["llama-base"].path / "model.safetensors").stat().st_mtime_ns
+    more = build_zoo("micro", tmp_path, models=["llama-cipher"])
+    assert sorted(more.entries) == ["llama-base", "llama-cipher", "llama-facts"]
+    assert (more["llama-base"].path / "model.safetensors").stat().st_mtime_ns == base_written  # reused
+    with pytest.raises(ZooError, match="no models \\['gpt-base'\\]"):
+        build_zoo("micro", tmp_path, models=["gpt-base"])
 
 
 def test_zoo_layout_and_fine_tunes(micro_zoo):

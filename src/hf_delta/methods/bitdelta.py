@@ -18,6 +18,7 @@ from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaFormatError
 from ..packing import pack_1bit_u8, packed_width, unpack_signs
 from ..utils.memory import release_freed_memory
+from ..utils.progress import progress_range
 from ._dispatch import IdentityCache, kernels_forced, stacked_slots, use_kernels
 from .base import CompressedWeight, CompressionContext, DeltaMethod
 from .registry import register_delta_method
@@ -300,7 +301,7 @@ def distill_scales(model: nn.Module, ctx: CompressionContext) -> list[float]:
     losses = []
     model.set_delta("default")
     try:
-        for _ in tqdm(range(cfg.distill_steps), desc="bitdelta: scale distillation", disable=not ctx.progress):
+        for _ in progress_range(cfg.distill_steps, desc="bitdelta: scale distillation", disable=not ctx.progress):
             index = int(torch.randint(len(batches), (1,), generator=order))
             ids, mask = (t.to(model.device) for t in batches[index])
             logits = model(input_ids=ids, attention_mask=mask).logits.float()

@@ -6,11 +6,11 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -21,6 +21,7 @@ from transformers import (
 
 from ..errors import ZooError
 from ..utils.io import atomic_directory, atomic_write_text
+from ..utils.progress import progress_range
 from .corpus import stdlib_corpus
 from .recipes import SizeRecipe, TrainBudget, get_recipe
 from .tasks import Example, Task, make_task
@@ -105,7 +106,7 @@ def _train(model, batches, budget: TrainBudget, desc: str) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=budget.lr, weight_decay=0.0, betas=(0.9, 0.98))
     model.train()
     losses = []
-    for step in tqdm(range(budget.steps), desc=desc, leave=False, mininterval=2):
+    for step in progress_range(budget.steps, desc=desc, leave=False, mininterval=2):
         input_ids, labels = batches(step)
         for group in opt.param_groups:
             group["lr"] = _lr(step, budget)
@@ -176,8 +177,15 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path
         atomic_write_text(tmp / "zoo_model.json", json.dumps(meta, indent=2))
 
 
-def load_zoo(size: str = "micro", directory: str | Path | None = None) -> Zoo:
-    """Open a zoo built earlier; raise ``ZooError`` if it is missing or built from another recipe."""
+def load_zoo(size: str = "micro", directory: str | Path | None = None, *,
+             models: Iterable[str] | None = None) -> Zoo:
+    """Open a zoo built earlier; raise ``ZooError`` if it is missing or built from another recipe.
+
+    Args:
+        size, directory: as for ``build_zoo``.
+        models: the models that must be there (default: every model of the recipe). A zoo built for some
+            models only (``build_zoo(models=...)``) opens with those; its other models are left out.
+    """
     recipe = get_recipe(size)
     root = Path(directory or default_zoo_dir()) / size
     manifest = root / MANIFEST
@@ -189,16 +197,38 @@ def load_zoo(size: str = "micro", directory: str | Path | None = None) -> Zoo:
                        f"`hf-delta zoo build --size {size}`.")
     entries = {n: ZooEntry(name=n, path=root / n, **{k: v for k, v in e.items() if k != "path"})
                for n, e in data["models"].items()}
-    missing = [e.name for e in entries.values() if not (e.path / "config.json").is_file()]
+    wanted = _with_bases(recipe, models)
+    missing = [n for n in wanted if n not in entries or not (entries[n].path / "config.json").is_file()]
     if missing:
         raise ZooError(f"The {size} zoo at {root} lacks {missing}; rebuild it with `hf-delta zoo build`.")
     return Zoo(root=root, size=size, recipe_hash=recipe.hash(), entries=entries)
 
 
-def build_zoo(size: str = "micro", directory: str | Path | None = None, *, force: bool = False) -> Zoo:
+def _with_bases(recipe: SizeRecipe, models: Iterable[str] | None) -> list[str]:
+    """``models`` (default: all of the recipe) and the bases they were fine-tuned from, in build order."""
+    names = list(_ARCH) + [name for name, _, _ in recipe.finetunes]
+    if models is None:
+        return names
+    models = set(models)
+    unknown = sorted(models - set(names))
+    if unknown:
+        raise ZooError(f"The {recipe.size} zoo has no models {unknown}; it has {names}.")
+    models |= {base for name, base, _ in recipe.finetunes if name in models}
+    return [n for n in names if n in models]
+
+
+def build_zoo(size: str = "micro", directory: str | Path | None = None, *, force: bool = False,
+              models: Iterable[str] | None = None) -> Zoo:
     """Build (or reuse the cached) zoo of ``size`` under ``directory`` and return it.
 
-    The build is deterministic: fixed seeds, one thread count, no data from outside the Python install.
+    The build is deterministic: fixed seeds, one thread count, no data from outside the Python install. Every
+    model has its own seed, so building some models now and the rest later gives the same weights as one build.
+
+    Args:
+        size: ``"micro"`` or ``"small"``.
+        directory: zoo root (default ``default_zoo_dir()``); the zoo goes to ``<directory>/<size>``.
+        force: rebuild even what is cached.
+        models: build only these fine-tunes (and their bases), e.g. the demo's Llama ones; default: all.
 
     >>> zoo = build_zoo("micro")
     >>> [e.name for e in zoo.finetunes][:2]
@@ -206,38 +236,55 @@ def build_zoo(size: str = "micro", directory: str | Path | None = None, *, force
     """
     recipe = get_recipe(size)
     root = Path(directory or default_zoo_dir()) / size
+    wanted = _with_bases(recipe, models)
+    built: dict[str, dict] = {}
     if not force:
         try:
-            return load_zoo(size, directory)
+            return load_zoo(size, directory, models=wanted)
         except ZooError:
-            pass
-    logger.info("Building the %s zoo in %s", size, root)
+            built = _built_models(root, recipe)
+    todo = [n for n in wanted if n not in built]
+    logger.info("Building the %s zoo in %s: %s", size, root, ", ".join(todo))
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, 2))  # same thread count everywhere, so the weights are bit-identical
     try:
-        models = _build(recipe, root)
+        built.update(_build(recipe, root, todo))
     finally:
         torch.set_num_threads(threads)
+    ordered = {n: built[n] for n in _with_bases(recipe, None) if n in built}
     atomic_write_text(root / MANIFEST, json.dumps({"size": size, "recipe_hash": recipe.hash(),
-                                                   "models": models}, indent=2))
-    return load_zoo(size, directory)
+                                                   "models": ordered}, indent=2))
+    return load_zoo(size, directory, models=wanted)
 
 
-def _build(recipe: SizeRecipe, root: Path) -> dict[str, dict]:
+def _built_models(root: Path, recipe: SizeRecipe) -> dict[str, dict]:
+    """The manifest entries of models already built from this recipe (none if the zoo is from another one)."""
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        return {}
+    data = json.loads(manifest.read_text())
+    if data.get("recipe_hash") != recipe.hash():
+        return {}
+    return {n: e for n, e in data["models"].items() if (root / n / "config.json").is_file()}
+
+
+def _build(recipe: SizeRecipe, root: Path, names: list[str]) -> dict[str, dict]:
     text = stdlib_corpus(recipe.corpus_chars)
     tokenizer = train_tokenizer(text, recipe.vocab_size)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     models: dict[str, dict] = {}
-    bases: dict[str, PreTrainedModel] = {}
     for seed, (base_name, arch) in enumerate(_ARCH.items()):
+        if base_name not in names:
+            continue
         torch.manual_seed(seed)
         model = _new_model(arch, recipe, tokenizer)
         _train(model, _pretrain_batches(ids, recipe.pretrain, seed), recipe.pretrain, f"pretrain {base_name}")
         meta = {"arch": arch}
         _save(model, tokenizer, root / base_name, meta)
-        bases[base_name] = model
         models[base_name] = meta
     for seed, (name, base_name, task_name) in enumerate(recipe.finetunes, start=100):
+        if name not in names:
+            continue
         task = _task(recipe, task_name)
         model = AutoModelForCausalLM.from_pretrained(root / base_name, dtype=torch.float32)
         tok = add_chat_tokens(tokenizer) if task.chat else tokenizer
