@@ -24,7 +24,7 @@ _ERRORS = (
     "ArchitectureMismatchError", "BaseModelMismatchError", "BaseModelNotServedError", "CalibrationError",
     "DeltaConfigError", "DeltaFormatError", "DeltaLoadError", "DeltaNotFoundError", "EngineConfigError",
     "FineTuneConfigError", "FineTuneJobNotFoundError", "HfDeltaError", "InsufficientMemoryError", "InvalidRequestError",
-    "MissingDependencyError", "ModelLoadError", "ZooError",
+    "MissingDependencyError", "ModelLoadError", "SpaceBuildError", "ZooError",
 )
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
@@ -75,6 +75,7 @@ __all__ = [  # the keys of _EXPORTS (a test checks), spelled out for tools that 
     "MissingDependencyError",
     "MixedSVDConfig",
     "ModelLoadError",
+    "SpaceBuildError",
     "ZooError",
     "__version__",
     "compress",
@@ -110,6 +111,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; nothing is imported at 
         InvalidRequestError,
         MissingDependencyError,
         ModelLoadError,
+        SpaceBuildError,
         ZooError,
     )
     from .integrations.peft import export_peft_lora

@@ -79,3 +79,7 @@ class FineTuneJobNotFoundError(HfDeltaError, KeyError):
 
 class InsufficientMemoryError(HfDeltaError, MemoryError):
     """The machine cannot hold what a compression setting needs; the message says what would fit."""
+
+
+class SpaceBuildError(HfDeltaError, RuntimeError):
+    """A Space folder cannot be built or pushed (no checkout to build the wheel from, a failed wheel build)."""

@@ -13,6 +13,7 @@ from ..serving.engine.engine import Engine
 from ..serving.engine.sampling import SamplingParams
 from ..utils.specs import DeltaSpec
 from .settings import DemoSettings
+from .startup import StartupProgress
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +28,15 @@ class DemoModels:
     examples: dict[str, list[str]] = field(default_factory=dict)
 
 
-def resolve_models(settings: DemoSettings) -> DemoModels:
-    """The real base and deltas of ``settings``, or else the zoo (built and compressed on first use)."""
+def resolve_models(settings: DemoSettings, *, progress: StartupProgress | None = None) -> DemoModels:
+    """The real base and deltas of ``settings``, or else the zoo (built and compressed on first use, each step
+    told to ``progress``)."""
     if settings.base:
         return DemoModels(base=settings.base, deltas=dict(settings.deltas))
     from .zoo_deltas import prepare_zoo_demo
 
     zoo = prepare_zoo_demo(settings.size, zoo_dir=settings.zoo_dir, cache_dir=settings.cache_dir,
-                           base=settings.zoo_base)
+                           base=settings.zoo_base, progress=progress)
     return DemoModels(base=zoo.base, deltas=dict(zoo.deltas), finetunes=zoo.finetunes, examples=zoo.examples)
 
 
@@ -72,18 +74,37 @@ def warm_up(engine: Engine) -> None:
 def run_demo(settings: DemoSettings) -> Any:
     """Prepare the models and, unless ``settings.launch`` is false, serve the app (blocks until interrupted).
 
+    While the models are built, compressed or downloaded and the engine starts, a start page with the progress
+    is served on the same address; it turns into the app when everything is ready.
+
     Returns the ``gr.Blocks`` (launched or not), or ``None`` with ``launch=False``.
     """
-    models = resolve_models(settings)
     if not settings.launch:
+        models = resolve_models(settings)
         logger.info("Models ready: base %s, deltas %s (not launching)", models.base, sorted(models.deltas))
         return None
     from .app import build_demo
+    from .start_page import build_start_page
 
-    engine = start_engine(models)
-    demo = build_demo(engine, finetunes=models.finetunes, examples=models.examples, max_tokens=settings.max_tokens)
+    progress = StartupProgress()
+    page = build_start_page(progress)
+    _, url, _ = page.launch(server_name=settings.host, server_port=settings.port, prevent_thread_lock=True)
+    logger.info("Start page at %s: it turns into the demo when the models are ready", url)
+    port = page.server_port
     try:
-        demo.launch(server_name=settings.host, server_port=settings.port)
+        models = resolve_models(settings, progress=progress)
+        progress.begin("starting the engine: loading the base and warming up the deltas")
+        engine = start_engine(models)
+    except BaseException as err:
+        progress.fail(err)
+        page.close()
+        raise
+    try:
+        demo = build_demo(engine, finetunes=models.finetunes, examples=models.examples,
+                          max_tokens=settings.max_tokens)
+        progress.finish()
+        page.close()
+        demo.launch(server_name=settings.host, server_port=port)
     finally:
         engine.close()
     return demo

@@ -17,8 +17,11 @@ from pathlib import Path
 
 from ..config import CONFIG_NAME, DeltaConfig
 from ..errors import ZooError
+from ..utils.progress import listen_progress
+from .startup import Stage, StartupProgress
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ZooDemo:
@@ -47,10 +50,38 @@ def setting_hash(config: DeltaConfig) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+# A task example (prompt and answer) is about this many tokens: a fine-tuning step does batch x this much work.
+_TASK_TOKENS = 32
+
+
+def _zoo_stages(size: str, names: list[str]) -> list[Stage]:
+    from ..zoo import get_recipe
+
+    recipe = get_recipe(size)
+    tasks = {name: task for name, _, task in recipe.finetunes}
+    stages = []
+    for name in names:
+        if name in tasks:
+            budget = recipe.finetune_budget(tasks[name])
+            stages.append(Stage(f"fine-tune {name}", "fine-tune", budget.steps, budget.batch_size * _TASK_TOKENS))
+        else:
+            budget = recipe.pretrain
+            stages.append(Stage(f"pretrain {name}", "pretrain", budget.steps, budget.batch_size * budget.seq_len))
+    return stages
+
+
+def _compress_stage(name: str, config: DeltaConfig) -> Stage:
+    steps = getattr(config, "distill_steps", 0) or 1
+    work = getattr(config, "distill_batch_size", 1) * getattr(config, "distill_seq_len", 1)
+    return Stage(f"compress {name}", "compress", steps, work)
+
+
 def prepare_zoo_demo(size: str = "small", *, zoo_dir: str | Path | None = None, cache_dir: str | Path | None = None,
                      base: str = "llama-base", config: DeltaConfig | None = None,
-                     calibration_examples: int = 64) -> ZooDemo:
-    """Build the zoo of ``size`` if needed and compress the fine-tunes of ``base`` that are not cached yet.
+                     calibration_examples: int = 64, progress: StartupProgress | None = None) -> ZooDemo:
+    """Build the zoo models of ``base`` if needed and compress its fine-tunes that are not cached yet.
+
+    Only what is served is built: ``base`` and its fine-tunes (the other zoo base and its fine-tunes are not).
 
     Args:
         size: zoo size, ``"small"`` (the demo's default) or ``"micro"`` (seconds; for tests).
@@ -59,6 +90,7 @@ def prepare_zoo_demo(size: str = "small", *, zoo_dir: str | Path | None = None, 
         base: which zoo base to serve (``"llama-base"`` or ``"qwen2-base"``); its fine-tunes become the deltas.
         config: the compression setting (default ``BitDeltaConfig()``: 1 bit per weight + scale distillation).
         calibration_examples: training examples of each fine-tune's task used as distillation texts.
+        progress: told the stages still to run (training, compression) and each of their steps.
 
     Returns:
         A ``ZooDemo`` with the base folder, the delta folders and example prompts.
@@ -74,33 +106,44 @@ def prepare_zoo_demo(size: str = "small", *, zoo_dir: str | Path | None = None, 
     from ..evaluation import task_calibration
     from ..methods import BitDeltaConfig
     from ..utils.loading import load_tokenizer
-    from ..zoo import build_zoo, load_zoo
+    from ..zoo import build_zoo, get_recipe, missing_models
 
-    try:
-        zoo = load_zoo(size, zoo_dir)
-    except ZooError as err:
-        if "Unknown zoo size" in str(err):
-            raise
-        logger.info("First start: building the %s zoo (cached for later starts; the small one takes ~12 min on "
-                    "2 CPU cores)...", size)
-        zoo = build_zoo(size, zoo_dir)
-    if base not in zoo.entries or zoo[base].task is not None:
-        bases = sorted(e.name for e in zoo.entries.values() if e.task is None)
+    recipe = get_recipe(size)
+    bases = sorted({b for _, b, _ in recipe.finetunes})
+    if base not in bases:
         raise ZooError(f"{base!r} is not a base of the {size} zoo; choose one of {bases}.")
+    served = [name for name, b, _ in recipe.finetunes if b == base]
     config = config or BitDeltaConfig()
+    to_build = missing_models(size, zoo_dir, models=served)
+    if progress is not None:
+        progress.plan(_zoo_stages(size, to_build))
+    if to_build:
+        logger.info("First start: building %s of the %s zoo (cached for later starts)...", ", ".join(to_build), size)
+    with listen_progress(progress.update if progress is not None else None):
+        zoo = build_zoo(size, zoo_dir, models=served)
     folder = Path(cache_dir or default_cache_dir()) / f"{size}-{zoo.recipe_hash}-{config.method}-{setting_hash(config)}"
-    finetunes = [e for e in zoo.finetunes if e.base == base]
+    finetunes = [zoo[name] for name in served]
+    todo = [e for e in finetunes if not (folder / e.name / CONFIG_NAME).is_file()]
+    if progress is not None:
+        progress.plan([_compress_stage(e.name, config) for e in todo])
     deltas: dict[str, Path] = {}
-    for i, entry in enumerate(finetunes, start=1):
+    for entry in finetunes:
         dest = folder / entry.name
-        if not (dest / CONFIG_NAME).is_file():
-            logger.info("Compressing %s with %s (%d/%d, first start only)...", entry.name, config.method, i,
-                        len(finetunes))
+        if entry in todo:
+            logger.info("Compressing %s with %s (%d/%d, first start only)...", entry.name, config.method,
+                        todo.index(entry) + 1, len(todo))
+            stage = f"compress {entry.name}"
+            if progress is not None:
+                progress.begin(stage)
             start = time.perf_counter()
             tokenizer = load_tokenizer(entry.path)
             texts = task_calibration(tokenizer, zoo.task(entry.name), n=calibration_examples)
-            model = compress(zoo[base].path, entry.path, config, texts, progress=False)
+            with listen_progress(None if progress is None else
+                                 lambda _desc, done, total, stage=stage: progress.update(stage, done, total)):
+                model = compress(zoo[base].path, entry.path, config, texts, progress=False)
             model.save_pretrained(dest)  # atomic: a crash leaves no half-written delta behind
+            if progress is not None:
+                progress.update(stage, _compress_stage(entry.name, config).steps, 0)
             logger.info("Compressed %s in %.0f s -> %s", entry.name, time.perf_counter() - start, dest)
         deltas[entry.name] = dest
     examples = {e.name: [ex.prompt for ex in zoo.task(e.name).heldout[:3]] for e in finetunes}

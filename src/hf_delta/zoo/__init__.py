@@ -1,6 +1,6 @@
 """The reference zoo: a tiny base LM and full-parameter fine-tunes of it, built offline and deterministically."""
 
-from .build import Zoo, ZooEntry, build_zoo, default_zoo_dir, load_zoo
+from .build import Zoo, ZooEntry, build_zoo, default_zoo_dir, load_zoo, missing_models
 from .recipes import RECIPES, get_recipe
 from .tasks import TASK_NAMES, Example, Task, make_task
 
@@ -16,4 +16,5 @@ __all__ = [
     "get_recipe",
     "load_zoo",
     "make_task",
+    "missing_models",
 ]

@@ -257,6 +257,14 @@ def build_zoo(size: str = "micro", directory: str | Path | None = None, *, force
     return load_zoo(size, directory, models=wanted)
 
 
+def missing_models(size: str = "micro", directory: str | Path | None = None, *,
+                   models: Iterable[str] | None = None) -> list[str]:
+    """The models (``models`` and their bases; default all) that ``build_zoo`` would have to build, in order."""
+    recipe = get_recipe(size)
+    built = _built_models(Path(directory or default_zoo_dir()) / size, recipe)
+    return [n for n in _with_bases(recipe, models) if n not in built]
+
+
 def _built_models(root: Path, recipe: SizeRecipe) -> dict[str, dict]:
     """The manifest entries of models already built from this recipe (none if the zoo is from another one)."""
     manifest = root / MANIFEST
