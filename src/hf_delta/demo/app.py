@@ -27,6 +27,7 @@ from ..errors import HfDeltaError
 from ..serving.engine.engine import Engine
 from .models import COLUMNS, ModelCatalog
 from .service import Comparison, DemoService
+from .zerogpu import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def render_comparison(comparison: Comparison) -> tuple[str, str]:
 
 def build_demo(engine: Engine, *, finetunes: Mapping[str, Any] | None = None,
                examples: Mapping[str, Sequence[str]] | None = None, max_tokens: int = 64,
-               title: str = "hf_delta demo", refresh_every: float = 5.0) -> gr.Blocks:
+               title: str = "hf_delta demo", refresh_every: float = 5.0, runner: Runner | None = None) -> gr.Blocks:
     """The Gradio app serving ``engine`` (start the engine's loop first: ``engine.start()``).
 
     Args:
@@ -123,11 +124,13 @@ def build_demo(engine: Engine, *, finetunes: Mapping[str, Any] | None = None,
         max_tokens: most tokens per reply (greedy decoding).
         title: the browser tab's title.
         refresh_every: seconds between refreshes of the models panel (0 = only on demand).
+        runner: runs each event's requests to the end (ZeroGPU: ``zerogpu.gpu_runner()``; the engine's loop is
+            then not started); default: the engine's running loop streams them.
 
     >>> engine = Engine(base, deltas={"math": "./math-delta"}); engine.start()  # doctest: +SKIP
     >>> build_demo(engine).launch()  # doctest: +SKIP
     """
-    service = DemoService(engine, max_tokens=max_tokens)
+    service = DemoService(engine, max_tokens=max_tokens, runner=runner)
     catalog = ModelCatalog(engine, finetunes=finetunes)
     examples = dict(examples or {})
     names = service.model_names()

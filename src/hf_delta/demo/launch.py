@@ -40,14 +40,25 @@ def resolve_models(settings: DemoSettings, *, progress: StartupProgress | None =
     return DemoModels(base=zoo.base, deltas=dict(zoo.deltas), finetunes=zoo.finetunes, examples=zoo.examples)
 
 
-def start_engine(models: DemoModels, *, config: EngineConfig | None = None, warm: bool = True, **engine_kwargs: Any
-                 ) -> Engine:
+def start_engine(models: DemoModels, *, config: EngineConfig | None = None, warm: bool = True,
+                 gpu_calls: bool = False, **engine_kwargs: Any) -> Engine:
     """An ``Engine`` over ``models`` with its loop running; ``warm`` loads every delta that fits a device slot
-    (one 1-token request each), so the first chat or compare does not wait for a load."""
+    (one 1-token request each), so the first chat or compare does not wait for a load.
+
+    With ``gpu_calls`` (ZeroGPU) the loop is not started: each event steps the engine inside its own
+    ``@spaces.GPU`` call (``zerogpu.run_requests``); the base goes to CUDA, and nothing is warmed up at start.
+    """
+    if gpu_calls:
+        import torch
+
+        if torch.cuda.is_available():  # on ZeroGPU, CUDA tensors made here move to the GPU when a call runs
+            engine_kwargs.setdefault("device", "cuda")
     engine = Engine(models.base, config=config or EngineConfig(), **engine_kwargs)
     for name, spec in models.deltas.items():
         spec = spec if isinstance(spec, DeltaSpec) else DeltaSpec(str(spec))
         engine.register_delta(name, spec.repo, revision=spec.revision)
+    if gpu_calls:
+        return engine
     engine.start()
     if warm:
         warm_up(engine)
@@ -71,13 +82,31 @@ def warm_up(engine: Engine) -> None:
             logger.warning("Delta %s could not be warmed up: %s", name, err)
 
 
-def run_demo(settings: DemoSettings) -> Any:
-    """Prepare the models and, unless ``settings.launch`` is false, serve the app (blocks until interrupted).
+@dataclass
+class LaunchedDemo:
+    """The demo serving in the background (``run_demo(..., block=False)``): close it when done."""
+
+    app: Any  # the gr.Blocks
+    engine: Engine
+    url: str
+
+    def close(self) -> None:
+        self.app.close()
+        self.engine.close()
+
+
+def run_demo(settings: DemoSettings, *, block: bool = True) -> LaunchedDemo | None:
+    """Prepare the models and, unless ``settings.launch`` is false, serve the app.
 
     While the models are built, compressed or downloaded and the engine starts, a start page with the progress
     is served on the same address; it turns into the app when everything is ready.
 
-    Returns the ``gr.Blocks`` (launched or not), or ``None`` with ``launch=False``.
+    Args:
+        settings: what to serve and where.
+        block: serve until interrupted (then close everything); ``False`` returns once the app serves.
+
+    Returns:
+        The running demo with ``block=False``; ``None`` otherwise (and with ``launch=False``).
     """
     if not settings.launch:
         models = resolve_models(settings)
@@ -85,7 +114,9 @@ def run_demo(settings: DemoSettings) -> Any:
         return None
     from .app import build_demo
     from .start_page import build_start_page
+    from .zerogpu import gpu_runner, on_zerogpu
 
+    runner = gpu_runner() if on_zerogpu() else None  # before any launch: ZeroGPU looks for GPU functions then
     progress = StartupProgress()
     page = build_start_page(progress)
     _, url, _ = page.launch(server_name=settings.host, server_port=settings.port, prevent_thread_lock=True)
@@ -94,17 +125,21 @@ def run_demo(settings: DemoSettings) -> Any:
     try:
         models = resolve_models(settings, progress=progress)
         progress.begin("starting the engine: loading the base and warming up the deltas")
-        engine = start_engine(models)
+        engine = start_engine(models, gpu_calls=runner is not None)
     except BaseException as err:
         progress.fail(err)
         page.close()
         raise
     try:
         demo = build_demo(engine, finetunes=models.finetunes, examples=models.examples,
-                          max_tokens=settings.max_tokens)
+                          max_tokens=settings.max_tokens, runner=runner)
         progress.finish()
         page.close()
-        demo.launch(server_name=settings.host, server_port=port)
-    finally:
+        _, url, _ = demo.launch(server_name=settings.host, server_port=port, prevent_thread_lock=not block)
+    except BaseException:
         engine.close()
-    return demo
+        raise
+    if block:  # launch returned: the server was stopped
+        engine.close()
+        return None
+    return LaunchedDemo(app=demo, engine=engine, url=url)

@@ -22,8 +22,9 @@ from typing import Any
 
 from ..errors import DeltaNotFoundError, InvalidRequestError
 from ..serving.engine.engine import Engine
-from ..serving.engine.handles import RequestHandle
+from ..serving.engine.handles import GenerationResult, RequestHandle
 from ..serving.engine.sampling import SamplingParams
+from .zerogpu import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +84,16 @@ class DemoService:
     """Chat and compare requests over a running ``Engine``.
 
     Args:
-        engine: the engine (its background loop must be started for streaming).
+        engine: the engine (its background loop must be started for streaming, unless ``runner`` is given).
         max_tokens: most tokens per reply.
+        runner: runs a list of requests to the end and returns their results (``zerogpu.gpu_runner()`` on
+            ZeroGPU, where the engine steps inside ``@spaces.GPU`` calls); replies then come whole, not streamed.
     """
 
-    def __init__(self, engine: Engine, *, max_tokens: int = 64):
+    def __init__(self, engine: Engine, *, max_tokens: int = 64, runner: Runner | None = None):
         self.engine = engine
         self.max_tokens = max_tokens
+        self.runner = runner
         self._modes: dict[str, str] = {}
         self._active: dict[str, set[str]] = {}  # session → request ids streaming now
         self._lock = threading.Lock()
@@ -149,6 +153,12 @@ class DemoService:
                      session: str | None = None) -> Iterator[str]:
         """Yield the reply so far after each new piece of text (greedy). ``stop(session)`` ends it early."""
         _, ids = self.build_prompt(model, message, history)
+        if self.runner is not None:
+            (result,) = self.runner(self.engine, [(model, ids, self._params())])
+            if isinstance(result, Exception):
+                raise result
+            yield result.text
+            return
         handle = self.engine.submit(model, ids, params=self._params())
         self._track(session, handle, add=True)
         text = ""
@@ -214,14 +224,16 @@ class DemoService:
         params = self._params()
         steps_before = self.engine.counters["steps"]
         start = time.perf_counter()
-        handles = [self.engine.submit(model, ids, params=params) for model, ids in prepared]
+        if self.runner is not None:
+            outcomes = self.runner(self.engine, [(model, ids, params) for model, ids in prepared])
+        else:
+            handles = [self.engine.submit(model, ids, params=params) for model, ids in prepared]
+            outcomes = [_outcome(handle) for handle in handles]
         answers = []
-        for (model, _), handle in zip(prepared, handles, strict=True):
-            try:
-                result = handle.result()
-            except Exception as err:  # e.g. a delta that cannot load: only its own answer fails
+        for (model, _), result in zip(prepared, outcomes, strict=True):
+            if isinstance(result, Exception):  # e.g. a delta that cannot load: only its own answer fails
                 answers.append(Answer(model=model, text="", finish_reason="error", completion_tokens=0,
-                                      latency=time.perf_counter() - start, ttft=None, error=str(err)))
+                                      latency=time.perf_counter() - start, ttft=None, error=str(result)))
                 continue
             t = result.timing
             answers.append(Answer(model=model, text=result.text, finish_reason=result.finish_reason,
@@ -236,3 +248,11 @@ class DemoService:
         same_step = complete and len({a.first_token_at for a in served}) == 1
         return Comparison(prompt=prompt, answers=answers, engine_steps=self.engine.counters["steps"] - steps_before,
                           one_batch=together, same_step=same_step, wall=wall)
+
+
+def _outcome(handle: RequestHandle) -> GenerationResult | Exception:
+    """The handle's result, or the exception its request failed with."""
+    try:
+        return handle.result()
+    except Exception as err:
+        return err
