@@ -43,3 +43,24 @@ def test_unknown_base_or_size(micro_zoo, tmp_path):
         prepare_zoo_demo("micro", zoo_dir=micro_zoo.root.parent, cache_dir=tmp_path, base="llama-arith")
     with pytest.raises(ZooError, match="Unknown zoo size"):
         prepare_zoo_demo("huge", zoo_dir=tmp_path, cache_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_first_start_on_an_empty_machine_builds_only_what_is_served(tmp_path, torch_one_thread):
+    from hf_delta.demo.startup import StartupProgress
+
+    progress = StartupProgress()
+    seen: list[tuple[str, int, int]] = []
+    real_update = progress.update
+    progress.update = lambda name, done, total: (seen.append((name, done, total)), real_update(name, done, total))
+    demo = prepare_zoo_demo("micro", zoo_dir=tmp_path / "zoo", cache_dir=tmp_path / "cache", base="qwen2-base",
+                            config=BitDeltaConfig(distill_steps=3), progress=progress)
+    built = sorted(p.name for p in (tmp_path / "zoo" / "micro").iterdir() if p.is_dir())
+    assert built == ["qwen2-arith", "qwen2-base", "qwen2-cipher"]  # no Llama model: it is not served
+    assert sorted(demo.deltas) == ["qwen2-arith", "qwen2-cipher"]
+    stages = list(dict.fromkeys(name for name, _, _ in seen))
+    assert stages == ["pretrain qwen2-base", "fine-tune qwen2-arith", "fine-tune qwen2-cipher",
+                      "compress qwen2-arith", "compress qwen2-cipher"]
+    assert ("compress qwen2-cipher", 3, 3) in seen
+    snap = progress.snapshot()
+    assert snap.percent == pytest.approx(100.0) and snap.eta_s == pytest.approx(0.0)
