@@ -1,8 +1,15 @@
-"""The demo app on the micro zoo, launched once per session (headless, on a free local port)."""
+"""The demo app on the micro zoo, launched once per session (headless, on a free local port), and the same demo
+as a built Space folder, installed into a fresh virtual environment and started from its ``app.py``."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,3 +95,84 @@ def greedy(demo_models):
         return cache[name, prompt]
 
     return answer
+
+
+@dataclass
+class SpaceApp:
+    url: str
+    folder: Path  # the Space folder (hf-delta space build)
+    venv: Path  # the fresh virtual environment its requirements went into
+    wheel_cache: Path  # where its app.py unpacked the bundled hf_delta wheel
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def space_folder(demo_models, tmp_path_factory) -> Path:
+    """``build_space`` output serving the micro zoo's Llama deltas (base and deltas chosen at build time)."""
+    from hf_delta.demo.space import build_space
+    from hf_delta.utils.specs import DeltaSpec
+
+    base, deltas, _ = demo_models
+    return build_space(tmp_path_factory.mktemp("space") / "space", base=str(base),
+                       deltas={name: DeltaSpec(str(folder)) for name, folder in deltas.items()})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without what points Python at this checkout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="session")
+def space_app(space_folder, tmp_path_factory) -> Iterator[SpaceApp]:
+    """The Space installed as the Spaces builder installs it and started headless from its ``app.py``.
+
+    The builder runs ``pip install -r requirements.txt`` on the requirements file alone (the Space's other files
+    are not there yet), so it is copied to a folder of its own first. Then ``python app.py`` runs in the Space
+    folder with the fresh environment's Python, nothing of this checkout on its path.
+    """
+    from hf_delta.demo.start_page import START_PAGE_ID
+
+    work = tmp_path_factory.mktemp("space-run")
+    builder = work / "builder"
+    builder.mkdir()
+    shutil.copy2(space_folder / "requirements.txt", builder / "requirements.txt")
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=_clean_env())
+    python = venv / "bin" / "python"
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", "requirements.txt"], cwd=builder,
+                          env=_clean_env(), capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, f"pip install -r requirements.txt failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    port = _free_port()
+    log = work / "app.log"
+    env = _clean_env(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", HF_HOME=str(work / "hf_home"),
+                     HF_DELTA_SPACE_CACHE=str(work / "wheel-cache"), OMP_NUM_THREADS="1")
+    with log.open("w") as out:
+        app = subprocess.Popen([str(python), "app.py", "--host", "127.0.0.1", "--port", str(port), "--max-tokens",
+                                str(MAX_TOKENS)], cwd=space_folder, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert app.poll() is None, f"app.py exited with {app.returncode}:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"app.py did not serve the demo in time:\n{log.read_text()[-4000:]}"
+            try:
+                with urllib.request.urlopen(url + "config", timeout=5) as response:
+                    if START_PAGE_ID not in response.read().decode():
+                        break  # the app itself answers, not the start page
+            except OSError:
+                pass
+            time.sleep(1)
+        yield SpaceApp(url=url, folder=space_folder, venv=venv, wheel_cache=work / "wheel-cache", log=log)
+    finally:
+        app.terminate()
+        try:
+            app.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            app.kill()

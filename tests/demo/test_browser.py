@@ -1,5 +1,6 @@
-"""The page in headless Chromium (Debian's package, driven by Playwright): load it, chat, see a bad-input
-message, and save a screenshot. Fails, never skips, when Chromium or Playwright is missing: CI installs them
+"""The page in headless Chromium (Debian's package, driven by Playwright), served by the Space that
+``hf-delta space build`` wrote and a fresh virtual environment runs: load it, chat, see a bad-input message,
+and save a screenshot. Fails, never skips, when Chromium or Playwright is missing: CI installs them
 (apt-get install -y chromium; pip install playwright)."""
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from demo_constants import DELTAS
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def test_page_chats_and_shows_bad_input_in_chromium(running_demo, greedy, tmp_path):
+def test_page_chats_and_shows_bad_input_in_chromium(space_app, demo_models, greedy, tmp_path):
     from hf_delta.demo.browser import open_page, pick_model, screenshot, send_message
 
-    prompt = running_demo.examples["llama-chat"][0]
-    with open_page(running_demo.url) as page:
+    _, _, examples = demo_models
+    prompt = examples["llama-chat"][0]
+    with open_page(space_app.url) as page:
         assert page.get_by_role("tab", name="Compare").is_visible()
         pick_model(page, "llama-chat")
         send_message(page, prompt, expect=greedy("llama-chat", prompt))
@@ -29,7 +31,7 @@ def test_page_chats_and_shows_bad_input_in_chromium(running_demo, greedy, tmp_pa
         path = screenshot(page, tmp_path / "page.png")
         # After the bad input, the page still serves: a raw-prompt fine-tune answers.
         pick_model(page, DELTAS[0])
-        send_message(page, running_demo.examples[DELTAS[0]][0])
+        send_message(page, examples[DELTAS[0]][0])
         assert bots.count() == 2
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 10_000

@@ -23,8 +23,13 @@ class _Clock:
 def test_percent_and_time_left_follow_the_measured_seconds_per_step():
     clock = _Clock()
     progress = StartupProgress(clock=clock)
-    progress.plan([Stage("pretrain b", "pretrain", 10, work=2), Stage("fine-tune x", "fine-tune", 10, work=1),
-                   Stage("compress x", "compress", 5, work=4)])
+    progress.plan(
+        [
+            Stage("pretrain b", "pretrain", 10, work=2),
+            Stage("fine-tune x", "fine-tune", 10, work=1),
+            Stage("compress x", "compress", 5, work=4),
+        ]
+    )
     progress.update("pretrain b", 0, 10)
     first = progress.snapshot()
     assert (first.stage, first.percent, first.eta_s, first.ready) == ("pretrain b", 0.0, None, False)
@@ -93,8 +98,11 @@ def test_run_demo_serves_the_start_page_at_once_then_the_app_on_the_same_port(de
         return DemoModels(base=base, deltas=dict(deltas))
 
     monkeypatch.setattr(launch_module, "resolve_models", slow_models)
-    monkeypatch.setattr(launch_module, "start_engine", lambda models, **kw: real_start_engine(
-        models, config=EngineConfig(kv_cache_tokens=4096), **kw))
+    monkeypatch.setattr(
+        launch_module,
+        "start_engine",
+        lambda models, **kw: real_start_engine(models, config=EngineConfig(kv_cache_tokens=4096), **kw),
+    )
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
     settings = DemoSettings(base=str(base), host="127.0.0.1", port=port, max_tokens=MAX_TOKENS)

@@ -8,8 +8,7 @@ import types
 from demo_constants import DELTAS, MAX_TOKENS
 
 
-def test_with_spaces_present_every_event_runs_inside_a_gpu_call(demo_models, greedy, monkeypatch,
-                                                                 torch_one_thread):
+def test_with_spaces_present_every_event_runs_inside_a_gpu_call(demo_models, greedy, monkeypatch, torch_one_thread):
     from hf_delta.demo import zerogpu
     from hf_delta.demo.launch import DemoModels, start_engine
     from hf_delta.demo.service import DemoService
@@ -28,8 +27,9 @@ def test_with_spaces_present_every_event_runs_inside_a_gpu_call(demo_models, gre
     monkeypatch.setattr(zerogpu.importlib.util, "find_spec", lambda name: object() if name == "spaces" else None)
     assert zerogpu.on_zerogpu()
     base, deltas, examples = demo_models
-    engine = start_engine(DemoModels(base=base, deltas=deltas), config=EngineConfig(kv_cache_tokens=4096),
-                          gpu_calls=True)
+    engine = start_engine(
+        DemoModels(base=base, deltas=deltas), config=EngineConfig(kv_cache_tokens=4096), gpu_calls=True
+    )
     try:
         assert not engine.is_running  # no background loop: nothing steps outside a GPU call
         service = DemoService(engine, max_tokens=MAX_TOKENS, runner=zerogpu.gpu_runner())

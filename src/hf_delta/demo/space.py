@@ -50,9 +50,11 @@ def find_checkout(start: str | Path | None = None) -> Path:
         pyproject = folder / "pyproject.toml"
         if pyproject.is_file() and 'name = "hf_delta"' in pyproject.read_text():
             return folder
-    raise SpaceBuildError(f"hf_delta runs from {here.parent}, which is not inside an hf_delta checkout, so there is "
-                          "no source to build the Space's wheel from: run from a checkout (pip install -e .) or "
-                          "pass a wheel with --wheel.")
+    raise SpaceBuildError(
+        f"hf_delta runs from {here.parent}, which is not inside an hf_delta checkout, so there is "
+        "no source to build the Space's wheel from: run from a checkout (pip install -e .) or "
+        "pass a wheel with --wheel."
+    )
 
 
 def build_wheel(checkout: str | Path, dest: str | Path) -> Path:
@@ -160,9 +162,16 @@ rest from the package registry.
 """
 
 
-def build_space(out: str | Path, *, base: str | None = None, deltas: Mapping[str, DeltaSpec] | None = None,
-                size: str | None = None, title: str = DEFAULT_TITLE, wheel: str | Path | None = None,
-                screenshot: str | Path | None = None) -> Path:
+def build_space(
+    out: str | Path,
+    *,
+    base: str | None = None,
+    deltas: Mapping[str, DeltaSpec] | None = None,
+    size: str | None = None,
+    title: str = DEFAULT_TITLE,
+    wheel: str | Path | None = None,
+    screenshot: str | Path | None = None,
+) -> Path:
     """Write the Space folder ``out`` (replaced as a whole, atomically) and return it.
 
     Args:
@@ -182,14 +191,17 @@ def build_space(out: str | Path, *, base: str | None = None, deltas: Mapping[str
     out = Path(out)
     deltas = dict(deltas or {})
     if deltas and not base:
-        raise SpaceBuildError(f"Deltas {sorted(deltas)} were given without a base: pass --base with the base model "
-                              "they were compressed from.")
+        raise SpaceBuildError(
+            f"Deltas {sorted(deltas)} were given without a base: pass --base with the base model "
+            "they were compressed from."
+        )
     variables = {}
     if base:
         variables[ENV_BASE] = base
     if deltas:
-        variables[ENV_DELTAS] = ",".join(f"{n}={s.repo}" + (f"@{s.revision}" if s.revision else "")
-                                         for n, s in deltas.items())
+        variables[ENV_DELTAS] = ",".join(
+            f"{n}={s.repo}" + (f"@{s.revision}" if s.revision else "") for n, s in deltas.items()
+        )
     if size:
         variables[ENV_SIZE] = size
     checkout = None if wheel is not None and screenshot is not None else find_checkout()
@@ -224,8 +236,14 @@ def _new_folder(dest: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def push_space(folder: str | Path, repo_id: str, *, private: bool = False, token: str | bool | None = None,
-               commit_message: str = "Update the hf_delta demo Space") -> str:
+def push_space(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | bool | None = None,
+    commit_message: str = "Update the hf_delta demo Space",
+) -> str:
     """Create (or reuse) the Gradio Space ``repo_id`` and upload ``folder`` to it; returns the commit URL.
 
     Wheels the folder no longer holds are deleted from the Space, so it never carries two. The token comes
@@ -235,7 +253,12 @@ def push_space(folder: str | Path, repo_id: str, *, private: bool = False, token
 
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="space",
-                               commit_message=commit_message, delete_patterns=["hf_delta-*.whl"])
+    commit = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="space",
+        commit_message=commit_message,
+        delete_patterns=["hf_delta-*.whl"],
+    )
     logger.info("Pushed %s to the Space %s: %s", folder, repo_id, commit.commit_url)
     return commit.commit_url

@@ -32,8 +32,10 @@ _RELOAD_WHEN_THE_APP_ANSWERS = f"""
 def render_snapshot(snapshot: Snapshot) -> str:
     """The status as HTML: stage, a bar with the percent, time left and time so far (or the error)."""
     if snapshot.error:
-        return (f"<p><b>The demo could not start.</b></p><pre>{html.escape(snapshot.error)}</pre>"
-                "<p>The server log has the details.</p>")
+        return (
+            f"<p><b>The demo could not start.</b></p><pre>{html.escape(snapshot.error)}</pre>"
+            "<p>The server log has the details.</p>"
+        )
     if snapshot.ready:
         return "<p><b>Ready.</b> Opening the app...</p>"
     percent = max(0.0, min(100.0, snapshot.percent))
@@ -45,8 +47,9 @@ def render_snapshot(snapshot: Snapshot) -> str:
     )
 
 
-def build_start_page(progress: StartupProgress, *, title: str = "hf_delta demo", refresh_every: float = 1.0
-                     ) -> gr.Blocks:
+def build_start_page(
+    progress: StartupProgress, *, title: str = "hf_delta demo", refresh_every: float = 1.0
+) -> gr.Blocks:
     """The start page over ``progress`` (refreshed every ``refresh_every`` seconds)."""
     with gr.Blocks(title=title) as page:
         gr.Markdown(
@@ -56,7 +59,8 @@ def build_start_page(progress: StartupProgress, *, title: str = "hf_delta demo",
         )
         status = gr.HTML(render_snapshot(progress.snapshot()), elem_id=START_PAGE_ID)
         timer = gr.Timer(refresh_every)
-        timer.tick(lambda: render_snapshot(progress.snapshot()), outputs=status, api_name="progress",
-                   show_progress="hidden")
+        timer.tick(
+            lambda: render_snapshot(progress.snapshot()), outputs=status, api_name="progress", show_progress="hidden"
+        )
         page.load(None, js=_RELOAD_WHEN_THE_APP_ANSWERS)
     return page
