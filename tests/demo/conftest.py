@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -176,3 +177,49 @@ def space_app(space_folder, tmp_path_factory) -> Iterator[SpaceApp]:
             app.wait(timeout=30)
         except subprocess.TimeoutExpired:
             app.kill()
+
+
+@dataclass
+class StartingDemo:
+    url: str
+    release: threading.Event  # set it to let the first start finish
+    thread: threading.Thread  # runs run_demo(block=False)
+    launched: list  # the LaunchedDemo, once run_demo returned
+
+
+@pytest.fixture
+def starting_demo(demo_models, monkeypatch) -> Iterator[StartingDemo]:
+    """``run_demo`` in a thread, held in its first start (one stage, 1 of 4 steps done) until ``release`` is set;
+    then it serves the micro zoo's Llama deltas on the same address."""
+    from hf_delta.demo import DemoSettings
+    from hf_delta.demo import launch as launch_module
+    from hf_delta.demo.launch import DemoModels
+    from hf_delta.demo.startup import Stage
+    from hf_delta.serving.engine import EngineConfig
+
+    base, deltas, _ = demo_models
+    release = threading.Event()
+    real_start_engine = launch_module.start_engine
+
+    def held_models(settings, *, progress=None):
+        progress.plan([Stage("fine-tune llama-facts", "fine-tune", 4)])
+        progress.update("fine-tune llama-facts", 0, 4)
+        progress.update("fine-tune llama-facts", 1, 4)
+        release.wait(timeout=300)
+        return DemoModels(base=base, deltas=dict(deltas))
+
+    monkeypatch.setattr(launch_module, "resolve_models", held_models)
+    monkeypatch.setattr(launch_module, "start_engine", lambda models, **kw: real_start_engine(
+        models, config=EngineConfig(kv_cache_tokens=4096), **kw))
+    port = _free_port()
+    settings = DemoSettings(base=str(base), host="127.0.0.1", port=port, max_tokens=MAX_TOKENS)
+    launched: list = []
+    thread = threading.Thread(target=lambda: launched.append(launch_module.run_demo(settings, block=False)))
+    thread.start()
+    try:
+        yield StartingDemo(url=f"http://127.0.0.1:{port}/", release=release, thread=thread, launched=launched)
+    finally:
+        release.set()
+        thread.join(timeout=300)
+        for demo in launched:
+            demo.close()

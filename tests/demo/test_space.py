@@ -4,6 +4,7 @@ virtual environment the way the Spaces builder installs it, answering a chat."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -110,7 +111,7 @@ def test_push_creates_the_space_with_every_file_and_pushing_again_updates_it(
 
 
 @pytest.mark.slow
-def test_the_space_installed_like_the_spaces_builder_does_answers_a_chat(space_app, demo_models, greedy):
+def test_the_space_installed_like_the_spaces_builder_does_answers_a_chat(space_app, demo_models, greedy, tmp_path):
     from gradio_client import Client
 
     _, _, examples = demo_models
@@ -121,6 +122,8 @@ def test_the_space_installed_like_the_spaces_builder_does_answers_a_chat(space_a
         assert "".join(part["text"] for part in history[-1]["content"]) == greedy(name, prompt)
     # hf_delta came from the folder's wheel, not from the registry or this checkout.
     python = space_app.venv / "bin" / "python"
-    assert subprocess.run([str(python), "-c", "import hf_delta"], capture_output=True).returncode != 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    alone = subprocess.run([str(python), "-c", "import hf_delta"], capture_output=True, env=env, cwd=tmp_path)
+    assert alone.returncode != 0 and b"No module named 'hf_delta'" in alone.stderr
     (unpacked,) = space_app.wheel_cache.iterdir()
     assert unpacked.name.startswith(_wheel(space_app.folder).stem) and (unpacked / "hf_delta" / "demo").is_dir()

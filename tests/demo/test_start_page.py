@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import pytest
-from demo_constants import DELTAS, MAX_TOKENS
+from demo_constants import DELTAS
 
 from hf_delta.demo.startup import Stage, StartupProgress, format_seconds
 
@@ -70,67 +68,28 @@ def test_the_page_text_says_stage_percent_and_time_left():
     assert format_seconds(59.6) == "1 min 00 s"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_run_demo_serves_the_start_page_at_once_then_the_app_on_the_same_port(demo_models, greedy, monkeypatch):
+def test_run_demo_serves_the_start_page_at_once_then_the_app_on_the_same_port(starting_demo, demo_models, greedy):
     from gradio_client import Client
 
-    from hf_delta.demo import DemoSettings
-    from hf_delta.demo import launch as launch_module
-    from hf_delta.demo.launch import DemoModels
     from hf_delta.demo.start_page import START_PAGE_ID
-    from hf_delta.serving.engine import EngineConfig
 
-    base, deltas, examples = demo_models
-    release = threading.Event()
-    real_start_engine = launch_module.start_engine
-
-    def slow_models(settings, *, progress=None):  # stands in for a first start: a stage that waits for the test
-        progress.plan([Stage("fine-tune llama-facts", "fine-tune", 4)])
-        progress.update("fine-tune llama-facts", 0, 4)
-        progress.update("fine-tune llama-facts", 1, 4)
-        release.wait(timeout=120)
-        return DemoModels(base=base, deltas=dict(deltas))
-
-    monkeypatch.setattr(launch_module, "resolve_models", slow_models)
-    monkeypatch.setattr(
-        launch_module,
-        "start_engine",
-        lambda models, **kw: real_start_engine(models, config=EngineConfig(kv_cache_tokens=4096), **kw),
-    )
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    settings = DemoSettings(base=str(base), host="127.0.0.1", port=port, max_tokens=MAX_TOKENS)
-    launched = []
-    runner = threading.Thread(target=lambda: launched.append(launch_module.run_demo(settings, block=False)))
-    runner.start()
-    try:
-        page = None
-        for _ in range(300):
-            try:
-                page = Client(url, verbose=False)
-                break
-            except Exception:
-                time.sleep(0.2)
-        assert page is not None, "the start page did not open"
-        status = page.predict(api_name="/progress")
-        assert "fine-tune llama-facts" in status and "25% done" in status
-        assert START_PAGE_ID in str(page.config)
-        release.set()
-        runner.join(timeout=180)
-        assert launched and launched[0].url == url  # the app took the start page's address
-        app = Client(url, verbose=False)
-        assert START_PAGE_ID not in str(app.config)
-        prompt = examples[DELTAS[0]][0]
-        history, _ = app.predict(prompt, [], DELTAS[0], api_name="/chat")
-        assert "".join(part["text"] for part in history[-1]["content"]) == greedy(DELTAS[0], prompt)
-    finally:
-        release.set()
-        runner.join(timeout=180)
-        for demo in launched:
-            demo.close()
+    page = None
+    for _ in range(300):
+        try:
+            page = Client(starting_demo.url, verbose=False)
+            break
+        except Exception:
+            time.sleep(0.2)
+    assert page is not None, "the start page did not open"
+    status = page.predict(api_name="/progress")
+    assert "fine-tune llama-facts" in status and "25% done" in status
+    assert START_PAGE_ID in str(page.config)
+    starting_demo.release.set()
+    starting_demo.thread.join(timeout=300)
+    assert starting_demo.launched and starting_demo.launched[0].url == starting_demo.url  # same address
+    app = Client(starting_demo.url, verbose=False)
+    assert START_PAGE_ID not in str(app.config)
+    prompt = demo_models[2][DELTAS[0]][0]
+    history, _ = app.predict(prompt, [], DELTAS[0], api_name="/chat")
+    assert "".join(part["text"] for part in history[-1]["content"]) == greedy(DELTAS[0], prompt)

@@ -39,8 +39,10 @@ def find_chromium() -> str:
 
 
 @contextmanager
-def open_page(url: str, *, width: int = 1280, height: int = 900, timeout_s: float = 30.0) -> Iterator[Any]:
-    """A Playwright page on ``url`` in a fresh headless Chromium (a new temporary profile every time)."""
+def open_page(url: str, *, width: int = 1280, height: int = 900, timeout_s: float = 30.0,
+              ready: str = "#chat-input textarea") -> Iterator[Any]:
+    """A Playwright page on ``url`` in a fresh headless Chromium (a new temporary profile every time), once the
+    element ``ready`` is there (the chat box; ``"#hf-delta-start-page"`` for the first start's page)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as err:
@@ -53,7 +55,7 @@ def open_page(url: str, *, width: int = 1280, height: int = 900, timeout_s: floa
             page = browser.new_page(viewport={"width": width, "height": height})
             page.set_default_timeout(timeout_s * 1000)
             page.goto(url)
-            page.locator("#chat-input textarea").wait_for()
+            page.locator(ready).wait_for()
             yield page
         finally:
             browser.close()
