@@ -25,6 +25,7 @@ LAYERS = [
     ["integrations", "evaluation"],
     ["compression"],
     ["model"],
+    ["layers_moe"],
     ["layers", "hub"],
     ["storage"],
     ["methods"],  # its __init__: registers every built-in method

@@ -1,7 +1,8 @@
 """Pair a base model with a fine-tune and split their difference into what each storage path needs.
 
 * ``compress``: dense fp32 deltas of target linear layers (and, by default, of the embedding and output
-  head over the base vocabulary) that a method will compress;
+  head over the base vocabulary) that a method will compress; a fused Mixture-of-Experts parameter
+  (``experts.gate_up_proj`` ``[E, out, in]``) gives one matrix per expert, keyed ``<parameter>[<expert>]``;
 * ``exact``: fine-tuned values stored as they are (norm weights, biases, any other changed tensor): small,
   and exact storage costs nothing noticeable;
 * ``new_rows``: rows of a grown vocabulary, which have no base row to take a delta from.
@@ -52,10 +53,45 @@ def is_tied(model: PreTrainedModel) -> bool:
     return out is not None and out.weight is model.get_input_embeddings().weight
 
 
+_EXPERT_KEY = re.compile(r"^(?P<param>.+)\[(?P<expert>\d+)\]$")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers 5 Mixture-of-Experts block whose experts are two 3-D parameters ``gate_up_proj``
+    ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` applied as ``down · act(gate) ⊙ up`` (Mixtral, Qwen2-MoE,
+    Qwen3-MoE, ...). Transposed, biased or ungated layouts are not recognised: their parameters stay exact."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (
+        isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3
+        and down.dim() == 3 and gate_up.shape[0] == down.shape[0] and gate_up.shape[2] == down.shape[1]
+        and gate_up.shape[1] == 2 * down.shape[2] and not getattr(module, "is_transposed", False)
+        and not getattr(module, "has_bias", False) and getattr(module, "has_gate", True)
+    )
+
+
+def expert_parameters(model: nn.Module) -> list[str]:
+    """Names of the fused expert parameters of ``model`` (``...mlp.experts.gate_up_proj``, ``...down_proj``)."""
+    return [f"{n}.{leaf}" for n, m in model.named_modules() if is_fused_experts(m) for leaf in ("gate_up_proj",
+                                                                                                 "down_proj")]
+
+
+def expert_key(param: str, expert: int) -> str:
+    """The delta key of one expert's matrix of a fused parameter: ``model.layers.0.mlp.experts.down_proj[3]``."""
+    return f"{param}[{expert}]"
+
+
+def split_expert_key(key: str) -> tuple[str, int] | None:
+    """``(parameter name, expert)`` of an expert key, ``None`` for a module name."""
+    found = _EXPERT_KEY.match(key)
+    return None if found is None else (found["param"], int(found["expert"]))
+
+
 def select_target_modules(model: PreTrainedModel, target_modules: str | list[str]) -> list[str]:
-    """Linear layers matched by ``target_modules`` (PEFT rules); the output head is never among them."""
+    """Linear layers (and fused expert parameters) matched by ``target_modules`` (PEFT rules, ``"all-linear"``
+    takes the experts too); the output head is never among them."""
     _, head = vocab_module_names(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head]
+    linears += expert_parameters(model)
     if target_modules == "all-linear":
         chosen = linears
     elif isinstance(target_modules, str):
@@ -135,32 +171,37 @@ def _difference(f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def split_tensor(layout: PairLayout, name: str, b: torch.Tensor, f: torch.Tensor,
-                 out: ExtractedDelta) -> tuple[str, torch.Tensor] | None:
-    """File one parameter of the pair: exact tensors and new vocabulary rows go into ``out``; a matrix to
-    compress is returned as ``(module, fp32 delta)`` (and its kind recorded in ``out.kinds``)."""
+                 out: ExtractedDelta) -> list[tuple[str, torch.Tensor]]:
+    """File one parameter of the pair: exact tensors and new vocabulary rows go into ``out``; the matrices to
+    compress are returned as ``(key, fp32 delta)`` pairs (kinds recorded in ``out.kinds``): one for a linear or
+    vocabulary module, one per expert for a fused expert parameter, none otherwise."""
     module, _, leaf = name.rpartition(".")
     if layout.skips(name):
-        return None
+        return []
     if module in layout.vocab_modules and leaf == "weight":
         if f.shape[1:] != b.shape[1:] or f.shape[0] < b.shape[0]:
             raise ArchitectureMismatchError(f"{name}: base shape {tuple(b.shape)} vs fine-tune {tuple(f.shape)}.")
         if not layout.compress_embeddings:
             out.exact[name] = f.detach().clone()  # the whole table, new rows included
-            return None
+            return []
         out.kinds[module] = "embedding" if module == layout.embed else "linear"
         if f.shape[0] > b.shape[0]:
             out.new_rows[module] = f[b.shape[0] :].detach().clone()
-        return module, _difference(f[: b.shape[0]], b)
+        return [(module, _difference(f[: b.shape[0]], b))]
     if f.shape != b.shape:
         raise ArchitectureMismatchError(
             f"{name}: base shape {tuple(b.shape)} vs fine-tune {tuple(f.shape)}; these models do not pair."
         )
     if module in layout.targets and leaf == "weight":
         out.kinds[module] = "linear"
-        return module, _difference(f, b)
+        return [(module, _difference(f, b))]
+    if name in layout.targets:  # a fused expert parameter: each expert's matrix is compressed on its own
+        keys = [expert_key(name, e) for e in range(b.shape[0])]
+        out.kinds.update(dict.fromkeys(keys, "linear"))
+        return [(key, _difference(f[e], b[e])) for e, key in enumerate(keys)]
     if f.is_floating_point() and not torch.equal(f, b):
         out.exact[name] = f.detach().clone()
-    return None
+    return []
 
 
 def extract_delta(
@@ -174,7 +215,5 @@ def extract_delta(
     layout, out = pair_layout(base, finetuned, target_modules=target_modules, compress_embeddings=compress_embeddings)
     fstate = finetuned.state_dict()
     for name, b in base.state_dict().items():
-        found = split_tensor(layout, name, b, fstate[name], out)
-        if found is not None:
-            out.compress[found[0]] = found[1]
+        out.compress.update(split_tensor(layout, name, b, fstate[name], out))
     return out

@@ -11,6 +11,7 @@ columns of a grown vocabulary), ``y[r] = module(x[r]; θ_d)`` for modules whose 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -81,6 +82,8 @@ class DeltaRouting:
 
     def _split(self, lead_shape: torch.Size, device: torch.device) -> list[tuple[str, torch.Tensor]]:
         idx = self._row_slots.to(device)
+        if idx.dim() > 1 and idx.numel() == math.prod(lead_shape):
+            idx = idx.reshape(lead_shape)  # per-token slots seen by a block that flattens its tokens (MoE)
         if idx.shape[0] != lead_shape[0]:
             if not idx.shape[0] or lead_shape[0] % idx.shape[0]:
                 raise ValueError(
@@ -255,9 +258,13 @@ class DeltaEmbedding(DeltaWrapper):
 
 
 class DeltaOverride(DeltaWrapper):
-    """Any other module (norms, ...) whose parameters a delta replaces, evaluated per row."""
+    """Any other module (norms, routers, ...) whose parameters a delta replaces, evaluated per row.
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    The module's output may be a tuple (a Mixture-of-Experts router returns logits, weights and indices); each
+    of its tensors must hold one entry per input row, as a row-wise module's do.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
         routes = list(self._routes(x.shape[:-1], x.device))
         if len(routes) > 1 and not (args or kwargs) and self._scaled_by_weight(x, routes):
             return self._scaled_forward(x, routes)
@@ -265,15 +272,28 @@ class DeltaOverride(DeltaWrapper):
         if not routes:
             return y
         xf = x.reshape(-1, x.shape[-1])
-        yf = y.reshape(-1, y.shape[-1]).clone()
+        outputs = y if isinstance(y, tuple) else (y,)
+        flat = [self._per_row(o, xf.shape[0]).clone() for o in outputs]
         for parts, rows in routes:
             params = {k: v.to(x.dtype) for k, v in parts.exact().items()}
             out = torch.func.functional_call(self.base_layer, params, (_take(xf, rows), *args), kwargs)
-            if rows is None:
-                yf = out.reshape(yf.shape)
-            else:
-                yf[rows] = out
-        return yf.reshape(y.shape)
+            for whole, part in zip(flat, out if isinstance(out, tuple) else (out,), strict=True):
+                if rows is None:
+                    whole.copy_(part.reshape(whole.shape))
+                else:
+                    whole[rows] = part.reshape(len(rows), -1).to(whole.dtype)
+        done = tuple(f.reshape(o.shape) for f, o in zip(flat, outputs, strict=True))
+        return done if isinstance(y, tuple) else done[0]
+
+    def _per_row(self, out: torch.Tensor, rows: int) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor) or out.numel() % max(rows, 1):
+            raise TypeError(
+                f"{type(self.base_layer).__name__} returned {type(out).__name__} "
+                f"{tuple(getattr(out, 'shape', ()))} for {rows} input rows, not one entry per row, so a delta "
+                "cannot replace its parameters row by row; exclude it from the delta (its parameters then stay "
+                "the base's) or open an issue with the model class."
+            )
+        return out.reshape(rows, -1)
 
     def _scaled_by_weight(self, x: torch.Tensor, routes: list[tuple[DeltaParts, torch.Tensor | None]]) -> bool:
         """Whether the module computes ``weight * f(x)`` exactly (RMSNorm-style) and the deltas replace only

@@ -17,15 +17,23 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from ._version import __version__
 from .errors import ArchitectureMismatchError, DeltaNotFoundError
-from .extract import vocab_module_names
+from .extract import split_expert_key, vocab_module_names
 from .fingerprint import check_base
-from .layers import BASE_SLOT, DeltaParts, DeltaRouting, DeltaWrapper, wrapper_for
+from .layers import BASE_SLOT, DeltaParts, DeltaRouting, DeltaWrapper
+from .layers_moe import ExpertDeltas, wrapper_for
+from .methods.base import CompressedWeight
 from .storage import GENERATION_CONFIG, Delta
 from .utils.loading import load_model
 
 logger = logging.getLogger(__name__)
 
 BASE_NAME = "__base__"
+
+
+def _owner(key: str) -> str:
+    """The module a delta key applies to: the key itself, or the experts module of an expert's matrix."""
+    expert = split_expert_key(key)
+    return key if expert is None else expert[0].rpartition(".")[0]
 
 
 class DeltaModel(nn.Module):
@@ -146,8 +154,17 @@ class DeltaModel(nn.Module):
     def _moved_parts(self, delta: Delta) -> tuple[Delta, dict[str, DeltaParts]]:
         """A copy of ``delta`` whose weights sit beside their layers, and its parts per module (nothing
         installed yet; the caller's tensors are not moved in place)."""
-        weights = {module: weight.moved_to(self._device_of(module)) for module, weight in delta.weights.items()}
-        per_module: dict[str, dict[str, Any]] = {module: {"weight": w} for module, w in weights.items()}
+        weights = {key: weight.moved_to(self._device_of(_owner(key))) for key, weight in delta.weights.items()}
+        per_module: dict[str, dict[str, Any]] = {}
+        experts: dict[str, dict[str, dict[int, CompressedWeight]]] = {}  # experts module → leaf → expert → Δ
+        for key, w in weights.items():
+            expert = split_expert_key(key)
+            if expert is None:
+                per_module[key] = {"weight": w}
+            else:
+                module, _, leaf = expert[0].rpartition(".")
+                experts.setdefault(module, {}).setdefault(leaf, {})[expert[1]] = w
+        per_module.update({module: {"weight": ExpertDeltas(m)} for module, m in experts.items()})
         for param, value in delta.exact.items():
             module, _, leaf = param.rpartition(".")
             per_module.setdefault(module, {}).setdefault("exact", {})[leaf] = value.to(self._device_of(module))
@@ -192,8 +209,19 @@ class DeltaModel(nn.Module):
                 )
 
         vocab = {f"{m}.weight" for m in vocab_module_names(self.base_model) if m is not None}
-        for module, weight in delta.weights.items():
-            expect(f"{module}.weight", tuple(weight.shape))
+        for key, weight in delta.weights.items():
+            expert = split_expert_key(key)
+            if expert is None:
+                expect(f"{key}.weight", tuple(weight.shape))
+                continue
+            param, index = expert
+            experts = self._base_state.get(param)
+            if experts is None or experts.dim() != 3 or index >= experts.shape[0]:
+                raise ArchitectureMismatchError(
+                    f"Delta {name!r} has a matrix for expert {index} of {param!r}, which this base model does not "
+                    "have: the delta was made for another architecture (or another number of experts)."
+                )
+            expect(param, (experts.shape[0], *weight.shape))
         for module, rows in delta.new_rows.items():
             expect(f"{module}.weight", (None, *rows.shape[1:]))
         for key, value in delta.exact.items():
@@ -371,7 +399,11 @@ class DeltaModel(nn.Module):
                 continue
             parts = wrapper.deltas[name]
             merged.update({f"{module}.{leaf}": v for leaf, v in parts.exact().items()})
-            if parts.weight is not None or parts.new_rows is not None:
+            if isinstance(parts.weight, ExpertDeltas):
+                for leaf in parts.weight.matrices:
+                    key = f"{module}.{leaf}"
+                    merged[key] = parts.weight.merged(leaf, parts.exact().get(leaf, self._base_state[key]))
+            elif parts.weight is not None or parts.new_rows is not None:
                 merged[f"{module}.weight"] = self.delta_weight(module, name)
         model = self.unload()
         if delta.vocab_size and delta.vocab_size != model.get_input_embeddings().weight.shape[0]:

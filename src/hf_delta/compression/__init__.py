@@ -22,7 +22,7 @@ from .._version import __version__
 from ..calibration import Batch, tokenize_calibration
 from ..config import CompressionRecord, DeltaConfig
 from ..errors import ModelLoadError
-from ..extract import extract_delta
+from ..extract import expert_parameters, extract_delta
 from ..fingerprint import base_fingerprint
 from ..methods import get_method
 from ..methods.base import CompressionContext, DeltaMethod
@@ -104,6 +104,8 @@ def _stream(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibrati
     ft_folder = resolve_model_folder(finetuned, revision=revision, **hub)
     pair = streaming.open_pair(base_folder, ft_folder)
     if pair is None or (not method.streams(config) and not layerwise.supports(pair.finetuned.config)):
+        return None
+    if layered and expert_parameters(pair.base):  # fused experts are compressed by the in-memory path only
         return None
     tokenizer = tokenizer or _tokenizer_or_none(ft_folder)
     if layered and tokenizer is None:

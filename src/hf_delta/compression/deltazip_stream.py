@@ -85,9 +85,9 @@ def stream_deltazip(pair: StreamedPair, ft_folder, config: DeltaZipConfig, batch
                              _read(pair.ft_ckpt, pair.finetuned, name, as_float=not large), out)
         _as_float(out.exact, exact)
         _as_float(out.new_rows, new_rows)
-        if found is None:
+        if not found:
             continue
-        module, delta = found  # a vocabulary matrix: the only kind split_tensor returns here
+        [(module, delta)] = found  # a vocabulary matrix: the only kind split_tensor returns here
         weights[module], dequantized = quantize_delta(config, delta, None, vocab=True, head=module == head_matrix,
                                                       as_linear=False)
         del delta

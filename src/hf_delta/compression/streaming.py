@@ -113,7 +113,8 @@ def stream_compress(pair: StreamedPair, method: DeltaMethod, config: DeltaConfig
     bar = tqdm(names, desc=f"{config.method}: streaming", unit="tensor", disable=not progress)
     for name in bar:
         module, _, leaf = name.rpartition(".")
-        large = leaf == "weight" and (module in layout.targets or module in layout.vocab_modules)
+        large = name in layout.targets or (leaf == "weight" and (module in layout.targets
+                                                                 or module in layout.vocab_modules))
         b = _read(pair.base_ckpt, pair.base, name, as_float=not large)
         f = _read(pair.ft_ckpt, pair.finetuned, name, as_float=not large)
         exact, new_rows = set(out.exact), set(out.new_rows)
@@ -121,11 +122,8 @@ def stream_compress(pair: StreamedPair, method: DeltaMethod, config: DeltaConfig
         _as_float(out.exact, exact)
         _as_float(out.new_rows, new_rows)
         del b, f
-        if found is None:
-            continue
-        module, delta = found
-        weight = method.compress_matrix(delta.to(device), out.kinds[module], config)
-        weights[module] = weight.moved_to("cpu")
-        del delta
+        for key, delta in found:  # one matrix, or one per expert of a fused expert parameter
+            weights[key] = method.compress_matrix(delta.to(device), out.kinds[key], config).moved_to("cpu")
+        del found
         release_freed_memory()
     return out, weights

@@ -10,6 +10,11 @@ on the activations of the model whose earlier layers already carry their compres
 The embedding has no input activations, so vocabulary matrices are quantised round-to-nearest per row
 (``embedding_method="rtn"``); ``"gptq"`` calibrates the output head's matrix on the head's inputs instead, be it
 untied or tied to the embedding (then the one matrix serves both).
+
+Experts of a fused Mixture-of-Experts parameter (``<parameter>[<expert>]`` deltas) are compressed one expert at a
+time without calibration (data-free fallback): pruned by magnitude to ``sparsity`` and quantised round-to-nearest
+per row, then written into the calibration model before the linear layers are calibrated, so every later layer
+sees them compressed. Calibrating each expert on the tokens routed to it is not done.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...errors import CalibrationError, DeltaConfigError
-from ...extract import vocab_module_names
+from ...extract import split_expert_key, vocab_module_names
 from ..base import CompressedWeight, CompressionContext, DeltaMethod
 from ..registry import register_delta_method
 from .calibrate import LayerCalibrator
@@ -87,6 +92,14 @@ def quantize_delta(cfg: DeltaZipConfig, delta: torch.Tensor, hessian: torch.Tens
     return weight, qm.dequantize()
 
 
+def _matrix(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The weight a delta applies to: a module's ``weight``, or one expert's matrix of a fused parameter."""
+    expert = split_expert_key(name)
+    if expert is None:
+        return model.get_submodule(name).weight.data
+    return model.get_parameter(expert[0]).data[expert[1]]
+
+
 def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     """Compress every extracted delta: linear layers by OBS/GPTQ in forward order, vocabulary matrices by RTN
     (or, with ``embedding_method="gptq"``, the output head's matrix like a linear layer, tied or not)."""
@@ -94,13 +107,14 @@ def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     deltas = ctx.extracted.compress
     embed, head = vocab_module_names(ctx.base)
     vocab = {n for n in deltas if n in (embed, head)}
+    experts = {n for n in deltas if split_expert_key(n) is not None}  # data-free: see the module docstring
     # Delta → the module whose inputs calibrate it. A tied matrix has input activations only as the output
     # head, so it is calibrated there (its errors then reach the input embedding uncompensated).
-    as_linear = {n: n for n in deltas if n not in vocab}
+    as_linear = {n: n for n in deltas if n not in vocab and n not in experts}
     head_matrix = ctx.extracted.tied.get(head, head)
     if cfg.embedding_method == "gptq" and head_matrix in deltas:
         as_linear[head_matrix] = head
-    check_targets(cfg, deltas, set(as_linear))
+    check_targets(cfg, deltas, set(as_linear) | experts)
     calibrated = {m: n for n, m in as_linear.items()} if cfg.use_hessian else {}  # module → its delta
     batches: list[Batch] = []
     if calibrated:
@@ -110,21 +124,22 @@ def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
             raise CalibrationError("The calibration set is empty; pass texts like the fine-tune's training data, "
                                    "or calibration=None to sample text from the fine-tune.")
     work = copy.deepcopy(ctx.finetuned).eval() if calibrated else None
-    base_weights = {n: ctx.base.get_submodule(n).weight for n in deltas}
+    base_weights = {n: _matrix(ctx.base, n) for n in deltas}
     if work is not None:
         for name, w in base_weights.items():  # start from the base; each layer gets its compressed delta in turn
             # A tied matrix calibrated as the head is compressed last, but the embedding is used first: until
             # then the decoder layers see the fine-tune's own embedding.
             if as_linear.get(name, name) == name:
-                work.get_submodule(name).weight.data[: w.shape[0]] = w.to(work.dtype)
+                _matrix(work, name)[: w.shape[0]] = w.to(work.dtype)
     weights: dict[str, CompressedWeight] = {}
 
     def finish(name: str, hessian: torch.Tensor | None) -> None:
         weights[name], dequantized = quantize_delta(cfg, deltas[name], hessian, vocab=name in vocab,
-                                                    head=name == head_matrix, as_linear=name in as_linear)
+                                                    head=name == head_matrix,
+                                                    as_linear=name in as_linear or name in experts)
         if work is not None:
             base = base_weights[name]
-            work.get_submodule(name).weight.data[: base.shape[0]] = (base.float() + dequantized).to(work.dtype)
+            _matrix(work, name)[: base.shape[0]] = (base.float() + dequantized).to(work.dtype)
 
     def finish_group(modules: list[str], hessians: dict[str, torch.Tensor | None]) -> None:
         for module in modules:
