@@ -148,7 +148,9 @@ def _in_memory(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibr
     base_model = load_model(base, revision=base_revision, **hub)
     ft_model = load_model(finetuned, revision=revision, **hub)
     if tokenizer is None and not isinstance(finetuned, PreTrainedModel):
-        tokenizer = load_tokenizer(finetuned, revision=revision)
+        # Weights only (or a checkpoint that cannot stream, e.g. MoE experts saved per expert): a data-free setting
+        # needs no tokenizer; one that calibrates says so (CompressionContext.calibration).
+        tokenizer = _tokenizer_or_none(finetuned, revision)
     # A base without tokenizer files (weights only) is compared as "no tokenizer", as when streaming.
     base_tok = None if isinstance(base, PreTrainedModel) else _tokenizer_or_none(base, base_revision)
     extracted = extract_delta(base_model, ft_model, target_modules=config.target_modules,
