@@ -108,14 +108,16 @@ def test_bitdelta_of_a_bf16_moe_is_more_than_8x_smaller(tmp_path):
     experts = sum(base.get_parameter(p).numel() for p in expert_parameters(base))
     assert experts / sum(p.numel() for p in base.parameters()) > 0.9
     ratio = (tmp_path / "ft" / "model.safetensors").stat().st_size / sum(
-        f.stat().st_size for f in weight_files(tmp_path / "delta"))
+        f.stat().st_size for f in weight_files(tmp_path / "delta")
+    )
     assert ratio >= 8, ratio
 
 
 def test_a_delta_with_experts_is_refused_by_a_base_without_them(tmp_path):
     base = tiny_moe("mixtral")
-    delta = compress_delta(copy.deepcopy(base), finetune_of(base, seed=1), BitDeltaConfig(distill_steps=0),
-                           progress=False)
+    delta = compress_delta(
+        copy.deepcopy(base), finetune_of(base, seed=1), BitDeltaConfig(distill_steps=0), progress=False
+    )
     fewer = tiny_moe("mixtral", experts=2)
     with pytest.raises(ArchitectureMismatchError, match=r"expert 2 of 'model.layers.0.mlp.experts.gate_up_proj'"):
         DeltaModel(fewer).add_delta("a", delta, ignore_base_mismatch=True)
@@ -130,22 +132,34 @@ def test_engine_serves_moe_rows_like_delta_model_generate(arch, tmp_path):
     for seed, name in ((1, "a"), (2, "b")):
         finetuned = finetune_of(base, seed=seed, scale=0.5)  # far enough from the base that greedy tokens differ
         compress_delta(copy.deepcopy(base), finetuned, BitDeltaConfig(distill_steps=0), progress=False).save_pretrained(
-            tmp_path / name)
+            tmp_path / name
+        )
         folders[name] = tmp_path / name
     prompts = [_ids(1, seed=s)[0, : 5 + s].tolist() for s in range(3)]
     jobs = [(m, p) for m in ("a", "base", "b") for p in prompts]
-    engine = Engine(DeltaModel(copy.deepcopy(base)), deltas=folders, tokenizer=word_tokenizer(VOCAB),
-                    config=EngineConfig(kv_cache_tokens=512, block_size=8),
-                    device=os.environ.get("HF_DELTA_TEST_DEVICE"))
-    results = engine.generate([p for _, p in jobs], model=[m for m, _ in jobs],
-                              params=SamplingParams(max_tokens=6, temperature=0))
+    engine = Engine(
+        DeltaModel(copy.deepcopy(base)),
+        deltas=folders,
+        tokenizer=word_tokenizer(VOCAB),
+        config=EngineConfig(kv_cache_tokens=512, block_size=8),
+        device=os.environ.get("HF_DELTA_TEST_DEVICE"),
+    )
+    results = engine.generate(
+        [p for _, p in jobs], model=[m for m, _ in jobs], params=SamplingParams(max_tokens=6, temperature=0)
+    )
     engine.close()
     reference = DeltaModel(base)
     for name, folder in folders.items():
         reference.load_delta(folder, name)
     for (name, prompt), result in zip(jobs, results, strict=True):
         ids = torch.tensor([prompt])
-        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                                 delta_names=["__base__" if name == "base" else name], pad_token_id=0)
+        out = reference.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            delta_names=["__base__" if name == "base" else name],
+            pad_token_id=0,
+        )
         assert result.token_ids == out[0, len(prompt) :].tolist()[: len(result.token_ids)], (name, prompt)
     assert len({tuple(r.token_ids) for r in results}) > len(prompts)  # the deltas change what is generated

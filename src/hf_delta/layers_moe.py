@@ -58,8 +58,9 @@ class ExpertDeltas:
 class DeltaExperts(DeltaWrapper):
     """A fused experts module plus per-row deltas, applied through the block's own routing."""
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                *args, **kwargs) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *args, **kwargs
+    ) -> torch.Tensor:
         y = self.base_layer(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         routes = list(self._routes(hidden_states.shape[:-1], hidden_states.device))
         if not routes:

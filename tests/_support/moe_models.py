@@ -16,26 +16,49 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 VOCAB = 96
 
-_COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=None, eos_token_id=1,
-               pad_token_id=0)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    bos_token_id=None,
+    eos_token_id=1,
+    pad_token_id=0,
+)
 
 
 def _mixtral(hidden: int, inter: int, experts: int) -> PretrainedConfig:
-    return transformers.MixtralConfig(**_COMMON, hidden_size=hidden, intermediate_size=inter,
-                                      num_local_experts=experts, num_experts_per_tok=2)
+    return transformers.MixtralConfig(
+        **_COMMON, hidden_size=hidden, intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=2
+    )
 
 
 def _qwen2_moe(hidden: int, inter: int, experts: int) -> PretrainedConfig:  # shared expert + its gate, qkv biases
-    return transformers.Qwen2MoeConfig(**_COMMON, hidden_size=hidden, intermediate_size=2 * inter,
-                                       moe_intermediate_size=inter, shared_expert_intermediate_size=inter // 2,
-                                       num_experts=experts, num_experts_per_tok=2, decoder_sparse_step=1)
+    return transformers.Qwen2MoeConfig(
+        **_COMMON,
+        hidden_size=hidden,
+        intermediate_size=2 * inter,
+        moe_intermediate_size=inter,
+        shared_expert_intermediate_size=inter // 2,
+        num_experts=experts,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+    )
 
 
 def _qwen3_moe(hidden: int, inter: int, experts: int) -> PretrainedConfig:  # q/k norms
-    return transformers.Qwen3MoeConfig(**_COMMON, hidden_size=hidden, head_dim=hidden // 4,
-                                       intermediate_size=2 * inter, moe_intermediate_size=inter,
-                                       num_experts=experts, num_experts_per_tok=2, decoder_sparse_step=1)
+    return transformers.Qwen3MoeConfig(
+        **_COMMON,
+        hidden_size=hidden,
+        head_dim=hidden // 4,
+        intermediate_size=2 * inter,
+        moe_intermediate_size=inter,
+        num_experts=experts,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+    )
 
 
 CONFIGS: dict[str, Callable[[int, int, int], PretrainedConfig]] = {
@@ -45,8 +68,15 @@ CONFIGS: dict[str, Callable[[int, int, int], PretrainedConfig]] = {
 }
 
 
-def tiny_moe(name: str, *, seed: int = 0, hidden: int = 32, intermediate: int = 48, experts: int = 4,
-             dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def tiny_moe(
+    name: str,
+    *,
+    seed: int = 0,
+    hidden: int = 32,
+    intermediate: int = 48,
+    experts: int = 4,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
     """A random-initialised model of architecture ``name`` (a key of ``CONFIGS``), in eval mode."""
     config = CONFIGS[name](hidden, intermediate, experts)
     torch.manual_seed(seed)
