@@ -9,13 +9,13 @@ import os
 
 import pytest
 import torch
-from moe_models import CONFIGS, VOCAB, finetune_of, tiny_moe
+from moe_models import CONFIGS, VOCAB, perturbed, tiny_moe
 
 from hf_delta import BitDeltaConfig, DeltaModel, DeltaZipConfig, compress_delta
 from hf_delta.bench.scale import calibration_texts
 from hf_delta.bench.synthetic import word_tokenizer
 from hf_delta.errors import ArchitectureMismatchError
-from hf_delta.extract import expert_key, expert_parameters, split_expert_key
+from hf_delta.extract import expert_key, expert_parameters, select_target_modules, split_expert_key
 from hf_delta.layers_moe import DeltaExperts
 from hf_delta.storage import Delta, weight_files
 
@@ -46,7 +46,7 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_moe_compress_save_load_route_and_merge(arch, method, tmp_path):
     base = tiny_moe(arch)
-    finetunes = {"a": finetune_of(base, seed=1), "b": finetune_of(base, seed=2)}
+    finetunes = {"a": perturbed(base, seed=1), "b": perturbed(base, seed=2)}
     ids = _ids()
     with torch.no_grad():
         plain = base(ids).logits
@@ -79,7 +79,7 @@ def test_moe_compress_save_load_route_and_merge(arch, method, tmp_path):
 
 def test_bitdelta_scales_are_per_expert_and_saved_checkpoints_give_the_same_delta(tmp_path):
     base = tiny_moe("mixtral")
-    finetuned = finetune_of(base, seed=1)
+    finetuned = perturbed(base, seed=1)
     # transformers 5 writes MoE checkpoints with one tensor per expert and converts them on load, so they cannot
     # stream tensor by tensor: the folders are loaded (without a tokenizer: the setting is data-free).
     base.save_pretrained(tmp_path / "base")
@@ -101,7 +101,7 @@ def test_bitdelta_scales_are_per_expert_and_saved_checkpoints_give_the_same_delt
 def test_bitdelta_of_a_bf16_moe_is_more_than_8x_smaller(tmp_path):
     # Real proportions: the experts hold most parameters (here 93%), as in Mixtral or Qwen3-MoE.
     base = tiny_moe("qwen3_moe", hidden=128, intermediate=256, experts=8)
-    finetuned = finetune_of(base, seed=1).to(torch.bfloat16)
+    finetuned = perturbed(base, seed=1).to(torch.bfloat16)
     finetuned.save_pretrained(tmp_path / "ft")
     delta = compress_delta(copy.deepcopy(base), finetuned.float(), BitDeltaConfig(distill_steps=0), progress=False)
     delta.save_pretrained(tmp_path / "delta")
@@ -116,7 +116,7 @@ def test_bitdelta_of_a_bf16_moe_is_more_than_8x_smaller(tmp_path):
 def test_a_delta_with_experts_is_refused_by_a_base_without_them(tmp_path):
     base = tiny_moe("mixtral")
     delta = compress_delta(
-        copy.deepcopy(base), finetune_of(base, seed=1), BitDeltaConfig(distill_steps=0), progress=False
+        copy.deepcopy(base), perturbed(base, seed=1), BitDeltaConfig(distill_steps=0), progress=False
     )
     fewer = tiny_moe("mixtral", experts=2)
     with pytest.raises(ArchitectureMismatchError, match=r"expert 2 of 'model.layers.0.mlp.experts.gate_up_proj'"):
@@ -130,7 +130,7 @@ def test_engine_serves_moe_rows_like_delta_model_generate(arch, tmp_path):
     base = tiny_moe(arch)
     folders = {}
     for seed, name in ((1, "a"), (2, "b")):
-        finetuned = finetune_of(base, seed=seed, scale=0.5)  # far enough from the base that greedy tokens differ
+        finetuned = perturbed(base, seed=seed, scale=0.5)  # far enough from the base that greedy tokens differ
         compress_delta(copy.deepcopy(base), finetuned, BitDeltaConfig(distill_steps=0), progress=False).save_pretrained(
             tmp_path / name
         )
@@ -163,3 +163,28 @@ def test_engine_serves_moe_rows_like_delta_model_generate(arch, tmp_path):
         )
         assert result.token_ids == out[0, len(prompt) :].tolist()[: len(result.token_ids)], (name, prompt)
     assert len({tuple(r.token_ids) for r in results}) > len(prompts)  # the deltas change what is generated
+
+
+def test_experts_outside_the_targets_travel_exact_and_still_route_per_row():
+    base = tiny_moe("qwen2_moe")
+    finetuned = perturbed(base, seed=1)
+    assert select_target_modules(base, ["gate_up_proj"]) == [
+        p for p in expert_parameters(base) if p.endswith("gate_up_proj")
+    ]
+    config = BitDeltaConfig(distill_steps=0, target_modules=["q_proj", "v_proj"])
+    delta = compress_delta(copy.deepcopy(base), finetuned, config, progress=False)
+    assert not [k for k in delta.weights if split_expert_key(k)]
+    assert {k for k in delta.exact if ".experts." in k} == set(expert_parameters(base))
+    ids = _ids()
+    with torch.no_grad():
+        plain = base(ids).logits
+    model = DeltaModel(base)
+    model.add_delta("a", delta)
+    with torch.no_grad():
+        solo = model(ids, delta_names=["a"] * 3).logits
+        mixed = model(ids, delta_names=["__base__", "a", "__base__"]).logits
+    assert torch.equal(mixed[0], plain[0]) and torch.equal(mixed[2], plain[2])
+    torch.testing.assert_close(mixed[1], solo[1], rtol=0, atol=1e-5)
+    merged = model.merge_and_unload("a")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, solo, rtol=0, atol=1e-4)

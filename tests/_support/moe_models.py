@@ -1,4 +1,5 @@
-"""Tiny random-initialised Mixture-of-Experts causal LMs (Mixtral, Qwen2-MoE, Qwen3-MoE) and fine-tunes of them.
+"""Tiny random-initialised Mixture-of-Experts causal LMs (Mixtral, Qwen2-MoE, Qwen3-MoE), beside the dense ones of
+``architectures.py`` (whose ``perturbed`` makes their fine-tunes).
 
 Helpers, not tests. Every model has 2 layers, hidden size 32, 4 experts of which each token uses 2, fused expert
 parameters (transformers 5: ``experts.gate_up_proj`` ``[E, 2I, H]``, ``experts.down_proj`` ``[E, H, I]``) and a
@@ -7,14 +8,14 @@ vocabulary of ``VOCAB`` word tokens (``bench.synthetic.word_tokenizer``); Qwen2-
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
 import transformers
+from architectures import VOCAB, perturbed
 from transformers import PretrainedConfig, PreTrainedModel
 
-VOCAB = 96
+__all__ = ["CONFIGS", "VOCAB", "perturbed", "tiny_moe"]
 
 _COMMON = dict(
     vocab_size=VOCAB,
@@ -81,15 +82,3 @@ def tiny_moe(
     config = CONFIGS[name](hidden, intermediate, experts)
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-
-
-def finetune_of(base: PreTrainedModel, *, seed: int, scale: float = 0.05) -> PreTrainedModel:
-    """A "fine-tune": every parameter (experts and router included) moved by Gaussian noise of ``scale`` times
-    its mean magnitude."""
-    finetuned = copy.deepcopy(base)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in finetuned.parameters():
-            size = float(param.abs().mean()) + 1e-2
-            param += scale * size * torch.randn(param.shape, generator=gen).to(param.dtype)
-    return finetuned.eval()
