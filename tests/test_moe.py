@@ -14,7 +14,7 @@ from moe_models import CONFIGS, VOCAB, perturbed, tiny_moe
 from hf_delta import BitDeltaConfig, DeltaModel, DeltaZipConfig, compress_delta
 from hf_delta.bench.scale import calibration_texts
 from hf_delta.bench.synthetic import word_tokenizer
-from hf_delta.errors import ArchitectureMismatchError
+from hf_delta.errors import ArchitectureMismatchError, DeltaConfigError
 from hf_delta.extract import expert_key, expert_parameters, select_target_modules, split_expert_key
 from hf_delta.layers_moe import DeltaExperts
 from hf_delta.storage import Delta, weight_files
@@ -188,3 +188,14 @@ def test_experts_outside_the_targets_travel_exact_and_still_route_per_row():
     merged = model.merge_and_unload("a")
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, solo, rtol=0, atol=1e-4)
+
+
+def test_a_low_rank_moe_delta_is_refused_by_the_peft_export(tmp_path):
+    from hf_delta import LowRankConfig
+    from hf_delta.integrations.peft import export_peft_lora
+
+    base = tiny_moe("mixtral")
+    delta = compress_delta(copy.deepcopy(base), perturbed(base, seed=1), LowRankConfig(rank=4), progress=False)
+    with pytest.raises(DeltaConfigError, match=r"Mixture-of-Experts.*experts.down_proj\[0\]"):
+        export_peft_lora(delta, base, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()

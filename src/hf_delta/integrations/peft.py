@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import DeltaConfigError
+from ..extract import split_expert_key
 from ..fingerprint import check_base
 from ..layers import DeltaWrapper
 from ..methods.lowrank import LowRankWeight
@@ -182,6 +183,13 @@ def export_peft_lora(
         raise DeltaConfigError(
             f"Only low-rank deltas export to LoRA; {wrong[:3]} are {delta.weights[wrong[0]].method!r} weights. "
             "Compress with LowRankConfig(rank=...) to get an exportable delta."
+        )
+    experts = sorted(n for n in delta.weights if split_expert_key(n) is not None)
+    if experts:
+        raise DeltaConfigError(
+            f"This delta holds per-expert matrices of fused Mixture-of-Experts parameters (e.g. {experts[0]!r}), "
+            "which a PEFT LoRA adapter of nn.Linear layers cannot express. Serve it with DeltaModel, or compress "
+            "with target_modules that leave the experts out."
         )
     if delta.new_rows:
         raise DeltaConfigError(
