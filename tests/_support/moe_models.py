@@ -17,17 +17,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 __all__ = ["CONFIGS", "VOCAB", "perturbed", "tiny_moe"]
 
-_COMMON = dict(
-    vocab_size=VOCAB,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-    bos_token_id=None,
-    eos_token_id=1,
-    pad_token_id=0,
-)
+_SIZES = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_TOKENS = dict(max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=None, eos_token_id=1, pad_token_id=0)
+_COMMON = {**_SIZES, **_TOKENS}
 
 
 def _mixtral(hidden: int, inter: int, experts: int) -> PretrainedConfig:
