@@ -29,6 +29,7 @@ LAYERS = [
     ["layers", "hub"],
     ["storage"],
     ["methods"],  # its __init__: registers every built-in method
+    ["methods.auto"],  # chooses among the methods below, per matrix
     ["methods.bitdelta", "methods.lowrank", "methods.deltazip", "methods.mixed_svd"],
     ["methods._dispatch"],
     ["methods.registry"],

@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "compress_delta": "hf_delta.compression",
     "DeltaConfig": "hf_delta.config",
     "CompressionRecord": "hf_delta.config",
+    "AutoConfig": "hf_delta.methods.auto",
     "BitDeltaConfig": "hf_delta.methods.bitdelta",
     "DeltaZipConfig": "hf_delta.methods.deltazip",
     "LowRankConfig": "hf_delta.methods.lowrank",
@@ -49,6 +50,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [  # the keys of _EXPORTS (a test checks), spelled out for tools that read __all__ statically
     "ArchitectureMismatchError",
+    "AutoConfig",
     "BaseModelMismatchError",
     "BaseModelNotServedError",
     "BitDeltaConfig",
@@ -115,6 +117,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; nothing is imported at 
         ZooError,
     )
     from .integrations.peft import export_peft_lora
+    from .methods.auto import AutoConfig
     from .methods.base import CompressedWeight, CompressionContext, DeltaMethod
     from .methods.bitdelta import BitDeltaConfig
     from .methods.deltazip import DeltaZipConfig

@@ -87,7 +87,8 @@ class Delta:
         """Write the delta repo to ``folder``; a failure leaves any previous content untouched."""
         saved = {m: w.saved_tensors() for m, w in self.weights.items()}
         modules = {
-            "weights": {m: {"type": w.method, **saved[m][1]} for m, w in self.weights.items()},
+            "weights": {m: {"type": w.method, **saved[m][1], **({"setting": w.setting} if w.setting else {})}
+                        for m, w in self.weights.items()},
             "tied": self.tied,
             "vocab_size": self.vocab_size,
         }
@@ -135,6 +136,7 @@ class Delta:
             weight_cls = weight_class_for(meta["type"])
             try:
                 weights[module] = weight_cls.from_tensors(own, meta)
+                weights[module].setting = meta.get("setting")
             except KeyError as err:
                 raise DeltaFormatError(
                     f"{folder}: module {module!r} lacks {err} (its tensors: {sorted(own)}; its {CONFIG_NAME} "

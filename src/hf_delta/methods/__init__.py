@@ -1,5 +1,6 @@
 """Compression methods. Importing this package registers every built-in method."""
 
+from .auto import AutoConfig
 from .base import CompressedWeight, CompressionContext, DeltaMethod
 from .bitdelta import BitDeltaConfig, BitDeltaWeight
 from .deltazip import DeltaZipConfig, DeltaZipWeight
@@ -8,6 +9,7 @@ from .mixed_svd import MixedSVDConfig, MixedSVDWeight
 from .registry import get_method, register_delta_method, registered_methods, weight_class_for
 
 __all__ = [
+    "AutoConfig",
     "BitDeltaConfig",
     "BitDeltaWeight",
     "CompressedWeight",

@@ -32,6 +32,9 @@ class CompressedWeight(abc.ABC):
     """
 
     method: ClassVar[str] = ""
+    # The setting that chose this weight when a delta mixes settings per matrix (``AutoConfig``); saved in the
+    # repo's per-module metadata.
+    setting: str | None = None
 
     def __init__(self, shape: tuple[int, int]):
         self.shape = (int(shape[0]), int(shape[1]))

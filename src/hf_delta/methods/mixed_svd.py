@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaFormatError
-from ..packing import LOWBIT_WIDTHS, pack_lowbit_u8, unpack_lowbit_u8
+from ..packing import LOWBIT_WIDTHS, lowbit_packed_width, pack_lowbit_u8, unpack_lowbit_u8
 from ._dispatch import kernels_forced, stacked_slots, use_kernels
 from .base import CompressedWeight, CompressionContext, DeltaMethod
 from .registry import register_delta_method
@@ -68,9 +68,12 @@ class _Band:
 
 
 class MixedSVDWeight(CompressedWeight):
-    """Bands of singular triples, band ``k`` at ``bits_k`` bits: ``down{k}`` ``[r_k, packed(in)]`` and ``up{k}``
-    ``[r_k, packed(out)]`` (uint8, the rows of ``D_k`` and ``U_kᵀ``) with fp16 row scales ``down_scales{k}`` /
-    ``up_scales{k}`` ``[r_k, 1]``; ``Δ̂ = Σ_k U_k D_k``.
+    """Bands of singular triples, band ``k`` holding ``r_k`` triples at ``bits_k`` bits (``Δ̂ = Σ_k U_k D_k``).
+
+    Two buffers, whatever the number of bands (each saved tensor costs a header in the repo): ``packed`` (uint8,
+    1-D) holds, band after band, the rows of ``D_k`` ``[r_k, packed(in)]`` then the rows of ``U_kᵀ``
+    ``[r_k, packed(out)]``; ``scales`` (fp16 ``[2, rank]``) the row scales of the down (row 0) and up (row 1)
+    factors. ``meta()["bands"]`` = ``[[r_k, bits_k], ...]`` locates each band.
 
     On CUDA (or when ``HF_DELTA_KERNELS=triton`` forces it) the down product ``x D_kᵀ`` runs on the DeltaZip
     kernel (``D_k`` is a dense per-channel-scaled low-bit matrix, that kernel's format); the up product has only
@@ -79,12 +82,21 @@ class MixedSVDWeight(CompressedWeight):
 
     method = "mixed_svd"
 
-    def __init__(self, shape: tuple[int, int], bands: list[tuple[int, int]], tensors: dict[str, torch.Tensor]):
+    def __init__(
+        self, shape: tuple[int, int], bands: list[tuple[int, int]], packed: torch.Tensor, scales: torch.Tensor
+    ):
         super().__init__(shape)
         self.bands = [_Band(int(r), int(b)) for r, b in bands]
-        for k in range(len(self.bands)):
-            for name in (f"down{k}", f"down_scales{k}", f"up{k}", f"up_scales{k}"):
-                self.register_buffer(name, tensors[name])
+        expected = sum(
+            b.rank * (lowbit_packed_width(shape[1], b.bits) + lowbit_packed_width(shape[0], b.bits)) for b in self.bands
+        )
+        if packed.numel() != expected or tuple(scales.shape) != (2, self.rank):
+            raise DeltaFormatError(
+                f"mixed_svd tensors do not match their bands {bands}: packed has {packed.numel()} bytes (expected "
+                f"{expected}), scales {tuple(scales.shape)} (expected (2, {self.rank})); re-save the delta."
+            )
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
 
     @property
     def rank(self) -> int:
@@ -95,26 +107,42 @@ class MixedSVDWeight(CompressedWeight):
         cls, shape: tuple[int, int], parts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
     ) -> MixedSVDWeight:
         """From ``(bits, down ints [r, in], down scales [r], up ints [r, out], up scales [r])`` per band."""
-        bands, tensors = [], {}
-        for k, (bits, dq, ds, uq, us) in enumerate(parts):
-            bands.append((dq.shape[0], bits))
-            tensors[f"down{k}"] = pack_lowbit_u8(dq, bits)
-            tensors[f"down_scales{k}"] = ds.to(torch.float16).reshape(-1, 1)
-            tensors[f"up{k}"] = pack_lowbit_u8(uq, bits)
-            tensors[f"up_scales{k}"] = us.to(torch.float16).reshape(-1, 1)
-        return cls(shape, bands, tensors)
+        bands = [(dq.shape[0], bits) for bits, dq, *_ in parts]
+        chunks = [t for bits, dq, _, uq, _ in parts for t in (pack_lowbit_u8(dq, bits), pack_lowbit_u8(uq, bits))]
+        packed = torch.cat([c.reshape(-1) for c in chunks]) if chunks else torch.zeros(0, dtype=torch.uint8)
+        scales = torch.stack(
+            [
+                torch.cat([p[2].reshape(-1) for p in parts] or [torch.zeros(0)]),
+                torch.cat([p[4].reshape(-1) for p in parts] or [torch.zeros(0)]),
+            ]
+        ).to(torch.float16)
+        return cls(shape, bands, packed, scales)
+
+    def _band(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Band ``k``: packed down rows, down scales ``[r_k, 1]``, packed up rows, up scales ``[r_k, 1]`` (views)."""
+        offset, first = 0, 0
+        for j, band in enumerate(self.bands):
+            down_w = lowbit_packed_width(self.shape[1], band.bits)
+            up_w = lowbit_packed_width(self.shape[0], band.bits)
+            if j == k:
+                r = band.rank
+                down = self.packed[offset : offset + r * down_w].reshape(r, down_w)
+                up = self.packed[offset + r * down_w : offset + r * (down_w + up_w)].reshape(r, up_w)
+                rows = slice(first, first + r)
+                return down, self.scales[0, rows].unsqueeze(1), up, self.scales[1, rows].unsqueeze(1)
+            offset += band.rank * (down_w + up_w)
+            first += band.rank
+        raise IndexError(k)
 
     def _down(self, k: int) -> torch.Tensor:
         """``D_k`` ``[r_k, in]`` (fp32)."""
-        band = self.bands[k]
-        ints = unpack_lowbit_u8(self._buffers[f"down{k}"], band.bits, self.shape[1])
-        return ints.float() * self._buffers[f"down_scales{k}"].float()
+        packed, scales, _, _ = self._band(k)
+        return unpack_lowbit_u8(packed, self.bands[k].bits, self.shape[1]).float() * scales.float()
 
     def _up(self, k: int) -> torch.Tensor:
         """``U_kᵀ`` ``[r_k, out]`` (fp32)."""
-        band = self.bands[k]
-        ints = unpack_lowbit_u8(self._buffers[f"up{k}"], band.bits, self.shape[0])
-        return ints.float() * self._buffers[f"up_scales{k}"].float()
+        _, _, packed, scales = self._band(k)
+        return unpack_lowbit_u8(packed, self.bands[k].bits, self.shape[0]).float() * scales.float()
 
     def _device(self) -> torch.device:
         return next(iter(self._buffers.values())).device
@@ -153,12 +181,13 @@ class MixedSVDWeight(CompressedWeight):
             # Down product on the DeltaZip kernel (rows outside ``rows`` stay zero), up product in PyTorch.
             hidden = torch.zeros(x.shape[0], band.rank, dtype=x.dtype, device=x.device)
             forced = kernels_forced() and band.bits in _KERNEL_BITS
+            packed, scales, _, _ = self._band(k)
             deltazip_matmul(
                 xc,
                 hidden,
                 slots,
-                self._buffers[f"down{k}"].unsqueeze(0),
-                self._buffers[f"down_scales{k}"].unsqueeze(0),
+                packed.unsqueeze(0),
+                scales.unsqueeze(0),
                 bits=band.bits,
                 layout="dense",
                 plan=plan,
@@ -183,7 +212,7 @@ class MixedSVDWeight(CompressedWeight):
                 f"mixed_svd 'bands' must be [[rank, bits], ...] with bits in {LOWBIT_WIDTHS}, "
                 f"got {bands!r}; the repo is corrupt, re-save or re-download it."
             )
-        return cls(tuple(meta["shape"]), bands, tensors)
+        return cls(tuple(meta["shape"]), bands, tensors["packed"], tensors["scales"])
 
 
 @dataclass
@@ -253,41 +282,48 @@ def allocate_bits(
     return widths[choose(hi)].long()
 
 
-def compress_mixed_svd_matrix(delta: torch.Tensor, kind: str, cfg: MixedSVDConfig) -> MixedSVDWeight:
-    """Factor one delta matrix and quantise its singular triples within ``cfg.bits_per_weight``."""
+def mixed_svd_weights(
+    delta: torch.Tensor, bits_per_weight: list[float], bit_widths: list[int] | tuple[int, ...], *, refit: bool = True
+) -> list[MixedSVDWeight]:
+    """One weight per budget in ``bits_per_weight``, all from one SVD and one set of quantised vectors."""
     d = delta.float()
     out_f, in_f = d.shape
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    widths = sorted(set(cfg.bit_widths))
-    budget = cfg.bits_per_weight * out_f * in_f
-    # No more triples than the budget holds at the smallest width: only those are worth quantising.
-    most = max(1, min(len(s), int(budget // (widths[0] * (in_f + out_f) + _SCALE_BITS))))
+    widths = sorted(set(bit_widths))
+    # No more triples than the largest budget holds at the smallest width: only those are worth quantising.
+    most = int(max(bits_per_weight) * out_f * in_f // (widths[0] * (in_f + out_f) + _SCALE_BITS))
+    most = max(1, min(len(s), most))
     u, s, vh = u[:, :most], s[:most], vh[:most]
     down = s.unsqueeze(1) * vh  # rows s_i v_iᵀ
     quantized = {b: (_relative_errors(down, b), _relative_errors(u.T.contiguous(), b)) for b in widths}
     # A triple's error: both factors' relative errors, to first order (each is small where it is kept).
     errors = {b: quantized[b][0][2] + quantized[b][1][2] for b in widths}
-    chosen = allocate_bits(s, errors, in_f + out_f, budget)
-    if not bool(chosen.any()):  # keep one triple: a weight needs tensors (an all-zero delta stays ~zero)
-        chosen[0] = widths[0]
-    parts = []
-    picked = [(b, (chosen == b).nonzero().squeeze(1)) for b in sorted(widths, reverse=True)]
-    picked = [(b, idx) for b, idx in picked if len(idx)]
-    if picked:
+    weights = []
+    for bpw in bits_per_weight:
+        chosen = allocate_bits(s, errors, in_f + out_f, bpw * out_f * in_f)
+        if not bool(chosen.any()):  # keep one triple: a weight needs tensors (an all-zero delta stays ~zero)
+            chosen[0] = widths[0]
+        picked = [(b, (chosen == b).nonzero().squeeze(1)) for b in sorted(widths, reverse=True)]
+        picked = [(b, idx) for b, idx in picked if len(idx)]
         d_hat = torch.cat([_dequantize(*quantized[b][0][:2])[idx] for b, idx in picked])
         up = u[:, torch.cat([idx for _, idx in picked])]
-        if cfg.refit:
+        if refit:
             gram = d_hat @ d_hat.T
             gram.diagonal().add_(1e-8 * float(gram.diagonal().mean().clamp_min(1e-30)))
             up = torch.linalg.solve(gram, d_hat @ d.T).T  # argmin ‖Δ − U D̂‖ over U, [out, r]
-        start = 0
+        parts, start = [], 0
         for b, idx in picked:
             r = len(idx)
             uq, us = quantize_rows(up[:, start : start + r].T.contiguous(), b)
-            dq, ds = quantized[b][0][0][idx], quantized[b][0][1][idx]
-            parts.append((b, dq, ds, uq, us))
+            parts.append((b, quantized[b][0][0][idx], quantized[b][0][1][idx], uq, us))
             start += r
-    return MixedSVDWeight.from_factors((out_f, in_f), parts)
+        weights.append(MixedSVDWeight.from_factors((out_f, in_f), parts))
+    return weights
+
+
+def compress_mixed_svd_matrix(delta: torch.Tensor, kind: str, cfg: MixedSVDConfig) -> MixedSVDWeight:
+    """Factor one delta matrix and quantise its singular triples within ``cfg.bits_per_weight``."""
+    return mixed_svd_weights(delta, [cfg.bits_per_weight], cfg.bit_widths, refit=cfg.refit)[0]
 
 
 def compress_mixed_svd(ctx: CompressionContext) -> dict[str, CompressedWeight]:

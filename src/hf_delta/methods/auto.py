@@ -1,0 +1,495 @@
+"""Automatic per-matrix allocation: for a quality target (or a size budget), choose each delta matrix's method and
+setting among the registered ones so the whole delta is as small as it can be, then verify it end to end.
+
+1. **Candidates.** Every matrix is compressed with every candidate setting (BitDelta with 1-3 sign passes,
+   DeltaZip bits ± 2:4 calibrated on the fine-tune's inputs to that layer, low-rank ranks, mixed-precision SVD
+   budgets). Each candidate's size is its bytes on disk; its error is the output error on the calibration data,
+   ``e = tr(E H Eᵀ) / tr(Δ H Δᵀ)`` with ``E = Δ − Δ̂`` and ``H = XᵀX`` of the layer's inputs (token counts for an
+   embedding), i.e. relative to dropping the delta of that matrix.
+2. **Sensitivity.** One probe per matrix: the fine-tune with only that matrix replaced by one candidate, its
+   next-token KL to the fine-tune measured on calibration text. ``KL_m(c) ≈ α_m · e_m(c)`` with
+   ``α_m = KL_probe / e_probe`` (KL is quadratic in a small perturbation, and so is ``e``).
+3. **Knapsack.** ``min Σ size_m(c_m)`` subject to ``Σ KL_m(c_m) ≤ K`` (a multiple-choice knapsack), solved by
+   Lagrangian relaxation: each matrix takes ``argmin size + λ · KL``, ``λ`` bisected to meet ``K``.
+4. **Verification.** The assembled delta runs on all calibration batches; the KL budget ``K`` is bisected
+   (a few full forward passes) until the measured KL or token retention meets the target with the largest ``K``.
+
+Token retention on calibration text mirrors the task retention of the benchmarks at the token level:
+``(acc − acc_base) / (acc_finetune − acc_base)`` with ``acc`` the next-token accuracy on the calibration tokens.
+Each matrix's choice is recorded in the delta repo (``modules.weights[<module>].setting``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import DeltaConfig
+from ..errors import CalibrationError, DeltaConfigError
+from ..extract import vocab_module_names
+from ..packing import LOWBIT_WIDTHS
+from .base import CompressedWeight, CompressionContext, DeltaMethod
+from .bitdelta import BitDeltaWeight
+from .deltazip import DeltaZipWeight, prune_quantize
+from .deltazip.calibrate import Hessian, real_rows
+from .deltazip.gptq import layout_of
+from .lowrank import LowRankWeight
+from .mixed_svd import mixed_svd_weights
+from .registry import register_delta_method
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CANDIDATES = (
+    "bitdelta-1", "bitdelta-2", "deltazip-2bit-2:4", "deltazip-4bit-2:4", "deltazip-2bit", "deltazip-4bit",
+    "deltazip-8bit", "lowrank-r8", "lowrank-r32", "mixed-svd-0.25", "mixed-svd-0.5", "mixed-svd-1", "mixed-svd-2",
+    "mixed-svd-3",
+)  # fmt: skip
+_PATTERNS = {
+    "bitdelta": re.compile(r"^bitdelta-([1-4])$"),
+    "deltazip": re.compile(r"^deltazip-([2348])bit(-2:4)?$"),
+    "lowrank": re.compile(r"^lowrank-r([1-9][0-9]*)$"),
+    "mixed_svd": re.compile(r"^mixed-svd-([0-9]*\.?[0-9]+)$"),
+}
+_HEADER_BYTES = 64  # safetensors header bytes per tensor beside its name (dtype, shape, offsets)
+
+
+def _family(name: str) -> tuple[str, re.Match] | None:
+    for family, pattern in _PATTERNS.items():
+        match = pattern.match(name)
+        if match:
+            return family, match
+    return None
+
+
+@dataclass
+class AutoConfig(DeltaConfig):
+    """Choose each matrix's method and setting to meet a quality target (or a size budget) at the smallest size.
+
+    Give exactly one of ``target_retention``, ``target_kl`` or ``budget_bytes``.
+
+    Args:
+        target_retention: keep at least this share of the fine-tune's next-token accuracy gain over the base on
+            the calibration text (e.g. ``0.99``).
+        target_kl: keep the mean next-token KL(fine-tune ‖ compressed) on the calibration text at or below this.
+        budget_bytes: the largest total size of the compressed matrices (bytes on disk); quality is maximised.
+        candidates: settings to choose from: ``bitdelta-<passes>``, ``deltazip-<bits>bit[-2:4]``,
+            ``lowrank-r<rank>``, ``mixed-svd-<bits per weight>``.
+        calibration_samples / calibration_seq_len / calibration_batch_size: calibration set (sampled from the
+            fine-tune when ``compress`` gets no texts).
+        probe_samples: calibration texts used by each per-matrix sensitivity probe (all of them verify).
+        max_rounds: end-to-end verifications of the bisection over the KL budget.
+    """
+
+    target_retention: float | None = None
+    target_kl: float | None = None
+    budget_bytes: int | None = None
+    candidates: list[str] | tuple[str, ...] = field(default_factory=lambda: list(DEFAULT_CANDIDATES))
+    calibration_samples: int = 64
+    calibration_seq_len: int = 128
+    calibration_batch_size: int = 8
+    probe_samples: int = 16
+    max_rounds: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        targets = [t for t in ("target_retention", "target_kl", "budget_bytes") if getattr(self, t) is not None]
+        if len(targets) != 1:
+            raise DeltaConfigError(
+                f"AutoConfig needs exactly one of target_retention (e.g. 0.99), target_kl (e.g. 0.05) or "
+                f"budget_bytes; got {targets or 'none'}."
+            )
+        if self.target_retention is not None and not 0 < self.target_retention <= 1:
+            raise DeltaConfigError(f"target_retention must be in (0, 1], e.g. 0.99; got {self.target_retention!r}.")
+        if self.target_kl is not None and not self.target_kl > 0:
+            raise DeltaConfigError(f"target_kl must be > 0, e.g. 0.05; got {self.target_kl!r}.")
+        if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0):
+            raise DeltaConfigError(f"budget_bytes must be a positive int, got {self.budget_bytes!r}.")
+        unknown = [c for c in self.candidates if _family(c) is None]
+        if unknown or not self.candidates:
+            raise DeltaConfigError(
+                f"Unknown candidate settings {unknown or '(none given)'}; use names like {list(DEFAULT_CANDIDATES)}."
+            )
+        for c in self.candidates:
+            family, match = _family(c)
+            if family == "mixed_svd" and not float(match.group(1)) > 0:
+                raise DeltaConfigError(f"Candidate {c!r}: the bits per weight must be > 0.")
+        for name in ("calibration_samples", "calibration_seq_len", "calibration_batch_size", "probe_samples",
+                     "max_rounds"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise DeltaConfigError(f"{name} must be a positive int, got {value!r}.")
+
+
+# ---------------------------------------------------------------------------------------------------- candidates
+def _saved_bytes(weight: CompressedWeight, module: str) -> int:
+    """Bytes ``weight`` takes in the repo's safetensors file (tensors as saved, plus their header entries)."""
+    tensors, _ = weight.saved_tensors()
+    return sum(t.numel() * t.element_size() + len(f"{module}::{n}") + _HEADER_BYTES for n, t in tensors.items())
+
+
+def _candidates(delta: torch.Tensor, names: list[str], hessian: torch.Tensor | None) -> dict[str, CompressedWeight]:
+    """Every candidate setting of ``names`` that applies to this matrix (2:4 needs a Hessian and ``in % 4 == 0``)."""
+    out: dict[str, CompressedWeight] = {}
+    svd_budgets = {}
+    for name in names:
+        family, match = _family(name)
+        if family == "bitdelta":
+            out[name] = BitDeltaWeight.from_delta(delta, passes=int(match.group(1)))
+        elif family == "deltazip":
+            bits, sparse = int(match.group(1)), match.group(2) is not None
+            if sparse and (hessian is None or delta.shape[1] % 4):
+                continue
+            qm = prune_quantize(delta, hessian, bits=bits, sparsity="2:4" if sparse else None)
+            out[name] = DeltaZipWeight.from_quantized(
+                qm.q,
+                qm.scales,
+                qm.keep,
+                bits=bits,
+                group_size=None,
+                layout=layout_of(qm, "2:4" if sparse else None, bits),
+            )
+        elif family == "lowrank":
+            rank = int(match.group(1))
+            if rank <= min(delta.shape):
+                out[name] = LowRankWeight.from_delta(delta, rank=rank)
+        else:
+            svd_budgets[name] = float(match.group(1))
+    if svd_budgets:
+        for name, weight in zip(
+            svd_budgets, mixed_svd_weights(delta, list(svd_budgets.values()), LOWBIT_WIDTHS), strict=True
+        ):
+            out[name] = weight
+    return out
+
+
+@dataclass
+class _Matrix:
+    """One delta matrix: its candidates, their sizes and relative output errors, and its measured sensitivity."""
+
+    name: str
+    weights: dict[str, CompressedWeight]
+    sizes: dict[str, int]
+    errors: dict[str, float]
+    alpha: float = 0.0
+
+    def predicted_kl(self, setting: str) -> float:
+        return self.alpha * self.errors[setting]
+
+
+def _relative_error(delta: torch.Tensor, approx: torch.Tensor, hessians: list[torch.Tensor]) -> float:
+    """``mean_H tr(E H Eᵀ) / tr(Δ H Δᵀ)``; a 1-D ``H`` is a diagonal (token counts of an embedding's rows)."""
+    err = delta - approx
+    total = 0.0
+    for h in hessians:
+        if h.dim() == 1:
+            num, den = (h.unsqueeze(1) * err**2).sum(), (h.unsqueeze(1) * delta**2).sum()
+        else:
+            num, den = ((err @ h) * err).sum(), ((delta @ h) * delta).sum()
+        total += float(num) / max(float(den), 1e-30)
+    return total / len(hessians)
+
+
+# --------------------------------------------------------------------------------------------- calibration model
+class _Workbench:
+    """A copy of the fine-tune whose compressed matrices can be set to ``base + Δ̂`` and scored against it."""
+
+    def __init__(self, ctx: CompressionContext, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.batches = batches
+        self.model = copy.deepcopy(ctx.finetuned).eval()
+        self.base = {n: ctx.base.get_submodule(n).weight.detach() for n in ctx.extracted.compress}
+        self.exact = {n: self.model.get_submodule(n).weight.detach().clone() for n in ctx.extracted.compress}
+        self.teacher: list[torch.Tensor] = []
+        self.finetune_acc = self.base_acc = 0.0
+
+    def param(self, name: str) -> torch.Tensor:
+        return self.model.get_submodule(name).weight
+
+    def set(self, name: str, approx: torch.Tensor | None) -> None:
+        """Matrix ``name`` = ``base + approx`` (``None``: the fine-tune's own value)."""
+        p = self.param(name).data
+        if approx is None:
+            p.copy_(self.exact[name])
+        else:
+            rows = approx.shape[0]
+            p[:rows] = (self.base[name][:rows].float() + approx).to(p.dtype)
+
+    @torch.no_grad()
+    def score(self, n_batches: int | None = None) -> tuple[float, float]:
+        """Mean next-token KL(fine-tune ‖ this model) and the next-token accuracy on the calibration text."""
+        kl_sum, acc_sum, count = 0.0, 0.0, 0
+        for (ids, mask), ref in zip(self.batches[:n_batches], self.teacher, strict=False):
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            kl, acc, n = _kl_and_accuracy(ref, logits, ids, mask)
+            kl_sum, acc_sum, count = kl_sum + kl * n, acc_sum + acc * n, count + n
+        return kl_sum / max(count, 1), acc_sum / max(count, 1)
+
+
+def _kl_and_accuracy(
+    ref: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[float, float, int]:
+    """Mean KL(ref ‖ logits) over real positions that predict a real next token, the next-token accuracy there,
+    and how many positions that is."""
+    real = (mask[:, 1:] * mask[:, :-1]).bool()
+    vocab = ref.shape[-1]
+    p = F.log_softmax(ref[:, :-1][real], dim=-1)
+    q = F.log_softmax(logits[:, :-1, :vocab][real], dim=-1)
+    kl = float((p.exp() * (p - q)).sum(-1).mean()) if real.any() else 0.0
+    acc = float((logits[:, :-1].argmax(-1)[real] == ids[:, 1:][real]).float().mean()) if real.any() else 0.0
+    return kl, acc, int(real.sum())
+
+
+def _collect(
+    ctx: CompressionContext, bench: _Workbench, head: str | None, embed: str | None
+) -> dict[str, list[torch.Tensor]]:
+    """One pass of the fine-tune over the calibration batches: its logits, each target's input Hessian (token
+    counts for the embedding) and its accuracy; then the base's accuracy."""
+    names = list(ctx.extracted.compress)
+    tied = ctx.extracted.tied.get(head) if head else None
+    hooked = {n: n for n in names if ctx.extracted.kinds.get(n, "linear") == "linear"}
+    if tied is not None and head is not None:
+        hooked[head] = tied  # a tied matrix has input activations as the output head
+    acc = {n: Hessian() for n in hooked}
+    state: dict[str, Any] = {}
+    hooks = [
+        bench.model.get_submodule(m).register_forward_pre_hook(
+            lambda mod, args, m=m: acc[m].add(real_rows(args[0], state["mask"]))
+        )
+        for m in hooked
+    ]
+    counts = None
+    vocab_rows = ctx.extracted.compress[embed].shape[0] if embed in ctx.extracted.compress else 0
+    if vocab_rows:
+        counts = torch.zeros(vocab_rows)
+    acc_sum, n_sum = 0.0, 0
+    try:
+        with torch.no_grad():
+            for ids, mask in bench.batches:
+                state["mask"] = mask
+                logits = bench.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+                bench.teacher.append(logits)
+                _, a, n = _kl_and_accuracy(logits, logits, ids, mask)
+                acc_sum, n_sum = acc_sum + a * n, n_sum + n
+                if counts is not None:
+                    real = ids[mask.bool()]
+                    counts += torch.bincount(real[real < vocab_rows], minlength=vocab_rows).float()
+    finally:
+        for h in hooks:
+            h.remove()
+    bench.finetune_acc = acc_sum / max(n_sum, 1)
+    base_acc, n_sum = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in bench.batches:
+            logits = ctx.base(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            _, a, n = _kl_and_accuracy(logits, logits, ids, mask)
+            base_acc, n_sum = base_acc + a * n, n_sum + n
+    bench.base_acc = base_acc / max(n_sum, 1)
+    hessians: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for module, matrix in hooked.items():
+        if acc[module].h is not None:
+            hessians[matrix].append(acc[module].h)
+    if counts is not None:
+        hessians[embed].append(counts)
+    return hessians
+
+
+# ------------------------------------------------------------------------------------------------ the allocation
+def _choose(matrices: list[_Matrix], kl_budget: float) -> dict[str, str]:
+    """Smallest total size with ``Σ predicted KL ≤ kl_budget`` (Lagrangian: each matrix ``argmin size + λ KL``)."""
+
+    def pick(lam: float) -> dict[str, str]:
+        return {m.name: min(m.weights, key=lambda c, m=m: (m.sizes[c] + lam * m.predicted_kl(c), m.sizes[c]))
+                for m in matrices}  # fmt: skip
+
+    def kl(choice: dict[str, str]) -> float:
+        return sum(m.predicted_kl(choice[m.name]) for m in matrices)
+
+    smallest = pick(0.0)
+    if kl(smallest) <= kl_budget:
+        return smallest
+    lo, hi = 1e-6, 1e6
+    while kl(pick(hi)) > kl_budget and hi < 1e30:
+        hi *= 1e3
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        if kl(pick(mid)) <= kl_budget:
+            hi = mid
+        else:
+            lo = mid
+    return pick(hi)
+
+
+def _size(matrices: list[_Matrix], choice: dict[str, str]) -> int:
+    return sum(m.sizes[choice[m.name]] for m in matrices)
+
+
+def _measure(bench: _Workbench, matrices: list[_Matrix], choice: dict[str, str]) -> tuple[float, float]:
+    for m in matrices:
+        bench.set(m.name, m.weights[choice[m.name]].to_dense())
+    kl, acc = bench.score()
+    gain = bench.finetune_acc - bench.base_acc
+    return kl, (acc - bench.base_acc) / gain if gain > 0 else 1.0
+
+
+def _search(cfg: AutoConfig, bench: _Workbench, matrices: list[_Matrix]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Bisect the predicted-KL budget: the largest one whose delta meets the target when measured."""
+    low_kl = sum(min(m.predicted_kl(c) for c in m.weights) for m in matrices)  # best quality
+    high_kl = sum(max(m.predicted_kl(c) for c in m.weights) for m in matrices) + 1e-30
+    rounds: list[dict[str, Any]] = []
+
+    seen: dict[tuple[str, ...], bool] = {}
+
+    if cfg.budget_bytes is not None:
+        return _fit_bytes(cfg.budget_bytes, bench, matrices, low_kl, high_kl)
+
+    def evaluate(budget: float) -> tuple[dict[str, str], bool]:
+        choice = _choose(matrices, budget)
+        key = tuple(choice[m.name] for m in matrices)
+        if key not in seen:  # neighbouring budgets often give the same allocation: measure it once
+            kl, retention = _measure(bench, matrices, choice)
+            ok = kl <= cfg.target_kl if cfg.target_kl is not None else retention >= cfg.target_retention
+            seen[key] = ok
+            rounds.append(
+                {"kl_budget": budget, "bytes": _size(matrices, choice), "kl": kl, "retention": retention, "ok": ok}
+            )
+            logger.info(
+                "auto: KL budget %.3g -> %d bytes, KL %.4g, token retention %.4f (%s)",
+                budget,
+                rounds[-1]["bytes"],
+                kl,
+                retention,
+                "meets the target" if ok else "misses the target",
+            )
+        return choice, seen[key]
+
+    smallest = _choose(matrices, math.inf)
+    good, good_budget, bad_budget = None, max(low_kl, 1e-30), max(high_kl, low_kl * 2, 1e-30)
+    budget = cfg.target_kl if cfg.target_kl is not None else math.sqrt(good_budget * bad_budget)
+    for _ in range(cfg.max_rounds):
+        choice, ok = evaluate(budget)
+        if ok:
+            good, good_budget = choice, budget
+            if choice == smallest:  # nothing smaller to find
+                break
+        else:
+            bad_budget = budget
+        if bad_budget <= good_budget * 1.05:
+            break
+        budget = math.sqrt(good_budget * bad_budget)
+    if good is None:
+        good = _choose(matrices, low_kl)  # the best quality the candidates offer
+        kl, retention = _measure(bench, matrices, good)
+        rounds.append(
+            {"kl_budget": low_kl, "bytes": _size(matrices, good), "kl": kl, "retention": retention, "ok": False}
+        )
+        logger.warning(
+            "auto: no allocation of the candidates %s meets the target; keeping the most accurate one "
+            "(%d bytes). Add more accurate candidates (e.g. deltazip-8bit) or relax the target.",
+            list(cfg.candidates),
+            _size(matrices, good),
+        )
+    return good, {"rounds": rounds}
+
+
+def _fit_bytes(
+    budget_bytes: int, bench: _Workbench, matrices: list[_Matrix], low_kl: float, high_kl: float
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """The lowest predicted KL whose allocation fits ``budget_bytes`` (sizes are exact: choosing needs no
+    verification; the result is measured once for the record)."""
+    smallest = _size(matrices, _choose(matrices, math.inf))
+    if smallest > budget_bytes:
+        raise DeltaConfigError(
+            f"budget_bytes={budget_bytes} is below the smallest allocation of the candidates ({smallest} bytes); "
+            "raise it or add smaller candidates (e.g. mixed-svd-0.25)."
+        )
+    lo, hi = max(low_kl, 1e-30), max(high_kl, low_kl * 2, 1e-30)  # lo: the most accurate; hi: smaller
+    while _size(matrices, _choose(matrices, hi)) > budget_bytes:
+        hi *= 10
+    if _size(matrices, _choose(matrices, lo)) <= budget_bytes:
+        hi = lo
+    for _ in range(60):
+        if hi <= lo * 1.001:
+            break
+        mid = math.sqrt(lo * hi)
+        if _size(matrices, _choose(matrices, mid)) <= budget_bytes:
+            hi = mid
+        else:
+            lo = mid
+    choice = _choose(matrices, hi)
+    kl, retention = _measure(bench, matrices, choice)
+    logger.info(
+        "auto: %d bytes (budget %d), KL %.4g, token retention %.4f",
+        _size(matrices, choice),
+        budget_bytes,
+        kl,
+        retention,
+    )
+    return choice, {
+        "rounds": [{"kl_budget": hi, "bytes": _size(matrices, choice), "kl": kl, "retention": retention, "ok": True}]
+    }
+
+
+def compress_auto(ctx: CompressionContext) -> dict[str, CompressedWeight]:
+    """Measure, allocate and verify (see the module docstring); each weight's ``setting`` names its choice."""
+    cfg: AutoConfig = ctx.config
+    started = time.perf_counter()
+    batches = ctx.calibration(
+        n=cfg.calibration_samples, seq_len=cfg.calibration_seq_len, batch_size=cfg.calibration_batch_size
+    )
+    if not batches:
+        raise CalibrationError(
+            "The calibration set is empty; pass texts like the fine-tune's training data, or "
+            "calibration=None to sample text from the fine-tune."
+        )
+    embed, head = vocab_module_names(ctx.base)
+    bench = _Workbench(ctx, batches)
+    hessians = _collect(ctx, bench, head, embed)
+    matrices: list[_Matrix] = []
+    for name, delta in tqdm(
+        ctx.extracted.compress.items(), desc="auto: candidates", disable=not ctx.progress, leave=False
+    ):
+        delta = delta.float()
+        linear = [h for h in hessians[name] if h.dim() == 2]
+        weights = _candidates(delta, list(cfg.candidates), linear[0] if linear else None)
+        scales = hessians[name] or [torch.ones(delta.shape[1], dtype=torch.float32).diag()]
+        errors = {c: _relative_error(delta, w.to_dense(), scales) for c, w in weights.items()}
+        matrices.append(_Matrix(name, weights, {c: _saved_bytes(w, name) for c, w in weights.items()}, errors))
+    probe_batches = max(1, math.ceil(cfg.probe_samples / cfg.calibration_batch_size))
+    for m in tqdm(matrices, desc="auto: sensitivity", disable=not ctx.progress, leave=False):
+        # Probe with the candidate closest to a 5% output error: the regime where near-lossless targets land.
+        probe = min(m.weights, key=lambda c, m=m: abs(math.log(max(m.errors[c], 1e-12) / 0.05)))
+        bench.set(m.name, m.weights[probe].to_dense())
+        kl, _ = bench.score(probe_batches)
+        bench.set(m.name, None)
+        m.alpha = kl / max(m.errors[probe], 1e-12)
+    choice, report = _search(cfg, bench, matrices)
+    weights = {}
+    for m in matrices:
+        weights[m.name] = m.weights[choice[m.name]]
+        weights[m.name].setting = choice[m.name]
+    counts: dict[str, int] = {}
+    for setting in choice.values():
+        counts[setting] = counts.get(setting, 0) + 1
+    report.update(seconds=time.perf_counter() - started, bytes=_size(matrices, choice), settings=counts)
+    logger.info(
+        "auto: %d matrices in %.0f s, %d bytes: %s",
+        len(matrices),
+        report["seconds"],
+        report["bytes"],
+        counts,
+        extra={"auto_report": report},
+    )
+    return weights
+
+
+register_delta_method(DeltaMethod(name="auto", config_class=AutoConfig, weight_classes=(), compress=compress_auto))
+
+__all__ = ["DEFAULT_CANDIDATES", "AutoConfig", "compress_auto"]

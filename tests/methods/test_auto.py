@@ -1,0 +1,141 @@
+"""Automatic per-matrix allocation: the knapsack against brute force, targets met when measured independently
+through the real delta layers, choices recorded per module, and deltas that mix methods per matrix served
+everywhere (load, mixed batch, kernel path, merge, engine)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from delta_checks import check_delta_serves
+
+from hf_delta import AutoConfig, BitDeltaConfig, DeltaZipConfig, MixedSVDConfig, compress
+from hf_delta.calibration import tokenize_calibration
+from hf_delta.errors import DeltaConfigError
+from hf_delta.evaluation import kl_divergence
+from hf_delta.methods import LowRankConfig
+from hf_delta.methods.auto import _choose, _Matrix
+from hf_delta.storage import Delta
+
+
+def test_bad_configs():
+    for bad in (
+        {},
+        {"target_kl": 0.1, "target_retention": 0.9},
+        {"target_retention": 1.5},
+        {"target_kl": 0},
+        {"budget_bytes": -1},
+        {"target_kl": 0.1, "candidates": ["bitdelta-9"]},
+        {"target_kl": 0.1, "candidates": ["mixed-svd-0"]},
+        {"target_kl": 0.1, "probe_samples": 0},
+    ):
+        with pytest.raises(DeltaConfigError):
+            AutoConfig(**bad).validate()
+    AutoConfig(target_retention=0.99, candidates=["deltazip-3bit-2:4", "lowrank-r4", "mixed-svd-1.5"]).validate()
+
+
+def test_knapsack_is_optimal_for_the_kl_it_spends():
+    """Against every assignment for 4 matrices x 3 candidates: none with at most the chosen KL is smaller."""
+    g = torch.Generator().manual_seed(0)
+    matrices = []
+    for i in range(4):
+        sizes = sorted(torch.randint(10, 200, (3,), generator=g).tolist())
+        errors = sorted(torch.rand(3, generator=g).tolist(), reverse=True)  # bigger, more accurate
+        names = ["a", "b", "c"]
+        matrices.append(
+            _Matrix(
+                f"m{i}",
+                dict.fromkeys(names),
+                dict(zip(names, sizes, strict=True)),
+                dict(zip(names, errors, strict=True)),
+                alpha=float(torch.rand(1, generator=g)) + 0.1,
+            )
+        )
+    everything = list(itertools.product("abc", repeat=4))
+
+    def kl(assign):
+        return sum(m.predicted_kl(c) for m, c in zip(matrices, assign, strict=True))
+
+    def size(assign):
+        return sum(m.sizes[c] for m, c in zip(matrices, assign, strict=True))
+
+    for budget in (0.2, 0.5, 1.0, 2.0, 5.0):
+        chosen = _choose(matrices, budget)
+        assign = tuple(chosen[m.name] for m in matrices)
+        if min(kl(a) for a in everything) > budget:
+            continue
+        assert kl(assign) <= budget + 1e-12
+        assert size(assign) <= min(size(a) for a in everything if kl(a) <= kl(assign) + 1e-12)
+
+
+def _calibration_kl(model, finetuned, batches) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in batches:
+            ref = finetuned(input_ids=ids, attention_mask=mask).logits
+            got = model(input_ids=ids, attention_mask=mask).logits
+            real = (mask[:, 1:] * mask[:, :-1]).bool()
+            n = int(real.sum())
+            total += kl_divergence(ref[:, :-1], got[:, :-1, : ref.shape[-1]], real) * n
+            count += n
+    return total / count
+
+
+@pytest.mark.slow
+def test_kl_target_is_met_through_the_real_layers_and_choices_are_recorded(
+    micro_zoo, zoo_models, zoo_texts, tmp_path, torch_one_thread
+):
+    entry = micro_zoo["llama-arith"]
+    base_path = micro_zoo[entry.base].path
+    _, finetuned, tokenizer = zoo_models("llama-arith")
+    texts = zoo_texts("llama-arith", 32)
+    model = compress(base_path, entry.path, AutoConfig(target_kl=0.002, calibration_samples=32), texts, progress=False)
+    batches = tokenize_calibration(texts, tokenizer, seq_len=128, batch_size=8)
+    assert _calibration_kl(model, finetuned, batches) <= 0.002
+    model.save_pretrained(tmp_path / "auto")
+    entries = json.loads((tmp_path / "auto" / "delta_config.json").read_text())["modules"]["weights"]
+    assert entries and all(e["setting"] in AutoConfig().candidates for e in entries.values())
+    loaded = Delta.from_folder(tmp_path / "auto")
+    assert {m: w.setting for m, w in loaded.weights.items()} == {m: e["setting"] for m, e in entries.items()}
+    assert type(loaded.config) is AutoConfig and loaded.config.target_kl == 0.002
+
+    # A size budget: the weights fit it (as the repo stores them), and more bytes buy a lower KL.
+    kls = []
+    for budget in (6000, 20000):
+        fitted = compress(
+            base_path, entry.path, AutoConfig(budget_bytes=budget, calibration_samples=32), texts, progress=False
+        )
+        fitted.save_pretrained(tmp_path / str(budget))
+        assert (tmp_path / str(budget) / "delta_model.safetensors").stat().st_size <= budget + 2000  # + norms
+        kls.append(_calibration_kl(fitted, finetuned, batches))
+    assert kls[1] < kls[0]
+    with pytest.raises(DeltaConfigError, match="below the smallest allocation"):
+        compress(base_path, entry.path, AutoConfig(budget_bytes=100, calibration_samples=8), texts, progress=False)
+
+
+@pytest.mark.slow
+def test_a_delta_mixing_methods_per_matrix_serves_everywhere(
+    micro_zoo, zoo_texts, tmp_path, monkeypatch, torch_one_thread
+):
+    """Modules of one delta take their weights from four methods in turn; beside a plain BitDelta delta it loads,
+    batches (mixed == solo), runs the kernel path, merges and serves."""
+    base = micro_zoo["llama-base"].path
+    finetune = micro_zoo["llama-arith"].path
+    texts = zoo_texts("llama-arith", 16)
+    parts = [
+        compress(base, finetune, config, texts, progress=False).get_delta("default")
+        for config in (BitDeltaConfig(distill_steps=0), DeltaZipConfig(bits=4), MixedSVDConfig(), LowRankConfig(rank=8))
+    ]
+    mixed = parts[0]
+    mixed.config = AutoConfig(target_kl=0.01)
+    for i, module in enumerate(sorted(mixed.weights)):
+        mixed.weights[module] = parts[i % len(parts)].weights[module]
+        mixed.weights[module].setting = type(parts[i % len(parts)].config).__name__
+    assert len({type(w).__name__ for w in mixed.weights.values()}) == 4
+    mixed.save_pretrained(tmp_path / "mixed")
+    compress(base, micro_zoo["llama-cipher"].path, BitDeltaConfig(distill_steps=0), progress=False).save_pretrained(
+        tmp_path / "bit"
+    )
+    check_delta_serves(base, {"mixed": tmp_path / "mixed", "bit": tmp_path / "bit"}, monkeypatch)
