@@ -55,3 +55,22 @@ def test_every_command_has_help_and_help_loads_no_torch():
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().endswith("False")
     assert done.stdout.count("usage: hf-delta") == len(commands)
+
+
+def test_compress_auto_records_each_matrix_choice(micro_zoo, tmp_path, capsys, torch_one_thread):
+    from hf_delta.evaluation import task_calibration
+    from hf_delta.utils.loading import load_tokenizer
+
+    entry = micro_zoo["llama-arith"]
+    texts = task_calibration(load_tokenizer(entry.path), micro_zoo.task("llama-arith"), n=16)
+    (tmp_path / "calib.txt").write_text("\n".join(t.replace("\n", " ") for t in texts))
+    out = tmp_path / "delta"
+    code = main(["compress", str(micro_zoo["llama-base"].path), str(entry.path), str(out), "--auto",
+                 "--budget-bytes", "8000", "--calibration", str(tmp_path / "calib.txt"),
+                 "--options", json.dumps({"calibration_samples": 16})])
+    assert code == 0 and "Saved auto delta" in capsys.readouterr().out
+    delta = Delta.from_folder(out)
+    assert delta.config.method == "auto" and delta.config.budget_bytes == 8000
+    assert all(w.setting in delta.config.candidates for w in delta.weights.values())
+    assert main(["compress", str(micro_zoo["llama-base"].path), str(entry.path), str(out), "--auto"]) != 0
+    assert "exactly one of target_retention" in capsys.readouterr().err

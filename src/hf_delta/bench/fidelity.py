@@ -16,7 +16,7 @@ from typing import Any
 from ..compression import compress
 from ..config import DeltaConfig
 from ..evaluation import exact_match, mean_kl, perplexity, retention, task_calibration
-from ..methods import BitDeltaConfig, DeltaZipConfig, LowRankConfig
+from ..methods import AutoConfig, BitDeltaConfig, DeltaZipConfig, LowRankConfig, MixedSVDConfig
 from ..utils.loading import load_model_and_tokenizer
 from ..utils.sizes import bf16_weight_bytes, folder_bytes
 from ..zoo.build import load_zoo
@@ -39,6 +39,11 @@ SETTINGS: dict[str, Callable[[], DeltaConfig]] = {
     "deltazip-2bit-2:4": lambda: DeltaZipConfig(bits=2, sparsity="2:4", embedding_method="gptq", embedding_bits=4),
     "lowrank-r8": lambda: LowRankConfig(rank=8),
     "lowrank-r32": lambda: LowRankConfig(rank=32),
+    # At most 1 bit per weight (scales included): BitDelta's size, spent on the largest singular directions.
+    "mixed-svd": lambda: MixedSVDConfig(bits_per_weight=1.0),
+    # Each matrix's method and setting chosen for a token retention target on the calibration texts.
+    "auto-0.99": lambda: AutoConfig(target_retention=0.99),
+    "auto-0.97": lambda: AutoConfig(target_retention=0.97),
 }
 
 

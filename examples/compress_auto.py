@@ -1,0 +1,43 @@
+"""Compress a zoo fine-tune with mixed-precision SVD (BitDelta's size), then let AutoConfig choose each matrix's
+method and setting for a quality target; print sizes, KL and the per-matrix choices recorded in the repo.
+
+Run: python examples/compress_auto.py   (micro zoo; no network; about a minute on 2 cores)
+"""
+
+import argparse
+import json
+import tempfile
+from collections import Counter
+
+import torch
+
+from hf_delta import AutoConfig, BitDeltaConfig, MixedSVDConfig, compress
+from hf_delta.evaluation import mean_kl, task_calibration
+from hf_delta.utils.loading import load_model_and_tokenizer
+from hf_delta.utils.sizes import bf16_weight_bytes, folder_bytes
+from hf_delta.zoo import build_zoo
+
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+torch.set_num_threads(1)  # small matrices: one thread is faster than several fighting over shared cores
+
+zoo = build_zoo("micro")
+base, entry = zoo["llama-base"].path, zoo["llama-cipher"]
+finetuned, tok = load_model_and_tokenizer(entry.path)
+task = zoo.task("llama-cipher")
+texts = task_calibration(tok, task, n=64)  # like the fine-tune's training data
+
+with tempfile.TemporaryDirectory() as tmp:
+    for label, config in [
+        ("bitdelta (no distillation)", BitDeltaConfig(distill_steps=0)),
+        ("mixed-svd, 1 bit/weight", MixedSVDConfig(bits_per_weight=1.0)),
+        ("auto, KL <= 0.002", AutoConfig(target_kl=0.002)),
+        ("auto, token retention >= 0.99", AutoConfig(target_retention=0.99)),
+    ]:
+        model = compress(base, entry.path, config, texts, progress=False)
+        folder = f"{tmp}/{config.method}-{abs(hash(label))}"
+        model.save_pretrained(folder)
+        ratio = bf16_weight_bytes(finetuned) / folder_bytes(folder)["weights"]
+        print(f"{label:32s} {ratio:5.1f}x smaller, KL(fine-tune || delta) = {mean_kl(finetuned, model, tok, task):.2e}")
+        if config.method == "auto":
+            modules = json.loads(open(f"{folder}/delta_config.json").read())["modules"]["weights"]
+            print("    choices:", dict(Counter(m["setting"] for m in modules.values())))
