@@ -440,6 +440,12 @@ def _fit_bytes(
 def compress_auto(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     """Measure, allocate and verify (see the module docstring); each weight's ``setting`` names its choice."""
     cfg: AutoConfig = ctx.config
+    experts = [n for n in ctx.extracted.compress if n.endswith("]")]  # extract.expert_key: param[expert]
+    if experts:
+        raise DeltaConfigError(
+            f"AutoConfig does not handle fused Mixture-of-Experts parameters yet ({experts[0]}, ...): the probes "
+            "replace whole modules' weights. Compress this model with one method, e.g. MixedSVDConfig()."
+        )
     started = time.perf_counter()
     batches = ctx.calibration(
         n=cfg.calibration_samples, seq_len=cfg.calibration_seq_len, batch_size=cfg.calibration_batch_size
