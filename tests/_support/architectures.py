@@ -195,3 +195,22 @@ def perturbed(base: PreTrainedModel, *, seed: int, scale: float = 0.05) -> PreTr
 def sample_ids(batch: int, *, seed: int = 0, seq_len: int = SEQ_LEN) -> torch.Tensor:
     """Random token ids ``[batch, seq_len]`` (from 2 on: clear of the special ids the configs use)."""
     return torch.randint(2, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer: ``<pad>``, ``<eos>``, ``<unk>`` (ids 0-2) and the words ``w3 … w95`` (id ``i`` is
+    ``w{i}``), for calibration text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def calibration_texts(n: int, *, seed: int = 0, seq_len: int = SEQ_LEN) -> list[str]:
+    """``n`` texts of ``seq_len`` random words of ``tiny_tokenizer`` (no special tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [" ".join(f"w{i}" for i in row) for row in torch.randint(3, VOCAB, (n, seq_len), generator=gen).tolist()]

@@ -1,0 +1,67 @@
+"""Every dense architecture of ``tests/_support/architectures.py`` through compress → save → load → mixed batch
+→ merge, with BitDelta and DeltaZip deltas of one fine-tune loaded side by side.
+
+References are independent of the delta layers: the plain base model's own forward (``__base__`` rows must
+equal it bit for bit), each delta run alone (a mixed batch must equal it), and the fine-tune itself (the
+delta model must be closer to it than the base is).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from architectures import CONFIGS, calibration_texts, perturbed, sample_ids, tiny_model, tiny_tokenizer
+
+from hf_delta import BitDeltaConfig, DeltaModel, DeltaZipConfig, compress
+
+CONFIGS_UNDER_TEST = {
+    "bitdelta": BitDeltaConfig(distill_steps=4, distill_samples=4, distill_seq_len=12, distill_batch_size=4),
+    "deltazip": DeltaZipConfig(bits=4, sparsity=0.5, calibration_samples=4, calibration_seq_len=12,
+                               calibration_batch_size=4),
+}
+
+
+@pytest.fixture
+def one_thread():
+    """The models are tiny: one thread is faster than contending for the machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_compress_load_mix_merge(arch, tmp_path, one_thread):
+    base = tiny_model(arch)
+    finetuned = perturbed(base, seed=1)
+    tokenizer, texts = tiny_tokenizer(), calibration_texts(8)
+    for name, config in CONFIGS_UNDER_TEST.items():
+        compressed = compress(copy.deepcopy(base), finetuned, config, texts, tokenizer=tokenizer, progress=False)
+        compressed.save_pretrained(tmp_path / name)
+
+    model = DeltaModel(copy.deepcopy(base))
+    for name in CONFIGS_UNDER_TEST:
+        model.load_delta(tmp_path / name, name)
+    ids = sample_ids(4, seed=2)
+    rows = ["bitdelta", "__base__", "deltazip", "bitdelta"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, delta_names=rows).logits
+        plain = base(input_ids=ids).logits
+        tuned = finetuned(input_ids=ids).logits
+        alone = {}
+        for name in CONFIGS_UNDER_TEST:
+            model.set_delta(name)
+            alone[name] = model(input_ids=ids).logits
+
+    assert torch.equal(mixed[1], plain[1]), "a __base__ row differs from the plain base"
+    for row, name in enumerate(rows):
+        if name != "__base__":
+            torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-5, atol=1e-5)
+    for name in CONFIGS_UNDER_TEST:
+        error, baseline = (alone[name] - tuned).norm(), (plain - tuned).norm()
+        assert error < 0.8 * baseline, f"{name}: delta model {error:.4f} from the fine-tune, base {baseline:.4f}"
+        merged = copy.deepcopy(model).merge_and_unload(name)
+        with torch.no_grad():
+            torch.testing.assert_close(merged(input_ids=ids).logits, alone[name], rtol=1e-4, atol=1e-4)
