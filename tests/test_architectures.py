@@ -65,3 +65,33 @@ def test_compress_load_mix_merge(arch, tmp_path, one_thread):
         merged = copy.deepcopy(model).merge_and_unload(name)
         with torch.no_grad():
             torch.testing.assert_close(merged(input_ids=ids).logits, alone[name], rtol=1e-4, atol=1e-4)
+
+
+STREAMED = {  # settings compress() runs from the two checkpoints without loading the fine-tune
+    "bitdelta-data-free": BitDeltaConfig(distill_steps=0),
+    "bitdelta-distilled": CONFIGS_UNDER_TEST["bitdelta"],
+    "deltazip-layer-by-layer": CONFIGS_UNDER_TEST["deltazip"],
+}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "falcon", "gemma2"])
+def test_streamed_compression_matches_in_memory(arch, tmp_path, one_thread):
+    """Compressing from checkpoint folders (tensor by tensor, or layer by layer) gives the in-memory result."""
+    base = tiny_model(arch)
+    finetuned = perturbed(base, seed=1)
+    tokenizer, texts = tiny_tokenizer(), calibration_texts(8)
+    base.save_pretrained(tmp_path / "base")
+    finetuned.save_pretrained(tmp_path / "finetuned")
+    tokenizer.save_pretrained(tmp_path / "finetuned")
+    ids = sample_ids(2, seed=3)
+    for name, config in STREAMED.items():
+        streamed = compress(tmp_path / "base", tmp_path / "finetuned", config, texts, progress=False)
+        in_memory = compress(copy.deepcopy(base), finetuned, config, texts, tokenizer=tokenizer, progress=False)
+        want, got = in_memory.get_delta("default"), streamed.get_delta("default")
+        assert set(got.weights) == set(want.weights), name
+        for module, weight in want.weights.items():
+            torch.testing.assert_close(got.weights[module].to_dense(), weight.to_dense(), rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, module=module, name=name: f"{name} {module}: {m}")
+        with torch.no_grad():
+            torch.testing.assert_close(streamed(input_ids=ids).logits, in_memory(input_ids=ids).logits,
+                                       rtol=1e-4, atol=1e-4)

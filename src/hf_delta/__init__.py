@@ -24,7 +24,7 @@ _ERRORS = (
     "ArchitectureMismatchError", "BaseModelMismatchError", "BaseModelNotServedError", "CalibrationError",
     "DeltaConfigError", "DeltaFormatError", "DeltaLoadError", "DeltaNotFoundError", "EngineConfigError",
     "FineTuneConfigError", "FineTuneJobNotFoundError", "HfDeltaError", "InsufficientMemoryError", "InvalidRequestError",
-    "MissingDependencyError", "ModelLoadError", "SpaceBuildError", "ZooError",
+    "MissingDependencyError", "ModelLoadError", "SpaceBuildError", "UnsupportedArchitectureError", "ZooError",
 )
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
@@ -78,6 +78,7 @@ __all__ = [  # the keys of _EXPORTS (a test checks), spelled out for tools that 
     "MixedSVDConfig",
     "ModelLoadError",
     "SpaceBuildError",
+    "UnsupportedArchitectureError",
     "ZooError",
     "__version__",
     "compress",
@@ -114,6 +115,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; nothing is imported at 
         MissingDependencyError,
         ModelLoadError,
         SpaceBuildError,
+        UnsupportedArchitectureError,
         ZooError,
     )
     from .integrations.peft import export_peft_lora

@@ -23,6 +23,10 @@ class ArchitectureMismatchError(HfDeltaError, ValueError):
     """A base and a fine-tune (or a delta) do not share an architecture or parameter shapes."""
 
 
+class UnsupportedArchitectureError(HfDeltaError, ValueError):
+    """A model uses a feature hf_delta cannot apply a delta to exactly; the message names it and what to do."""
+
+
 class BaseModelMismatchError(HfDeltaError, ValueError):
     """A delta was compressed against a different base than the one it is being applied to."""
 

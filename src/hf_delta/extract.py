@@ -11,13 +11,15 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
-from .errors import ArchitectureMismatchError, DeltaConfigError
+from .errors import ArchitectureMismatchError, DeltaConfigError, UnsupportedArchitectureError
 
 
 @dataclass
@@ -86,12 +88,40 @@ def split_expert_key(key: str) -> tuple[str, int] | None:
     return None if found is None else (found["param"], int(found["expert"]))
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2 family): a linear layer whose weight is stored
+    transposed, ``[in_features, out_features]``."""
+    return isinstance(module, Conv1D)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2 family: a linear layer stored ``[in, out]``)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def transposed_modules(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """Those of ``names`` whose weight is stored ``[in, out]`` (``Conv1D``): their deltas are kept ``[out, in]``."""
+    modules = dict(model.named_modules())
+    return {n for n in names if n in modules and is_conv1d(modules[n])}  # fused expert parameters are not modules
+
+
+def as_out_in(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A layer's weight (or weight delta) seen as ``[out_features, in_features]``, the layout deltas use."""
+    return weight.T if transposed else weight
+
+
 def select_target_modules(model: PreTrainedModel, target_modules: str | list[str]) -> list[str]:
-    """Linear layers (and fused expert parameters) matched by ``target_modules`` (PEFT rules, ``"all-linear"``
-    takes the experts too); the output head is never among them."""
+    """Linear layers (``nn.Linear`` and ``Conv1D``) and fused expert parameters matched by ``target_modules``
+    (PEFT rules, ``"all-linear"`` takes the experts too); the output head is never among them."""
     _, head = vocab_module_names(model)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head]
+    linears = [n for n, m in model.named_modules() if _is_linear(m) and n != head]
     linears += expert_parameters(model)
+    if not linears:
+        kinds = sorted({type(m).__name__ for n, m in model.named_modules() if n and not list(m.children())})
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no linear layer (nn.Linear or Conv1D) besides its output head, so there "
+            f"is nothing to compress: its layers are {kinds}. hf_delta compresses linear layers only."
+        )
     if target_modules == "all-linear":
         chosen = linears
     elif isinstance(target_modules, str):
@@ -130,6 +160,7 @@ class PairLayout:
     """How each parameter of a base/fine-tune pair is stored; read from the two models (meta ones will do)."""
 
     targets: set[str]
+    transposed: set[str]
     embed: str | None
     head: str | None
     tied: bool
@@ -148,7 +179,9 @@ def pair_layout(base: PreTrainedModel, finetuned: PreTrainedModel, *, target_mod
     _check_pair(base, finetuned)
     embed, head = vocab_module_names(base)
     tied = is_tied(finetuned) and is_tied(base)
-    layout = PairLayout(targets=set(select_target_modules(base, target_modules)), embed=embed, head=head, tied=tied,
+    targets = select_target_modules(base, target_modules)
+    layout = PairLayout(targets=set(targets), transposed=transposed_modules(base, targets), embed=embed, head=head,
+                        tied=tied,
                         vocab_modules={embed} | ({head} if head and not tied else set()),
                         compress_embeddings=compress_embeddings)
     base_vocab = base.get_input_embeddings().weight.shape[0]
@@ -194,7 +227,8 @@ def split_tensor(layout: PairLayout, name: str, b: torch.Tensor, f: torch.Tensor
         )
     if module in layout.targets and leaf == "weight":
         out.kinds[module] = "linear"
-        return [(module, _difference(f, b))]
+        delta = _difference(f, b)
+        return [(module, as_out_in(delta, module in layout.transposed).contiguous())]
     if name in layout.targets:  # a fused expert parameter: each expert's matrix is compressed on its own
         keys = [expert_key(name, e) for e in range(b.shape[0])]
         out.kinds.update(dict.fromkeys(keys, "linear"))

@@ -11,6 +11,7 @@ columns of a grown vocabulary), ``y[r] = module(x[r]; θ_d)`` for modules whose 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DeltaNotFoundError
+from .errors import DeltaNotFoundError, UnsupportedArchitectureError
+from .extract import is_conv1d
 from .methods.base import CompressedWeight
 
 BASE_SLOT = -1
@@ -159,8 +161,18 @@ def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t[rows]
 
 
+def _call_with(module: nn.Module, params: dict[str, torch.Tensor], *args, **kwargs):
+    """``module``'s own forward with some parameters replaced (the others are its own)."""
+    return torch.func.functional_call(module, params, args, kwargs, strict=False)
+
+
 class DeltaLinear(DeltaWrapper):
-    """``nn.Linear`` plus per-row deltas; the output may widen for a delta with a grown vocabulary."""
+    """A linear layer (``nn.Linear`` or ``Conv1D``) plus per-row deltas; the output may widen for a delta with a
+    grown vocabulary.
+
+    The base output is the wrapped module's own forward; a compressed delta adds ``x @ Δᵀ`` (``Δ`` is
+    ``[out, in]`` whatever the module's storage layout), an exact weight runs the module with that weight.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -168,28 +180,27 @@ class DeltaLinear(DeltaWrapper):
         routes = list(self._routes(x.shape[:-1], x.device))
         if not routes:
             return y
-        lead = x.shape[:-1]
+        lead, out_features = x.shape[:-1], y.shape[-1]
         xf = x.reshape(-1, x.shape[-1])
-        width = max([y.shape[-1]] + [base.out_features + len(p.new_rows) for p, _ in routes
-                                     if p.new_rows is not None]
-                    + [p.exact()["weight"].shape[0] for p, _ in routes if "weight" in p.exact_names])
-        yf = y.reshape(-1, y.shape[-1])
+        # Deltas that replace the weight (a grown or untargeted matrix) run the module with their own tensors.
+        replaced = {id(p): _call_with(base, {k: v.to(x.dtype) for k, v in p.exact().items()}, _take(xf, rows))
+                    for p, rows in routes if "weight" in p.exact_names}
+        width = max([out_features] + [out_features + len(p.new_rows) for p, _ in routes if p.new_rows is not None]
+                    + [out.shape[-1] for out in replaced.values()])
+        yf = y.reshape(-1, out_features)
         if width > yf.shape[-1]:
             # Rows of deltas without these tokens must never pick them: lowest logit, not -inf (no NaN).
             yf = F.pad(yf, (0, width - yf.shape[-1]), value=torch.finfo(yf.dtype).min)
         else:
             yf = yf.clone()
-        head = yf[:, : base.out_features]
+        head = yf[:, :out_features]
         # Compressed weights of one kind are applied together: a kind may batch its deltas into one operation.
         batched: dict[type[CompressedWeight], tuple[list[CompressedWeight], list[torch.Tensor | None]]] = {}
         for parts, rows in routes:
             exact = parts.exact()
-            if "weight" in exact:
-                w = exact["weight"].to(x.dtype)
-                bias = exact.get("bias", base.bias)
-                out = F.linear(_take(xf, rows), w, None if bias is None else bias.to(x.dtype))
-                target = slice(None) if rows is None else rows
-                yf[target, : w.shape[0]] = out
+            if id(parts) in replaced:
+                out = replaced[id(parts)]
+                yf[slice(None) if rows is None else rows, : out.shape[-1]] = out.to(yf.dtype)
                 continue
             if parts.weight is not None:
                 weights, weight_rows = batched.setdefault(type(parts.weight), ([], []))
@@ -203,7 +214,7 @@ class DeltaLinear(DeltaWrapper):
                     head[rows] += bias
             if parts.new_rows is not None:
                 extra = _take(xf, rows) @ parts.new_rows.to(x.dtype).T
-                cols = slice(base.out_features, base.out_features + extra.shape[-1])
+                cols = slice(out_features, out_features + extra.shape[-1])
                 if rows is None:
                     yf[:, cols] = extra
                 else:
@@ -214,14 +225,43 @@ class DeltaLinear(DeltaWrapper):
 
 
 class DeltaEmbedding(DeltaWrapper):
-    """``nn.Embedding`` plus per-row deltas, including rows of tokens a fine-tune added."""
+    """The token embedding plus per-row deltas, including rows of tokens a fine-tune added.
+
+    Each row's output is the wrapped module's own forward (a subclass may scale, as Gemma's does) on the rows
+    of its table that the row's tokens use: the base's for ``__base__`` rows, ``base + Δ`` (or the delta's
+    exact table, or its added rows) for the others.
+    """
+
+    def __init__(self, base_layer: nn.Module, routing: DeltaRouting):
+        super().__init__(base_layer, routing)
+        if getattr(base_layer, "max_norm", None) is not None:
+            raise UnsupportedArchitectureError(
+                f"{type(base_layer).__name__} has max_norm={base_layer.max_norm}: its forward renormalises the "
+                "whole table, so a delta's rows cannot be applied exactly. Merge the fine-tune instead, or keep "
+                "the embedding out of the delta (compress_embeddings=False leaves it unchanged only if the "
+                "fine-tune did not change it)."
+            )
+
+    def _lookup(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The wrapped module's forward on ``ids`` of ``table`` (rows are gathered first: ``ids`` may exceed the
+        base vocabulary, and the lookup must not read a vocabulary-sized table per delta)."""
+        used, local = torch.unique(ids, return_inverse=True)
+        proxy = self.__dict__.get("_proxy")
+        if proxy is None:
+            # A shallow copy that owns its parameter slots, with no padding index: a padding index only shapes
+            # gradients, and must not exceed the gathered table.
+            proxy = copy.copy(self.base_layer)
+            proxy._parameters = dict(proxy._parameters)
+            proxy.padding_idx = None
+            self.__dict__["_proxy"] = proxy
+        return _call_with(proxy, {"weight": table(used) if callable(table) else table[used]}, local)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         vocab = base.num_embeddings
         routes = list(self._routes(ids.shape, ids.device))
         grown = ids >= vocab
-        y = F.embedding(ids.clamp(max=vocab - 1), base.weight, base.padding_idx)
+        y = base(ids.clamp(max=vocab - 1))
         if not routes and not bool(grown.any()):
             return y
         flat_ids = ids.reshape(-1)
@@ -235,18 +275,24 @@ class DeltaEmbedding(DeltaWrapper):
             if "weight" in exact:
                 table = exact["weight"]
                 self._check_range(rid, table.shape[0])
-                yf[r] = F.embedding(rid, table).to(yf.dtype)
+                yf[r] = self._lookup(table.to(yf.dtype), rid).to(yf.dtype)
                 continue
-            limit = vocab + (len(parts.new_rows) if parts.new_rows is not None else 0)
-            self._check_range(rid, limit)
-            old = rid < vocab
-            if parts.weight is not None and bool(old.any()):  # a row may hold only added tokens
-                yf[r[old]] += parts.weight.rows(rid[old], yf.dtype)
-            if parts.new_rows is not None and bool((~old).any()):
-                yf[r[~old]] = parts.new_rows[rid[~old] - vocab].to(yf.dtype)
+            self._check_range(rid, vocab + (len(parts.new_rows) if parts.new_rows is not None else 0))
+            yf[r] = self._lookup(lambda used, p=parts: self._rows(p, used, yf.dtype), rid).to(yf.dtype)
         if bool((grown.reshape(-1) & ~covered).any()):
             self._check_range(flat_ids[~covered], vocab)
         return yf.reshape(*ids.shape, -1)
+
+    def _rows(self, parts: DeltaParts, used: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The fine-tuned table's rows ``used``: base + Δ for base tokens, the delta's own rows for added ones."""
+        vocab = self.base_layer.num_embeddings
+        old = used < vocab
+        rows = self.base_layer.weight[used.clamp(max=vocab - 1)].to(dtype)
+        if parts.weight is not None and bool(old.any()):
+            rows[old] = rows[old] + parts.weight.rows(used[old], dtype)
+        if parts.new_rows is not None and bool((~old).any()):
+            rows[~old] = parts.new_rows[used[~old] - vocab].to(dtype)
+        return rows
 
     @staticmethod
     def _check_range(ids: torch.Tensor, limit: int) -> None:
@@ -255,6 +301,34 @@ class DeltaEmbedding(DeltaWrapper):
                 f"Token id {int(ids.max())} is outside the vocabulary ({limit} tokens) of the delta used for "
                 "this row. Tokenize each prompt with the tokenizer of the delta it runs on."
             )
+
+
+class DeltaRowSelect(DeltaWrapper):
+    """A module called with arguments of its own (position embeddings: ``position_ids``, an attention mask)
+    whose parameters a delta replaces exactly: the module runs once per delta on the whole batch, with that
+    delta's parameters, and each row keeps its own delta's result.
+
+    An output of batch size 1 (positions shared by every row) is first expanded to the routed batch.
+    """
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(*args, **kwargs)
+        slots = self.routing.row_slots
+        if slots is not None and y.shape[0] == 1 and len(slots) > 1:
+            y = y.expand(len(slots), *y.shape[1:])
+        routes = list(self._routes(y.shape[:-1], y.device))
+        if not routes:
+            return y
+        yf = y.reshape(-1, y.shape[-1]).clone()
+        for parts, rows in routes:
+            params = {k: v.to(y.dtype) for k, v in parts.exact().items()}
+            out = _call_with(self.base_layer, params, *args, **kwargs).to(y.dtype)
+            out = out.expand(y.shape).reshape(yf.shape)
+            if rows is None:
+                yf = out.clone()
+            else:
+                yf[rows] = out[rows]
+        return yf.reshape(y.shape)
 
 
 class DeltaOverride(DeltaWrapper):
@@ -328,10 +402,12 @@ class DeltaOverride(DeltaWrapper):
         return (table[which] * flat).reshape(unit.shape)
 
 
-def wrapper_for(module: nn.Module) -> type[DeltaWrapper]:
-    """The wrapper class that can host deltas of ``module``."""
-    if isinstance(module, nn.Linear):
+def wrapper_for(module: nn.Module, *, token_embedding: bool = False) -> type[DeltaWrapper]:
+    """The wrapper class that can host deltas of ``module`` (``token_embedding``: the model's input embedding)."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return DeltaLinear
-    if isinstance(module, nn.Embedding):
+    if token_embedding and isinstance(module, nn.Embedding):
         return DeltaEmbedding
+    if isinstance(module, nn.Embedding):  # positions, token types: looked up with ids of their own
+        return DeltaRowSelect
     return DeltaOverride

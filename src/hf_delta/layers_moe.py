@@ -98,6 +98,6 @@ class DeltaExperts(DeltaWrapper):
         return y
 
 
-def wrapper_for(module: nn.Module) -> type[DeltaWrapper]:
+def wrapper_for(module: nn.Module, *, token_embedding: bool = False) -> type[DeltaWrapper]:
     """The wrapper class that can host deltas of ``module``: ``layers.wrapper_for``, plus fused experts."""
-    return DeltaExperts if is_fused_experts(module) else layers.wrapper_for(module)
+    return DeltaExperts if is_fused_experts(module) else layers.wrapper_for(module, token_embedding=token_embedding)

@@ -17,7 +17,7 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from ._version import __version__
 from .errors import ArchitectureMismatchError, DeltaNotFoundError
-from .extract import split_expert_key, vocab_module_names
+from .extract import as_out_in, is_conv1d, split_expert_key, vocab_module_names
 from .fingerprint import check_base
 from .layers import BASE_SLOT, DeltaParts, DeltaRouting, DeltaWrapper
 from .layers_moe import ExpertDeltas, wrapper_for
@@ -212,7 +212,10 @@ class DeltaModel(nn.Module):
         for key, weight in delta.weights.items():
             expert = split_expert_key(key)
             if expert is None:
-                expect(f"{key}.weight", tuple(weight.shape))
+                if f"{key}.weight" not in self._base_state:
+                    expect(f"{key}.weight", tuple(weight.shape))  # raises: the base has no such module
+                # Deltas are [out, in]; a Conv1D stores its weight [in, out].
+                expect(f"{key}.weight", tuple(weight.shape)[:: -1 if is_conv1d(self.base_module(key)) else 1])
                 continue
             param, index = expert
             experts = self._base_state.get(param)
@@ -255,7 +258,8 @@ class DeltaModel(nn.Module):
         parent_name, _, leaf = name.rpartition(".")
         parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
         module = getattr(parent, leaf)
-        wrapper = wrapper_for(module)(module, self.routing)
+        embed, _ = vocab_module_names(self.base_model)
+        wrapper = wrapper_for(module, token_embedding=name == embed)(module, self.routing)
         setattr(parent, leaf, wrapper)
         self._wrapped[name] = wrapper
         return wrapper
@@ -369,7 +373,9 @@ class DeltaModel(nn.Module):
         if "weight" in exact:
             return exact["weight"].to(base_w.dtype)
         rows = base_w.shape[0]
-        w = base_w.float() + parts.weight.to_dense(torch.float32) if parts.weight is not None else base_w.float()
+        w = base_w.float()
+        if parts.weight is not None:
+            w = w + as_out_in(parts.weight.to_dense(torch.float32), is_conv1d(self.base_module(module)))
         if parts.new_rows is not None:
             w = torch.cat([w[:rows], parts.new_rows.float()])
         return w.to(base_w.dtype)

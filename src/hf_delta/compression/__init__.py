@@ -103,7 +103,8 @@ def _stream(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibrati
     base_folder = resolve_model_folder(base, revision=base_revision, **hub)
     ft_folder = resolve_model_folder(finetuned, revision=revision, **hub)
     pair = streaming.open_pair(base_folder, ft_folder)
-    if pair is None or (not method.streams(config) and not layerwise.supports(pair.finetuned.config)):
+    if pair is None or (not method.streams(config) and not (layerwise.supports(pair.finetuned) if layered
+                                                             else layerwise.supports_teacher(pair.finetuned))):
         return None
     if layered and expert_parameters(pair.base):  # fused experts are compressed by the in-memory path only
         return None

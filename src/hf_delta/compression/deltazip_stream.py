@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration import Batch
-from ..extract import ExtractedDelta, pair_layout, split_tensor
+from ..extract import ExtractedDelta, as_out_in, pair_layout, split_tensor
 from ..methods.base import CompressedWeight
 from ..methods.deltazip import DeltaZipConfig, check_targets, quantize_delta
 from ..methods.deltazip.calibrate import Hessian, call_groups, real_rows
@@ -66,8 +66,9 @@ def stream_deltazip(pair: StreamedPair, ft_folder, config: DeltaZipConfig, batch
                               compress_embeddings=config.compress_embeddings)
     state = pair.base.state_dict()
     head_matrix = out.tied.get(layout.head, layout.head)
-    shapes = {n.rpartition(".")[0]: torch.empty(t.shape, device="meta") for n, t in state.items()
-              if n.endswith(".weight") and n.rpartition(".")[0] in layout.targets}
+    shapes = {n.rpartition(".")[0]: as_out_in(torch.empty(t.shape, device="meta"), n.rpartition(".")[0] in
+                                              layout.transposed)
+              for n, t in state.items() if n.endswith(".weight") and n.rpartition(".")[0] in layout.targets}
     check_targets(config, shapes, set(shapes))
     model = LayerwiseModel(ft_folder, ckpt=pair.ft_ckpt)
     weights: dict[str, CompressedWeight] = {}
@@ -116,9 +117,11 @@ def stream_deltazip(pair: StreamedPair, ft_folder, config: DeltaZipConfig, batch
                 for name in group:
                     b_w, f_w = base_weight(name), _read(pair.ft_ckpt, pair.finetuned, f"{name}.weight")
                     out.kinds[name] = "linear"
-                    weights[name], dequantized = quantize_delta(config, f_w - b_w, hessians[name], vocab=False,
-                                                                head=False, as_linear=True)
-                    layer.get_submodule(name[len(prefix) + 1:]).weight.data.copy_(b_w + dequantized)
+                    flip = name in layout.transposed  # Conv1D: stored [in, out], compressed [out, in]
+                    weights[name], dequantized = quantize_delta(config, as_out_in(f_w - b_w, flip).contiguous(),
+                                                                hessians[name], vocab=False, head=False,
+                                                                as_linear=True)
+                    layer.get_submodule(name[len(prefix) + 1:]).weight.data.copy_(b_w + as_out_in(dequantized, flip))
                 release_freed_memory()
             hidden = [run(b) for b in range(len(batches))]
         release_freed_memory()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -32,9 +31,24 @@ class _Stop(Exception):
     """Ends a forward pass once the first decoder layer's inputs are seen."""
 
 
-def supports(config: Any) -> bool:
-    """Whether a model of ``config`` can run layer by layer here: one layer type (one attention mask for all)."""
-    return len(set(getattr(config, "layer_types", None) or ["one"])) <= 1
+def supports(model: PreTrainedModel) -> bool:
+    """Whether ``model`` (parameters on the meta device will do) can run layer by layer here: one layer type (one
+    attention mask for all) and its decoder layers in ``decoder.layers``."""
+    if len(set(getattr(model.config, "layer_types", None) or ["one"])) > 1:
+        return False
+    return isinstance(getattr(model.get_decoder(), "layers", None), nn.ModuleList)
+
+
+def supports_teacher(model: PreTrainedModel) -> bool:
+    """Whether ``final_hidden`` and ``logits`` give ``model``'s own outputs: after its layers the decoder has
+    no parameters but ``decoder.norm``'s (OPT's ``final_layer_norm`` and ``project_out``, Phi's
+    ``final_layernorm`` would be skipped)."""
+    if not supports(model):
+        return False
+    decoder = model.get_decoder()
+    known = [decoder.layers, getattr(decoder, "norm", None), model.get_input_embeddings()]
+    ids = {id(p) for module in known if module is not None for p in module.parameters()}
+    return all(id(p) in ids for p in decoder.parameters())
 
 
 def _decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
@@ -57,9 +71,9 @@ class LayerwiseModel:
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config)
         self.model.eval()
-        if not supports(config):
-            raise ValueError(f"{config.model_type} mixes layer types {sorted(set(config.layer_types))}; each needs "
-                             "its own attention mask, so it is not run layer by layer.")
+        if not supports(self.model):
+            raise ValueError(f"{config.model_type} mixes layer types or has no decoder.layers list; it is not run "
+                             "layer by layer.")
         self.layers = _decoder_layers(self.model)
         layer_params = {id(p) for p in self.layers.parameters()}
         self._shared = [n for n, p in self.model.named_parameters(remove_duplicate=False) if id(p) not in layer_params]
@@ -134,6 +148,9 @@ class LayerwiseModel:
     @torch.no_grad()
     def final_hidden(self, batches: list[Batch], *, progress: bool = True) -> list[torch.Tensor]:
         """The final norm's output for each batch (what the output head reads), computed layer by layer."""
+        if not supports_teacher(self.model):
+            raise ValueError(f"{type(self.model).__name__} has modules between its layers and its output head other "
+                             "than decoder.norm; its outputs cannot be computed layer by layer.")
         inputs = [self.first_layer_inputs(b) for b in batches]
         hidden = [h for h, _, _ in inputs]
         for i in tqdm(range(len(self.layers)), desc="teacher: layers", disable=not progress, leave=False):

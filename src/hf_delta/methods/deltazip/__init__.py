@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...errors import CalibrationError, DeltaConfigError
-from ...extract import split_expert_key, vocab_module_names
+from ...extract import as_out_in, is_conv1d, split_expert_key, vocab_module_names
 from ..base import CompressedWeight, CompressionContext, DeltaMethod
 from ..registry import register_delta_method
 from .calibrate import LayerCalibrator
@@ -93,10 +93,12 @@ def quantize_delta(cfg: DeltaZipConfig, delta: torch.Tensor, hessian: torch.Tens
 
 
 def _matrix(model: torch.nn.Module, name: str) -> torch.Tensor:
-    """The weight a delta applies to: a module's ``weight``, or one expert's matrix of a fused parameter."""
+    """The weight a delta applies to, as an ``[out, in]`` view (writes reach the model): a module's ``weight``
+    (a ``Conv1D``'s is stored ``[in, out]``), or one expert's matrix of a fused parameter."""
     expert = split_expert_key(name)
     if expert is None:
-        return model.get_submodule(name).weight.data
+        module = model.get_submodule(name)
+        return as_out_in(module.weight.data, is_conv1d(module))
     return model.get_parameter(expert[0]).data[expert[1]]
 
 
