@@ -109,3 +109,40 @@ def test_fingerprint_samples_stay_inside_tensors_over_2_24_values():
     ((_, values),) = fp["samples"]
     assert values[-1] == float((model.weight.numel() - 1) % 1000)
     assert fingerprint_mismatch(fp, model) is None
+
+
+def _tiny_valued_state() -> dict[str, torch.Tensor]:
+    """Tensors like OPT's k_proj biases (~1e-5) and smaller, beside ordinary weights."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "layer.k_proj.bias": 1e-5 * torch.randn(32, generator=gen),
+        "layer.v_proj.bias": 3e-8 * torch.randn(32, generator=gen),
+        "layer.k_proj.weight": 0.02 * torch.randn(32, 32, generator=gen),
+        "layer.zero.bias": torch.zeros(8),
+    }
+
+
+@pytest.mark.parametrize("recorded", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loaded", [torch.float32, torch.bfloat16, torch.float16])
+def test_tiny_values_match_their_own_base(recorded, loaded):
+    state = _tiny_valued_state()
+    fp = json.loads(json.dumps(base_fingerprint({k: v.to(recorded) for k, v in state.items()})))
+    assert fingerprint_mismatch(fp, {k: v.to(loaded) for k, v in state.items()}) is None
+    stored = {k: v.to(recorded).float().reshape(-1).tolist() for k, v in state.items()}
+    for name, values in fp["samples"]:  # recorded as they are, not rounded
+        assert all(value in stored[name] for value in values), name
+
+
+def test_fingerprints_rounded_to_six_decimals_still_match():
+    """Deltas saved before samples kept full precision recorded ``round(value, 6)``."""
+    state = _tiny_valued_state()
+    fp = base_fingerprint(state)
+    fp["samples"] = [[name, [round(v, 6) for v in values]] for name, values in fp["samples"]]
+    assert fingerprint_mismatch(fp, state) is None
+
+
+def test_tiny_values_still_tell_another_base_apart():
+    state = _tiny_valued_state()
+    fp = base_fingerprint(state)
+    other = dict(state, **{"layer.k_proj.weight": state["layer.k_proj.weight"] * 1.02})
+    assert fingerprint_mismatch(fp, other) == "its weights differ (first at layer.k_proj.weight)"
