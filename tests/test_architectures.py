@@ -12,14 +12,15 @@ import copy
 
 import pytest
 import torch
-from architectures import CONFIGS, calibration_texts, perturbed, sample_ids, tiny_model, tiny_tokenizer
+from architectures import CONFIGS, VOCAB, calibration_texts, perturbed, sample_ids, tiny_model, tiny_tokenizer
 
 from hf_delta import BitDeltaConfig, DeltaModel, DeltaZipConfig, compress
 
 CONFIGS_UNDER_TEST = {
     "bitdelta": BitDeltaConfig(distill_steps=4, distill_samples=4, distill_seq_len=12, distill_batch_size=4),
-    "deltazip": DeltaZipConfig(bits=4, sparsity=0.5, calibration_samples=4, calibration_seq_len=12,
-                               calibration_batch_size=4),
+    "deltazip": DeltaZipConfig(
+        bits=4, sparsity=0.5, calibration_samples=4, calibration_seq_len=12, calibration_batch_size=4
+    ),
 }
 
 
@@ -74,7 +75,7 @@ STREAMED = {  # settings compress() runs from the two checkpoints without loadin
 }
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "opt", "falcon", "gemma2"])
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "phi", "falcon", "gemma2"])
 def test_streamed_compression_matches_in_memory(arch, tmp_path, one_thread):
     """Compressing from checkpoint folders (tensor by tensor, or layer by layer) gives the in-memory result."""
     base = tiny_model(arch)
@@ -90,8 +91,34 @@ def test_streamed_compression_matches_in_memory(arch, tmp_path, one_thread):
         want, got = in_memory.get_delta("default"), streamed.get_delta("default")
         assert set(got.weights) == set(want.weights), name
         for module, weight in want.weights.items():
-            torch.testing.assert_close(got.weights[module].to_dense(), weight.to_dense(), rtol=1e-4, atol=1e-5,
-                                       msg=lambda m, module=module, name=name: f"{name} {module}: {m}")
+            torch.testing.assert_close(
+                got.weights[module].to_dense(),
+                weight.to_dense(),
+                rtol=1e-4,
+                atol=1e-5,
+                msg=lambda m, module=module, name=name: f"{name} {module}: {m}",
+            )
         with torch.no_grad():
-            torch.testing.assert_close(streamed(input_ids=ids).logits, in_memory(input_ids=ids).logits,
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                streamed(input_ids=ids).logits, in_memory(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+            )
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "opt"])
+def test_grown_vocabulary_through_the_embedding_s_own_forward(arch, one_thread):
+    """Added tokens go through the embedding's own forward too (Gemma scales every row by sqrt(hidden))."""
+    base = tiny_model(arch)
+    finetuned = copy.deepcopy(base)
+    finetuned.resize_token_embeddings(VOCAB + 4, mean_resizing=False)
+    finetuned = perturbed(finetuned, seed=1)
+    model = compress(copy.deepcopy(base), finetuned, BitDeltaConfig(distill_steps=0), progress=False)
+    ids = sample_ids(2, seed=4)
+    ids[0, 3:6] = torch.tensor([VOCAB, VOCAB + 2, VOCAB + 3])
+    with torch.no_grad():
+        mixed = model(input_ids=ids, delta_names=["default", "__base__"]).logits
+        assert torch.equal(mixed[1, :, :VOCAB], base(input_ids=ids[1:]).logits[0])
+        merged = copy.deepcopy(model).merge_and_unload()
+        torch.testing.assert_close(mixed[0], merged(input_ids=ids[:1]).logits[0], rtol=1e-4, atol=1e-4)
+        model.set_delta("default")
+        added = model.base_model.get_input_embeddings()(ids[:1, 3:6])  # rows stored exactly: the fine-tune's own
+        torch.testing.assert_close(added, finetuned.get_input_embeddings()(ids[:1, 3:6]), rtol=0, atol=1e-6)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hf_delta.errors import ArchitectureMismatchError, DeltaConfigError
+from hf_delta.errors import ArchitectureMismatchError, DeltaConfigError, UnsupportedArchitectureError
 from hf_delta.extract import extract_delta, is_tied, select_target_modules
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -104,6 +104,38 @@ def test_invalid_regex_is_a_config_error(llama):
     base, ft = llama
     with pytest.raises(DeltaConfigError, match="not a valid regex"):
         extract_delta(base, ft, target_modules="(q_proj")
+
+
+def test_gpt2_conv1d_layers_are_linear_targets_with_out_in_deltas():
+    """GPT-2 stores its linear layers as ``Conv1D`` ([in, out]): 'all-linear' finds them, deltas are [out, in]."""
+    from architectures import perturbed, tiny_model
+    from transformers.pytorch_utils import Conv1D
+
+    base = tiny_model("gpt2")
+    ft = perturbed(base, seed=1)
+    convs = [n for n, m in base.named_modules() if isinstance(m, Conv1D)]
+    assert len(convs) == 8 and select_target_modules(base, "all-linear") == convs
+    assert select_target_modules(base, ["c_fc"]) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    extracted = extract_delta(base, ft)
+    for name in convs:
+        stored = ft.get_submodule(name).weight - base.get_submodule(name).weight  # [in, out]
+        torch.testing.assert_close(extracted.compress[name], stored.T, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_model_without_linear_layers_is_refused_by_name():
+    class Lookup(nn.Module):  # an embedding and a head, nothing to compress between them
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(8, 4), nn.Linear(4, 8)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.head
+
+    with pytest.raises(UnsupportedArchitectureError, match=r"Lookup has no linear layer.*'Embedding'"):
+        select_target_modules(Lookup(), "all-linear")
 
 
 # ------------------------------------------------------------------------------ tied, grown vocab, exact
