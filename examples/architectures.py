@@ -41,4 +41,5 @@ for arch in args.arch:
     print(f"{arch:7s} {type(base).__name__:20s} compressed {len(model.get_delta('default').weights)} matrices; "
           f"__base__ row equals the base: {torch.equal(mixed[1], plain[1])}; "
           f"merge vs delta model: {(merged[0] - mixed[0]).abs().max():.1e}; "
-          f"distance to the fine-tune: delta {(mixed[0] - tuned[0]).norm():.3f}, base {(plain[0] - tuned[0]).norm():.3f}")
+          f"distance to the fine-tune: delta {(mixed[0] - tuned[0]).norm():.3f}, "
+          f"base {(plain[0] - tuned[0]).norm():.3f}")
