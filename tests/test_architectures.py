@@ -14,7 +14,7 @@ import pytest
 import torch
 from architectures import CONFIGS, VOCAB, calibration_texts, perturbed, sample_ids, tiny_model, tiny_tokenizer
 
-from hf_delta import BitDeltaConfig, DeltaModel, DeltaZipConfig, compress
+from hf_delta import BitDeltaConfig, DeltaModel, DeltaZipConfig, UnsupportedArchitectureError, compress
 
 CONFIGS_UNDER_TEST = {
     "bitdelta": BitDeltaConfig(distill_steps=4, distill_samples=4, distill_seq_len=12, distill_batch_size=4),
@@ -122,3 +122,36 @@ def test_grown_vocabulary_through_the_embedding_s_own_forward(arch, one_thread):
         model.set_delta("default")
         added = model.base_model.get_input_embeddings()(ids[:1, 3:6])  # rows stored exactly: the fine-tune's own
         torch.testing.assert_close(added, finetuned.get_input_embeddings()(ids[:1, 3:6]), rtol=0, atol=1e-6)
+
+
+class _DoubledLinear(torch.nn.Linear):
+    """A linear subclass whose own forward is not ``x @ Wᵀ + b``."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _with_doubled_down_proj(model):
+    old = model.model.layers[0].mlp.down_proj
+    new = _DoubledLinear(old.in_features, old.out_features, bias=False)
+    new.weight = old.weight
+    model.model.layers[0].mlp.down_proj = new
+    return model
+
+
+def test_a_non_affine_linear_subclass_is_refused_unless_stored_whole(one_thread):
+    base = _with_doubled_down_proj(tiny_model("llama"))
+    finetuned = perturbed(base, seed=1)
+    with pytest.raises(UnsupportedArchitectureError, match=r"_DoubledLinear .*not x @ Wᵀ \+ b"):
+        compress(copy.deepcopy(base), finetuned, BitDeltaConfig(distill_steps=0), progress=False)
+    others = r"(?!model\.layers\.0\.mlp\.down_proj$).*"
+    model = compress(
+        copy.deepcopy(base), finetuned, BitDeltaConfig(distill_steps=0, target_modules=others), progress=False
+    )
+    assert "model.layers.0.mlp.down_proj.weight" in model.get_delta("default").exact
+    ids = sample_ids(2, seed=5)
+    with torch.no_grad():
+        mixed = model(input_ids=ids, delta_names=["default", "__base__"]).logits
+        assert torch.equal(mixed[1], base(input_ids=ids).logits[1])
+        merged = copy.deepcopy(model).merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids[:1]).logits[0], mixed[0], rtol=1e-4, atol=1e-4)

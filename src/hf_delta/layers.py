@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DeltaNotFoundError, UnsupportedArchitectureError
-from .extract import is_conv1d
+from .extract import as_out_in, is_conv1d
 from .methods.base import CompressedWeight
 
 BASE_SLOT = -1
@@ -147,6 +147,9 @@ class DeltaWrapper(nn.Module):
             parts.apply_(fn)
         return self
 
+    def check(self, parts: DeltaParts) -> None:
+        """Raise ``UnsupportedArchitectureError`` if ``parts`` cannot be applied to this module exactly."""
+
     @property
     def weight(self) -> torch.Tensor:  # transformers reads .weight of embeddings and heads
         return self.base_layer.weight
@@ -166,6 +169,26 @@ def _call_with(module: nn.Module, params: dict[str, torch.Tensor], *args, **kwar
     return torch.func.functional_call(module, params, args, kwargs, strict=False)
 
 
+def _check_affine(module: nn.Module) -> None:
+    """Refuse a linear subclass whose own forward is not ``x @ Wᵀ + b``: a compressed delta adds ``x @ Δᵀ`` to
+    that forward, which is exact only for an affine one. Checked once, on random inputs."""
+    from transformers.pytorch_utils import Conv1D
+
+    if type(module).forward in (nn.Linear.forward, Conv1D.forward):
+        return
+    weight = as_out_in(module.weight, is_conv1d(module))
+    probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
+    with torch.no_grad():
+        expected = F.linear(probe, weight, module.bias)
+        got = module(probe)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-5):
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__} is a linear layer whose forward is not x @ Wᵀ + b, so a delta cannot be added "
+            "to its output exactly. Leave it out of target_modules (its changed weight is then stored whole) or "
+            "merge the fine-tune instead."
+        )
+
+
 class DeltaLinear(DeltaWrapper):
     """A linear layer (``nn.Linear`` or ``Conv1D``) plus per-row deltas; the output may widen for a delta with a
     grown vocabulary.
@@ -173,6 +196,11 @@ class DeltaLinear(DeltaWrapper):
     The base output is the wrapped module's own forward; a compressed delta adds ``x @ Δᵀ`` (``Δ`` is
     ``[out, in]`` whatever the module's storage layout), an exact weight runs the module with that weight.
     """
+
+    def check(self, parts: DeltaParts) -> None:
+        if "weight" not in parts.exact_names and not getattr(self, "_affine", False):
+            _check_affine(self.base_layer)  # only added contributions need it: a replaced weight runs the module
+            self._affine = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer

@@ -181,7 +181,9 @@ class DeltaModel(nn.Module):
         created = [module for module, _ in targets if module not in self._wrapped]
         try:
             for module, p in targets:
-                self._wrap(module).deltas[delta_name] = p
+                wrapper = self._wrap(module)
+                wrapper.check(p)
+                wrapper.deltas[delta_name] = p
         except BaseException:
             for wrapper in self._wrapped.values():
                 wrapper.deltas.pop(delta_name, None)
