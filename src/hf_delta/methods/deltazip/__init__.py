@@ -12,9 +12,9 @@ The embedding has no input activations, so vocabulary matrices are quantised rou
 untied or tied to the embedding (then the one matrix serves both).
 
 Experts of a fused Mixture-of-Experts parameter (``<parameter>[<expert>]`` deltas) are compressed one expert at a
-time without calibration (data-free fallback): pruned by magnitude to ``sparsity`` and quantised round-to-nearest
-per row, then written into the calibration model before the linear layers are calibrated, so every later layer
-sees them compressed. Calibrating each expert on the tokens routed to it is not done.
+time, in the layer walk after the layer's other targets, each on the tokens the router sends it (``calibrate.py``);
+an expert no calibration token reaches, or any expert with ``use_hessian=False``, is pruned by magnitude and
+quantised round to nearest.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     deltas = ctx.extracted.compress
     embed, head = vocab_module_names(ctx.base)
     vocab = {n for n in deltas if n in (embed, head)}
-    experts = {n for n in deltas if split_expert_key(n) is not None}  # data-free: see the module docstring
+    experts = {n for n in deltas if split_expert_key(n) is not None}
     # Delta → the module whose inputs calibrate it. A tied matrix has input activations only as the output
     # head, so it is calibrated there (its errors then reach the input embedding uncompensated).
     as_linear = {n: n for n in deltas if n not in vocab and n not in experts}
@@ -118,14 +118,15 @@ def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
         as_linear[head_matrix] = head
     check_targets(cfg, deltas, set(as_linear) | experts)
     calibrated = {m: n for n, m in as_linear.items()} if cfg.use_hessian else {}  # module → its delta
+    routed = sorted(experts) if cfg.use_hessian else []  # calibrated on the tokens routed to each expert
     batches: list[Batch] = []
-    if calibrated:
+    if calibrated or routed:
         batches = ctx.calibration(n=cfg.calibration_samples, seq_len=cfg.calibration_seq_len,
                                   batch_size=cfg.calibration_batch_size)
         if not batches:
             raise CalibrationError("The calibration set is empty; pass texts like the fine-tune's training data, "
                                    "or calibration=None to sample text from the fine-tune.")
-    work = copy.deepcopy(ctx.finetuned).eval() if calibrated else None
+    work = copy.deepcopy(ctx.finetuned).eval() if calibrated or routed else None
     base_weights = {n: _matrix(ctx.base, n) for n in deltas}
     if work is not None:
         for name, w in base_weights.items():  # start from the base; each layer gets its compressed delta in turn
@@ -145,12 +146,12 @@ def compress_deltazip(ctx: CompressionContext) -> dict[str, CompressedWeight]:
 
     def finish_group(modules: list[str], hessians: dict[str, torch.Tensor | None]) -> None:
         for module in modules:
-            finish(calibrated[module], hessians[module])
+            finish(calibrated.get(module, module), hessians[module])  # an expert key is its own delta
 
-    for name in [n for n in deltas if n not in calibrated.values()]:
+    for name in [n for n in deltas if n not in calibrated.values() and n not in routed]:
         finish(name, None)
-    if calibrated:
-        LayerCalibrator(work, batches, list(calibrated)).run(finish_group, progress=ctx.progress)
+    if calibrated or routed:
+        LayerCalibrator(work, batches, list(calibrated), routed).run(finish_group, progress=ctx.progress)
     return {n: weights[n] for n in deltas}
 
 

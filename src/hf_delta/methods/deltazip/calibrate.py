@@ -1,5 +1,10 @@
 """Layer-sequential calibration: each decoder layer's Hessians from the inputs of the model whose earlier
-layers already carry their compressed deltas."""
+layers already carry their compressed deltas.
+
+Experts of a fused Mixture-of-Experts parameter (``<parameter>[<expert>]``) are calibrated on the tokens the
+router sends them: ``gate_up_proj[e]`` on those tokens' inputs, then ``down_proj[e]`` on
+``act(gate) ⊙ up`` of the same tokens through the already compressed ``gate_up_proj[e]``.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from ...extract import expert_key, split_expert_key
 
 if TYPE_CHECKING:
     from ...calibration import Batch
@@ -42,6 +50,47 @@ class Hessian:
 
 def real_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[mask.bool()] if x.shape[:-1] == mask.shape else x
+
+
+def _expert_inputs(module: nn.Module, leaf: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """What ``leaf`` (``gate_up_proj`` or ``down_proj``) of ``expert`` multiplies, for tokens ``x`` routed to it."""
+    if leaf == "gate_up_proj":
+        return x
+    gate_up = F.linear(x, module.gate_up_proj[expert].to(x.dtype))
+    if hasattr(module, "_apply_gate"):
+        return module._apply_gate(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
+class ExpertHessians:
+    """Running Hessians of one fused expert parameter, one per expert, from the real tokens routed to it."""
+
+    def __init__(self, module: nn.Module, leaf: str) -> None:
+        self.module, self.leaf = module, leaf
+        self.per_expert: dict[int, Hessian] = {}
+
+    def add(self, hidden: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """``hidden`` ``[T, H]`` and ``index`` ``[T, k]`` as the experts module gets them; ``mask``: the batch's
+        attention mask (its ``B * S`` entries flatten like the tokens), padding excluded."""
+        x = hidden.reshape(-1, hidden.shape[-1])
+        index = index.reshape(x.shape[0], -1)
+        real = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        if mask is not None and mask.numel() == x.shape[0]:
+            real = mask.reshape(-1).bool().to(x.device)
+        experts = self.module.gate_up_proj.shape[0]
+        for expert in torch.unique(index[real]).tolist():
+            if expert >= experts:
+                continue
+            rows = (index == expert).any(dim=-1) & real
+            inputs = _expert_inputs(self.module, self.leaf, expert, x[rows])
+            self.per_expert.setdefault(expert, Hessian()).add(inputs)
+
+    def result(self, param: str) -> dict[str, torch.Tensor | None]:
+        """Delta key → Hessian (``None`` for an expert no calibration token reached: round to nearest)."""
+        hessians = {e: self.per_expert[e].h if e in self.per_expert else None
+                    for e in range(self.module.gate_up_proj.shape[0])}
+        return {expert_key(param, e): h for e, h in hessians.items()}
 
 
 def _decoder_layers(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
@@ -96,10 +145,13 @@ class LayerCalibrator:
     from cached inputs; targets outside them (an output head) get full forward passes.
     """
 
-    def __init__(self, model: nn.Module, batches: list[Batch], targets: list[str]):
+    def __init__(self, model: nn.Module, batches: list[Batch], targets: list[str], experts: list[str] = ()):
         self.model, self.batches = model, batches
         self.modules = {n: model.get_submodule(n) for n in targets}
-        self.layers = _decoder_layers(model, targets)
+        # Fused expert parameters with a delta per expert, in forward order (gate_up before down in each block).
+        params = dict.fromkeys(split_expert_key(k)[0] for k in experts)
+        self.experts = sorted(params, key=lambda p: (p.rpartition(".")[0], p.endswith("down_proj")))
+        self.layers = _decoder_layers(model, [*targets, *self.experts])
         self.device = next(model.parameters()).device  # calibration batches are tokenized on the CPU
 
     def _forward(self, batch: Batch) -> None:
@@ -144,6 +196,30 @@ class LayerCalibrator:
                 h.remove()
         return {n: a.h for n, a in acc.items()}
 
+    def _expert_hessians(self, param: str, run: Callable[[int], None]) -> dict[str, torch.Tensor | None]:
+        """Run ``run(batch_index)`` over all batches, collecting the per-expert Hessians of ``param``."""
+        owner, _, leaf = param.rpartition(".")
+        acc = ExpertHessians(self.model.get_submodule(owner), leaf)
+        state = {"mask": None}
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            acc.add(hidden, index, state["mask"])
+            raise _Stop
+
+        handle = acc.module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for b, (_, mask) in enumerate(self.batches):
+                state["mask"] = mask.to(self.device)
+                try:
+                    run(b)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        return acc.result(param)
+
     def _capture_layer_inputs(self) -> tuple[list[torch.Tensor], list[list[tuple[tuple | None, dict]]]]:
         """Inputs of the first decoder layer, and every layer's other call arguments, for every batch.
 
@@ -173,7 +249,7 @@ class LayerCalibrator:
     def run(self, each_group: Callable[[list[str], dict[str, torch.Tensor | None]], None], *,
             progress: bool = True) -> None:
         groups = self.groups()
-        bar = tqdm(total=len(groups), desc="deltazip: layers", disable=not progress, leave=False)
+        bar = tqdm(total=len(groups) + len(self.experts), desc="deltazip: layers", disable=not progress, leave=False)
         owner = {n: i for i, (lname, _) in enumerate(self.layers) for n in self.modules if n.startswith(lname + ".")}
         in_layers = [g for g in groups if all(n in owner for n in g)]
         first_layer_group = groups.index(in_layers[0]) if in_layers else len(groups)
@@ -185,12 +261,21 @@ class LayerCalibrator:
 
         for group in [g for g in outside if groups.index(g) < first_layer_group]:
             full_pass(group)
-        if in_layers:
+        if in_layers or self.experts:
             hidden, calls = self._capture_layer_inputs()
-            for i, (_, layer) in enumerate(self.layers):
+            for i, (lname, layer) in enumerate(self.layers):
+
+                def run(b: int, i=i, layer=layer, xs=hidden) -> torch.Tensor:
+                    return _call_layer(layer, xs[b], *calls[i][b])
+
                 for group in [g for g in in_layers if owner[g[0]] == i]:
-                    each_group(group, self._hessians(
-                        group, lambda b, i=i, layer=layer, xs=hidden: _call_layer(layer, xs[b], *calls[i][b])))
+                    each_group(group, self._hessians(group, run))
+                    bar.update()
+                # The experts come after the layer's other targets (attention, a shared expert), which they follow
+                # in the forward or run beside.
+                for param in [p for p in self.experts if p.startswith(lname + ".")]:
+                    hessians = self._expert_hessians(param, run)
+                    each_group(list(hessians), hessians)
                     bar.update()
                 hidden = [_call_layer(layer, hidden[b], *calls[i][b]) for b in range(len(hidden))]
         for group in [g for g in outside if groups.index(g) >= first_layer_group]:
