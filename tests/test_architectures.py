@@ -155,3 +155,21 @@ def test_a_non_affine_linear_subclass_is_refused_unless_stored_whole(one_thread)
         assert torch.equal(mixed[1], base(input_ids=ids).logits[1])
         merged = copy.deepcopy(model).merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids[:1]).logits[0], mixed[0], rtol=1e-4, atol=1e-4)
+
+
+def test_auto_config_on_conv1d_layers(one_thread):
+    """AutoConfig sets candidate matrices into a copy of the fine-tune: through Conv1D's [in, out] layout too."""
+    from hf_delta import AutoConfig
+
+    base = tiny_model("gpt2")
+    finetuned = perturbed(base, seed=1)
+    config = AutoConfig(budget_bytes=40_000, calibration_samples=8, calibration_seq_len=12, probe_samples=4)
+    model = compress(
+        copy.deepcopy(base), finetuned, config, calibration_texts(8), tokenizer=tiny_tokenizer(), progress=False
+    )
+    ids = sample_ids(2, seed=6)
+    with torch.no_grad():
+        got, plain, tuned = model(input_ids=ids).logits, base(input_ids=ids).logits, finetuned(input_ids=ids).logits
+        merged = copy.deepcopy(model).merge_and_unload()(input_ids=ids).logits
+    assert (got - tuned).norm() < 0.8 * (plain - tuned).norm()
+    torch.testing.assert_close(merged, got, rtol=1e-4, atol=1e-4)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..config import DeltaConfig
 from ..errors import CalibrationError, DeltaConfigError
-from ..extract import vocab_module_names
+from ..extract import as_out_in, is_conv1d, vocab_module_names
 from ..packing import LOWBIT_WIDTHS
 from .base import CompressedWeight, CompressionContext, DeltaMethod
 from .bitdelta import BitDeltaWeight
@@ -199,23 +199,30 @@ def _relative_error(delta: torch.Tensor, approx: torch.Tensor, hessians: list[to
 
 
 # --------------------------------------------------------------------------------------------- calibration model
+def _out_in(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """Module ``name``'s weight data as an ``[out, in]`` view like the deltas (a ``Conv1D`` stores ``[in, out]``);
+    writes reach the module."""
+    module = model.get_submodule(name)
+    return as_out_in(module.weight.data, is_conv1d(module))
+
+
 class _Workbench:
     """A copy of the fine-tune whose compressed matrices can be set to ``base + Δ̂`` and scored against it."""
 
     def __init__(self, ctx: CompressionContext, batches: list[tuple[torch.Tensor, torch.Tensor]]):
         self.batches = batches
         self.model = copy.deepcopy(ctx.finetuned).eval()
-        self.base = {n: ctx.base.get_submodule(n).weight.detach() for n in ctx.extracted.compress}
-        self.exact = {n: self.model.get_submodule(n).weight.detach().clone() for n in ctx.extracted.compress}
+        self.base = {n: _out_in(ctx.base, n) for n in ctx.extracted.compress}
+        self.exact = {n: _out_in(self.model, n).clone() for n in ctx.extracted.compress}
         self.teacher: list[torch.Tensor] = []
         self.finetune_acc = self.base_acc = 0.0
 
     def param(self, name: str) -> torch.Tensor:
-        return self.model.get_submodule(name).weight
+        return _out_in(self.model, name)
 
     def set(self, name: str, approx: torch.Tensor | None) -> None:
         """Matrix ``name`` = ``base + approx`` (``None``: the fine-tune's own value)."""
-        p = self.param(name).data
+        p = self.param(name)
         if approx is None:
             p.copy_(self.exact[name])
         else:
