@@ -88,6 +88,6 @@ def test_the_checker_finds_cycles_through_function_level_and_type_checking_impor
 def test_light_imports_stay_light():
     code = ("import sys, hf_delta.serving, hf_delta.cli.main; hf_delta.cli.main.build_parser(); "
             "print(sorted(m for m in ('fastapi', 'hf_delta.serving.training.trainer', 'hf_delta.serving.api.app', "
-            "'hf_delta.cli.serve', 'gradio', 'ray') if m in sys.modules))")
+            "'hf_delta.cli.serve', 'gradio', 'ray', 'lm_eval') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['hf_delta.cli.serve']"

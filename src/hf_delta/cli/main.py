@@ -1,4 +1,4 @@
-"""The ``hf-delta`` command line: zoo, eval, compress, bench, serve, demo, space."""
+"""The ``hf-delta`` command line: zoo, eval, compress, bench, serve, demo, space, lm-eval."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 # Each command group registers its subcommands from its own module; a command's implementation is imported
 # only when that command runs, so building the parser (``hf-delta --help``) imports neither torch nor FastAPI.
-COMMAND_MODULES = ("zoo", "compress", "bench", "serve", "demo", "space")
+COMMAND_MODULES = ("zoo", "compress", "bench", "serve", "demo", "space", "lmeval")
 
 
 def build_parser() -> argparse.ArgumentParser:
