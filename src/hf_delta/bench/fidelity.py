@@ -59,45 +59,100 @@ def run_fidelity(
     settings: Sequence[str] = ("bitdelta-initial", "bitdelta"),
     finetunes: Sequence[str] | None = None,
     calibration: str = "task",
+    lm_eval_tasks: Sequence[str] = (),
+    lm_eval_include: Sequence[str | Path] = (),
+    lm_eval_limit: float | None = None,
 ) -> list[dict[str, Any]]:
     """Compress every (or the named) zoo fine-tune with each setting and measure it.
 
     ``calibration`` is ``"task"`` (texts from the fine-tune's training split) or ``"sampled"`` (data-free).
+    With ``lm_eval_tasks`` every row also gets lm-evaluation-harness scores of the compressed model, the fine-tune
+    and the base (columns ``task:metric``, ``... ft``, ``... base``); the name ``zoo`` stands for the fine-tune's
+    own task as local lm-eval tasks (``write_zoo_tasks``), ``lm_eval_include`` adds task folders, and
+    ``lm_eval_limit`` caps the documents per task.
     """
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise ValueError(f"Unknown fidelity settings {unknown}; known: {sorted(SETTINGS)}.")
     zoo = load_zoo(size, directory)
     rows: list[dict[str, Any]] = []
-    for entry in zoo.finetunes:
-        if finetunes and entry.name not in finetunes:
-            continue
-        task = zoo.task(entry.name)
-        base_path = zoo[entry.base].path
-        base, _ = load_model_and_tokenizer(base_path)
-        ft, tok = load_model_and_tokenizer(entry.path)
-        if len(tok) > base.get_input_embeddings().weight.shape[0]:
-            base.resize_token_embeddings(len(tok), mean_resizing=False)
-        base_em, ft_em = exact_match(base, tok, task), exact_match(ft, tok, task)
-        ft_bytes = bf16_weight_bytes(ft)
-        texts = task_calibration(tok, task) if calibration == "task" else None
-        for name in settings:
-            start = time.perf_counter()
-            model = compress(base_path, entry.path, SETTINGS[name](), texts, progress=False)
-            seconds = time.perf_counter() - start
-            with tempfile.TemporaryDirectory() as tmp:
-                model.save_pretrained(tmp)
-                sizes = folder_bytes(tmp)
-            em = exact_match(model, tok, task)
-            rows.append({
-                "fine-tune": entry.name, "setting": name, "base_em": base_em, "finetune_em": ft_em,
-                "em": em, "retention": retention(em, base_em, ft_em), "kl": mean_kl(ft, model, tok, task),
-                "ppl": perplexity(model, tok, task), "finetune_ppl": perplexity(ft, tok, task),
-                "delta_weight_bytes": sizes["weights"], "delta_other_bytes": sizes["other"],
-                "finetune_bf16_bytes": ft_bytes, "ratio": ft_bytes / sizes["weights"],
-                "compress_s": seconds,
-            })
-            logger.info("%s %s: em %.1f (ft %.1f) ratio %.1fx", entry.name, name, em, ft_em, rows[-1]["ratio"])
+    with tempfile.TemporaryDirectory() as tasks_dir:
+        for entry in zoo.finetunes:
+            if finetunes and entry.name not in finetunes:
+                continue
+            lm_eval = None
+            if lm_eval_tasks:
+                lm_eval = _LmEvalScorer(lm_eval_tasks, lm_eval_include, lm_eval_limit, Path(tasks_dir) / entry.name)
+            rows += _measure_finetune(zoo, entry, settings, calibration, lm_eval)
+    return rows
+
+
+class _LmEvalScorer:
+    """lm-eval scores of one fine-tune's compressed versions, beside the fine-tune's and the base's."""
+
+    def __init__(self, tasks: Sequence[str], include: Sequence[str | Path], limit: float | None, folder: Path):
+        self.tasks, self.include, self.limit, self.folder = list(tasks), list(include), limit, folder
+        self.tokenizer = None
+        self.zoo_prefix = ""
+        self.references: dict[str, float] = {}
+
+    def prepare(self, task, tokenizer, base, finetune) -> None:
+        """Write the zoo task's lm-eval files (for ``zoo``) and score the base and the fine-tune."""
+        from ..integrations.lm_eval_tasks import write_zoo_tasks
+
+        self.tokenizer = tokenizer
+        if "zoo" in self.tasks:
+            write_zoo_tasks(task, tokenizer, self.folder)
+            self.tasks = [f"zoo_{task.name}" if t == "zoo" else t for t in self.tasks]
+            self.include.append(self.folder)
+            self.zoo_prefix = f"zoo_{task.name}_"
+        self.references = {**{f"{k} ft": v for k, v in self.scores(finetune).items()},
+                           **{f"{k} base": v for k, v in self.scores(base).items()}}
+
+    def scores(self, model) -> dict[str, float]:
+        from ..integrations.lm_eval import lm_eval_scores
+
+        scores = lm_eval_scores(model, self.tokenizer, self.tasks, include_path=self.include, limit=self.limit)
+        # Every fine-tune's own zoo task under one name (zoo_choice:acc, ...), so they share columns.
+        return {k.replace(self.zoo_prefix, "zoo_", 1) if self.zoo_prefix else k: v for k, v in scores.items()}
+
+
+def _measure_finetune(zoo, entry, settings: Sequence[str], calibration: str,
+                      lm_eval: _LmEvalScorer | None) -> list[dict[str, Any]]:
+    """One row per setting for one zoo fine-tune."""
+    task = zoo.task(entry.name)
+    base_path = zoo[entry.base].path
+    base, _ = load_model_and_tokenizer(base_path)
+    ft, tok = load_model_and_tokenizer(entry.path)
+    if len(tok) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tok), mean_resizing=False)
+    base_em, ft_em = exact_match(base, tok, task), exact_match(ft, tok, task)
+    ft_bytes = bf16_weight_bytes(ft)
+    texts = task_calibration(tok, task) if calibration == "task" else None
+    if lm_eval is not None:
+        lm_eval.prepare(task, tok, base, ft)
+    rows: list[dict[str, Any]] = []
+    for name in settings:
+        start = time.perf_counter()
+        model = compress(base_path, entry.path, SETTINGS[name](), texts, progress=False)
+        seconds = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            sizes = folder_bytes(tmp)
+        em = exact_match(model, tok, task)
+        # Undefined when the fine-tune does no better than its base (the micro zoo's): left empty.
+        kept = retention(em, base_em, ft_em) if ft_em != base_em else None
+        rows.append({
+            "fine-tune": entry.name, "setting": name, "base_em": base_em, "finetune_em": ft_em,
+            "em": em, "retention": kept, "kl": mean_kl(ft, model, tok, task),
+            "ppl": perplexity(model, tok, task), "finetune_ppl": perplexity(ft, tok, task),
+            "delta_weight_bytes": sizes["weights"], "delta_other_bytes": sizes["other"],
+            "finetune_bf16_bytes": ft_bytes, "ratio": ft_bytes / sizes["weights"],
+            "compress_s": seconds,
+        })
+        if lm_eval is not None:
+            rows[-1].update({**lm_eval.scores(model), **lm_eval.references})
+        logger.info("%s %s: em %.1f (ft %.1f) ratio %.1fx", entry.name, name, em, ft_em, rows[-1]["ratio"])
     return rows
 
 
@@ -128,14 +183,17 @@ def plot_fidelity(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
 
 def bench_fidelity(size: str, directory: str | Path | None, out: str | Path, *, settings: Sequence[str],
                    command: str, calibration: str = "task", finetunes: Sequence[str] | None = None,
-                   merge: bool = False) -> str:
+                   merge: bool = False, lm_eval_tasks: Sequence[str] = (), lm_eval_include: Sequence[str] = (),
+                   lm_eval_limit: float | None = None) -> str:
     """Run, write JSON + Markdown + plot under ``out``; return the Markdown.
 
     With ``merge``, rows already in ``fidelity-<size>.json`` for other (fine-tune, setting) pairs are kept,
-    so a long grid can be run in parts; the commands of every part are recorded.
+    so a long grid can be run in parts; the commands of every part are recorded. With ``lm_eval_tasks`` the
+    results go to ``fidelity-<size>-lm-eval.*`` instead, their lm-eval columns after the usual ones.
     """
-    rows = run_fidelity(size, directory, settings=settings, calibration=calibration, finetunes=finetunes)
-    name = f"fidelity-{size}"
+    rows = run_fidelity(size, directory, settings=settings, calibration=calibration, finetunes=finetunes,
+                        lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include, lm_eval_limit=lm_eval_limit)
+    name = f"fidelity-{size}" + ("-lm-eval" if lm_eval_tasks else "")
     previous = Path(out) / f"{name}.json"
     if merge and previous.is_file():
         old = json.loads(previous.read_text())
@@ -144,5 +202,11 @@ def bench_fidelity(size: str, directory: str | Path | None, out: str | Path, *, 
         order = {s: i for i, s in enumerate(SETTINGS)}
         rows.sort(key=lambda r: (r["fine-tune"], order.get(r["setting"], len(order))))
         command = f"{old['meta']['command']} && {command}"
-    return write_results(rows, out, name=name, command=command, extra={"calibration": calibration},
-                         plot=lambda path: plot_fidelity(rows, path))
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # rows of several parts may differ
+    if lm_eval_tasks:  # the table shows the task scores beside the lm-eval ones; the JSON keeps every column
+        columns = ["fine-tune", "setting", "base_em", "finetune_em", "em", "ratio",
+                   *(c for c in columns if ":" in c)]
+    measured = [r for r in rows if r["retention"] is not None]
+    return write_results(rows, out, name=name, command=command, columns=columns,
+                         extra={"calibration": calibration, "lm_eval_limit": lm_eval_limit},
+                         plot=(lambda path: plot_fidelity(measured, path)) if measured else None)

@@ -101,6 +101,14 @@ def add_bench_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibration texts: the fine-tune's training split, or sampled from it (data-free)")
     parser.add_argument("--merge", action="store_true",
                         help="keep rows of other settings already in the results file (run a long grid in parts)")
+    parser.add_argument("--lm-eval", default=None, metavar="TASKS",
+                        help="also score with lm-evaluation-harness (pip install 'hf_delta[eval]'): comma-separated "
+                             "task names; 'zoo' is the fine-tune's own task as local lm-eval tasks. Results go to "
+                             "fidelity-<size>-lm-eval.*")
+    parser.add_argument("--lm-eval-include-path", action="append", default=[], metavar="DIR",
+                        help="a folder of lm-eval task YAML files (repeatable)")
+    parser.add_argument("--lm-eval-limit", type=float, default=None,
+                        help="at most this many documents per lm-eval task (below 1: that fraction)")
 
 
 SCALE_SIZES = ("tiny", "0.1b", "0.85b", "7b")  # hf_delta.bench.scale_pair.SHAPES (not imported: it loads torch)

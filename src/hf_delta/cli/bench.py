@@ -18,7 +18,9 @@ def _fidelity(args: argparse.Namespace) -> int:
 
     print(bench_fidelity(args.size, args.dir, args.out, settings=args.settings.split(","),
                          finetunes=args.finetunes.split(",") if args.finetunes else None,
-                         calibration=args.calibration, command=args.command_line, merge=args.merge))
+                         calibration=args.calibration, command=args.command_line, merge=args.merge,
+                         lm_eval_tasks=args.lm_eval.split(",") if args.lm_eval else (),
+                         lm_eval_include=args.lm_eval_include_path, lm_eval_limit=args.lm_eval_limit))
     return 0
 
 
