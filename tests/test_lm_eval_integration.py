@@ -334,3 +334,28 @@ def _delta_model(arith):
     from hf_delta import DeltaModel
 
     return DeltaModel.from_pretrained(arith["base"], arith["delta"])
+
+
+@pytest.mark.parametrize("name", ["qwen2-arith", "llama-chat"])
+def test_tied_heads_and_carried_tokenizers(micro_zoo, micro_delta, tmp_path, local_datasets, torch_one_thread, name):
+    """Qwen2 ties its head to the embedding (HFLM's re-tying must not touch the wrapped head); llama-chat's delta
+    carries its own tokenizer (three added chat tokens), which DeltaLM picks up by itself."""
+    from lm_eval.models.huggingface import HFLM
+
+    from hf_delta import DeltaModel
+    from hf_delta.integrations.lm_eval import DeltaLM
+    from hf_delta.integrations.lm_eval_tasks import write_zoo_tasks
+    from hf_delta.utils.loading import load_tokenizer
+
+    entry = micro_zoo[name]
+    base, delta, tokenizer = str(micro_zoo[entry.base].path), str(micro_delta(name)), load_tokenizer(entry.path)
+    task = write_zoo_tasks(micro_zoo.task(name), tokenizer, tmp_path)[0]
+    lm = DeltaLM(base=base, delta=delta, delta_name="ft", batch_size=8)
+    assert lm.tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert "tie_weights" not in vars(lm.model.base_model)
+    merged = HFLM(
+        pretrained=DeltaModel.from_pretrained(base, delta).merge_and_unload(), tokenizer=tokenizer, batch_size=8
+    )
+    ours, theirs = (_evaluate(m, tmp_path, [task]) for m in (lm, merged))
+    assert _scores(ours) == _scores(theirs)
+    assert torch.allclose(_loglikelihoods(ours, task), _loglikelihoods(theirs, task), rtol=REL, atol=0)

@@ -19,10 +19,11 @@ model type and hands the arguments to lm-eval's own CLI::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,8 @@ class DeltaLM(HFLM):
         _check_vocabulary(model, delta_name, tokenizer)
         # HFLM sets itself up on the plain transformers model (config, device, eval mode, tokenizer); the
         # forward passes and generation then go through the DeltaModel around it (see _model_call).
-        super().__init__(pretrained=model.base_model, tokenizer=tokenizer, **kwargs)
+        with _no_retying(model.base_model):
+            super().__init__(pretrained=model.base_model, tokenizer=tokenizer, **kwargs)
         self._model = model
         self.delta_name = delta_name
         self.base, self.delta_source = base, delta
@@ -137,6 +139,17 @@ class DeltaLM(HFLM):
             "delta": None if self.delta_source is None else str(self.delta_source),
             "delta_name": self.delta_name,
         }
+
+
+@contextlib.contextmanager
+def _no_retying(base: PreTrainedModel) -> Iterator[None]:
+    """Make HFLM's ``tie_weights()`` call a no-op: the loaded base is tied already, and with a tied head wrapped by
+    a delta, re-tying would try to put the embedding's parameter onto the wrapper (a KeyError)."""
+    base.tie_weights = lambda *args, **kwargs: None  # an instance attribute hides the method
+    try:
+        yield
+    finally:
+        del base.tie_weights
 
 
 def _load(
