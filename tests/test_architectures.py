@@ -173,3 +173,25 @@ def test_auto_config_on_conv1d_layers(one_thread):
         merged = copy.deepcopy(model).merge_and_unload()(input_ids=ids).logits
     assert (got - tuned).norm() < 0.8 * (plain - tuned).norm()
     torch.testing.assert_close(merged, got, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_export_of_conv1d_layers(tmp_path, one_thread):
+    """Changed Conv1D weights and biases export as LoRA factors [out, in] that PEFT applies like the delta."""
+    from peft import PeftModel
+
+    from hf_delta import LowRankConfig, export_peft_lora
+
+    base = tiny_model("gpt2")
+    finetuned = perturbed(base, seed=1)
+    with torch.no_grad():  # norms unchanged: LoRA has no place for them
+        for name, param in finetuned.named_parameters():
+            if ".ln_" in name or "ln_f" in name:
+                param.copy_(base.get_parameter(name))
+    model = compress(copy.deepcopy(base), finetuned, LowRankConfig(rank=8), progress=False)
+    export_peft_lora(model, None, tmp_path)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ids = sample_ids(2, seed=7)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(peft_model.merge_and_unload()(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import DeltaConfigError
-from ..extract import split_expert_key
+from ..extract import as_out_in, is_conv1d, split_expert_key
 from ..fingerprint import check_base
 from ..layers import DeltaWrapper
 from ..methods.lowrank import LowRankWeight
@@ -91,11 +91,13 @@ def _split(delta: Delta, state: dict[str, torch.Tensor], module) -> tuple[dict[s
         owner, _, leaf = param.rpartition(".")
         layer = module(owner)
         change = value.float() - state[param].float()
-        if leaf == "weight" and isinstance(layer, (nn.Linear, nn.Embedding)) and owner not in factors:
-            factors[owner] = _full_rank(change)
-        elif leaf == "bias" and isinstance(layer, nn.Linear):
+        linear = isinstance(layer, nn.Linear) or is_conv1d(layer)
+        if leaf == "weight" and (linear or isinstance(layer, nn.Embedding)) and owner not in factors:
+            factors[owner] = _full_rank(as_out_in(change, is_conv1d(layer)))  # LoRA factors are [out, in]
+        elif leaf == "bias" and linear:
             if owner not in factors:  # only the bias changed: zero factors carry it
-                factors[owner] = _Factors(torch.zeros(1, layer.in_features), torch.zeros(layer.out_features, 1))
+                out_features, in_features = as_out_in(layer.weight, is_conv1d(layer)).shape
+                factors[owner] = _Factors(torch.zeros(1, in_features), torch.zeros(out_features, 1))
             factors[owner].bias = change
         else:
             rest[param] = value
