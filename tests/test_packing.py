@@ -119,3 +119,34 @@ def test_out_of_range_and_bad_masks_are_clear_errors():
         pack_lowbit_u8(torch.tensor([[1]]), 5)
     with pytest.raises(DeltaConfigError, match="exactly 2 kept"):
         pack_2of4_u8(torch.tensor([[True, True, True, False]]))
+
+
+
+def _reference_pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """The documented layout, byte by byte in Python: element k at bits (k % per) * bits of byte k // per,
+    offset-binary for signed widths (1 bit: a set bit is True)."""
+    per, k = 8 // bits, values.shape[-1]
+    offset = 0 if bits == 1 else 1 << (bits - 1)
+    rows = values.reshape(-1, k).tolist()
+    out = [[sum((int(row[j]) + offset) << ((j % per) * bits) for j in range(b * per, min(k, (b + 1) * per)))
+            for b in range(packed_width(k, bits))] for row in rows]
+    return torch.tensor(out, dtype=torch.uint8).reshape(*values.shape[:-1], packed_width(k, bits))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 9), k=st.integers(1, 40), bits=st.sampled_from([1, 2, 4, 8]),
+       chunk=st.integers(1, 100), seed=st.integers(0, 2**31 - 1))
+def test_packing_in_row_chunks_matches_the_layout(rows, k, bits, chunk, seed):
+    """Large matrices are packed a few rows at a time (bounded int32 work); the bytes must not depend on it."""
+    from hf_delta import packing
+
+    gen = torch.Generator().manual_seed(seed)
+    if bits == 1:
+        values = torch.rand(2, rows, k, generator=gen) > 0.5
+        pack = pack_1bit_u8
+    else:
+        values = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (2, rows, k), generator=gen)
+        pack = lambda v: pack_lowbit_u8(v, bits)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packing, "_PACK_CHUNK_VALUES", chunk)
+        assert torch.equal(pack(values), _reference_pack(values, bits))

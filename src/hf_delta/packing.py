@@ -10,6 +10,8 @@ Layouts (all row-major, packed along the last axis = ``in_features``, little-end
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import DeltaConfigError, DeltaFormatError
@@ -26,16 +28,27 @@ def _check_bits(bits: int) -> None:
         raise DeltaConfigError(f"Packing supports 1, 2, 4 or 8 bits per value, got {bits}.")
 
 
-def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative ints < 2**bits along the last axis."""
+_PACK_CHUNK_VALUES = 1 << 22  # values packed at once: the int32 work of a whole 32000-row matrix is ~1 GB
+
+
+def _pack(values: torch.Tensor, bits: int, *, offset: int = 0) -> torch.Tensor:
+    """Pack ints with ``0 <= values + offset < 2**bits`` along the last axis.
+
+    Rows are packed in chunks, so the int32 intermediates stay a few MB whatever the matrix size.
+    """
     per = 8 // bits
     k = values.shape[-1]
-    pad = packed_width(k, bits) * per - k
-    # Explicit sizes (not -1): a tensor with zero rows must pack too.
-    padded = torch.nn.functional.pad(values.to(torch.int32), (0, pad))
-    v = padded.reshape(*values.shape[:-1], packed_width(k, bits), per)
+    width = packed_width(k, bits)
+    rows = values.reshape(math.prod(values.shape[:-1]), k)
+    out = torch.empty(rows.shape[0], width, dtype=torch.uint8, device=values.device)
     shifts = torch.arange(per, dtype=torch.int32, device=values.device) * bits
-    return (v << shifts).sum(-1).to(torch.uint8)
+    step = max(1, _PACK_CHUNK_VALUES // max(k, 1))
+    for r in range(0, rows.shape[0], step):
+        # Explicit sizes (not -1): a tensor with zero rows must pack too.
+        chunk = torch.nn.functional.pad(rows[r : r + step].to(torch.int32) + offset, (0, width * per - k))
+        v = chunk.reshape(chunk.shape[0], width, per) << shifts
+        out[r : r + step] = v.sum(-1, dtype=torch.int32).to(torch.uint8)
+    return out.reshape(*values.shape[:-1], width)
 
 
 def _unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
@@ -47,7 +60,7 @@ def _unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
 
 def pack_1bit_u8(positive: torch.Tensor) -> torch.Tensor:
     """Pack a boolean "is positive" tensor ``[..., K]`` into uint8 ``[..., ceil(K / 8)]``."""
-    return _pack(positive.to(torch.int32), 1)
+    return _pack(positive, 1)
 
 
 def unpack_1bit_u8(packed: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -78,7 +91,7 @@ def pack_int_u8(q: torch.Tensor, bits: int) -> torch.Tensor:
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
         raise DeltaConfigError(f"Values out of range for {bits}-bit packing: [{int(q.min())}, {int(q.max())}].")
-    return _pack(q.to(torch.int32) - lo, bits)
+    return _pack(q, bits, offset=-lo)
 
 
 def unpack_int_u8(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
