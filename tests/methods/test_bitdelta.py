@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -277,3 +278,36 @@ def test_the_sign_matmul_under_autograd_keeps_only_packed_signs_and_gives_the_sa
     ((x_ref @ dense.T) ** 2).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)  # same maths, other summation order
     torch.testing.assert_close(weight.scales.grad, scales.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_distillation_recomputes_decoder_layers_with_the_same_gradients(pair):
+    """Under ``_recomputed_layers`` a step keeps far fewer tensors for the backward (activations are recomputed
+    layer by layer), gives the scales the same gradients, and leaves every layer's forward as it was."""
+    from hf_delta.methods.bitdelta import _recomputed_layers
+
+    ids, mask = _batch(_ROWS, 12)
+
+    def step(recompute: bool):
+        config = BitDeltaConfig(distill_steps=1)
+        model, _ = _student(pair, config, [(ids, mask)])
+        try:
+            weights = list(model.get_delta("default").weights.values())
+            for w in weights:
+                w.scales = torch.nn.Parameter(w.scales.detach().clone())
+            model.set_delta("default")
+            saved: list[int] = []
+            scope = _recomputed_layers(model) if recompute else contextlib.nullcontext()
+            with scope, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                (logits**2).mean().backward()
+            layers = model.base_model.get_decoder().layers
+            assert all("forward" not in vars(layer) for layer in layers)  # restored: the class's forward again
+            return sum(saved), [w.scales.grad.clone() for w in weights]
+        finally:
+            model.unload()
+
+    kept_plain, grads_plain = step(False)
+    kept_recomputed, grads_recomputed = step(True)
+    assert kept_recomputed < 0.5 * kept_plain
+    for a, b in zip(grads_recomputed, grads_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
