@@ -34,7 +34,8 @@ from .logits import TokenLogprob, pick_tokens, score_prompt
 from .residency import ResidencyManager
 from .sampling import SamplingParams, TextStream, make_generator
 from .scheduler import Request, Scheduler
-from .step import Segment, StepBatch, check_supported, forward_step
+from .probe import probe_model
+from .step import Segment, StepBatch, forward_step
 from .tokenizers import DeltaTokenizers, encode, render_chat
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Engine:
                                local_files_only=local_files_only)
             self.model = DeltaModel(model.to(device) if device is not None else model)
         self.model.eval()
-        check_supported(self.model.base_model)
+        layout = probe_model(self.model)  # refuses what the packed step cannot run, before anything is served
         source = tokenizer if tokenizer is not None else (base if isinstance(base, (str, Path))
                                                           else self.model.base_model.name_or_path)
         self.base_tokenizer = load_tokenizer(source)
@@ -76,11 +77,10 @@ class Engine:
         cfg = self.model.config
         limit = getattr(cfg, "max_position_embeddings", None) or 2048
         self.max_model_len = min(self.config.max_model_len or limit, limit)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.cache = PagedKVCache(
-            num_layers=cfg.num_hidden_layers, num_kv_heads=getattr(cfg, "num_key_value_heads", None)
-            or cfg.num_attention_heads, head_dim=head_dim, max_tokens=self.config.kv_cache_tokens,
-            block_size=self.config.block_size, dtype=self.model.base_model.dtype, device=self.model.device)
+            num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+            max_tokens=self.config.kv_cache_tokens, block_size=self.config.block_size, dtype=layout.dtype,
+            device=self.model.device)
         self.residency = ResidencyManager(
             self.model, device_slots=self.config.device_slots, cpu_slots=self.config.cpu_slots,
             loader_threads=self.config.loader_threads, token=token, cache_dir=cache_dir,

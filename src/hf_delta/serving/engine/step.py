@@ -15,7 +15,11 @@ attention itself is per segment, reading and writing the paged KV cache. Semanti
 with tokens ``a..b-1`` at positions ``p0..p0+(b-a)-1``::
 
     cache[s.key][p0 : p0+b-a] = k[a:b], v[a:b]                    (cached segments)
-    out[a+i] = softmax(q[a+i] · cache[s.key][: p0+i+1]ᵀ) · V       (causal over the sequence so far)
+    out[a+i] = softmax(q[a+i] · cache[s.key][lo : p0+i+1]ᵀ) · V    (causal over the sequence so far)
+
+where ``lo = 0``, or ``p0+i+1 - window`` in a layer with a sliding window (transformers passes each layer's
+``sliding_window`` to the attention function: Mistral's every layer, Gemma 2/3's sliding layers). The cache
+keeps every position of every layer; a window only masks.
 
 A segment with ``cached=False`` attends only within itself and leaves the cache alone: that is where a later
 co-serving feature adds fine-tuning tokens (a trainable LoRA's forward) to the same pass.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -106,17 +111,22 @@ class StepOutput:
 
 
 class AttentionPlan:
-    """Index tensors the attention function needs, computed once per step (not once per layer)."""
+    """Index tensors the attention function needs, computed once per step (not once per layer).
+
+    Masks depend on a layer's sliding window, so they are built on first use per window and reused by every layer
+    with the same one. ``record``, when a dict, collects what each layer's attention call received (the probe).
+    """
 
     def __init__(self, batch: StepBatch, cache: PagedKVCache | None):
         self.cache = cache
-        device = batch.input_ids.device
+        self.record: dict[int, LayerAttention] | None = None
+        self.device = device = batch.input_ids.device
         write_tok: list[int] = []
         write_rows: list[int] = []
         decode_tok: list[int] = []
         decode_keys: list[str] = []
         decode_len: list[int] = []
-        self.chunks: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+        self.chunks: list[tuple[int, int, torch.Tensor, int]] = []  # tokens a..b, their cache rows, first position
         self.uncached: list[tuple[int, int]] = []
         offset = 0
         for seg in batch.segments:
@@ -134,28 +144,76 @@ class AttentionPlan:
                 decode_keys.append(seg.key)
                 decode_len.append(seg.start + 1)
                 continue
-            total = seg.start + seg.length
-            rows = torch.tensor(cache.rows(seg.key, 0, total), dtype=torch.long, device=device)
-            mask = None
-            if seg.start:  # query i sits at position start+i and sees keys 0..start+i
-                q_pos = torch.arange(seg.start, total, device=device).unsqueeze(1)
-                mask = (torch.arange(total, device=device).unsqueeze(0) <= q_pos)[None, None]
-            self.chunks.append((a, b, rows, mask))
+            rows = torch.tensor(cache.rows(seg.key, 0, seg.start + seg.length), dtype=torch.long, device=device)
+            self.chunks.append((a, b, rows, seg.start))
         self.all_cached = len(write_tok) == batch.num_tokens
         self.write_tokens = torch.tensor(write_tok, dtype=torch.long, device=device)
         self.write_rows = torch.tensor(write_rows, dtype=torch.long, device=device)
-        self.decode_tokens = self.decode_rows = self.decode_mask = None
+        self.decode_tokens = self.decode_rows = self.decode_lengths = None
         if decode_tok:
             self.decode_tokens = torch.tensor(decode_tok, dtype=torch.long, device=device)
             self.decode_rows = cache.rows_tensor(decode_keys, decode_len, device=device)
-            lengths = torch.tensor(decode_len, device=device)
-            width = self.decode_rows.shape[1]
-            self.decode_mask = (torch.arange(width, device=device)[None] < lengths[:, None])[:, None, None, :]
+            self.decode_lengths = torch.tensor(decode_len, device=device)
+        self._masks: dict[tuple, torch.Tensor | None] = {}
+
+    def _mask(self, key: tuple, q_pos: torch.Tensor, width: int, window: int | None, *, plain_causal: bool
+              ) -> torch.Tensor | None:
+        """``visible(q_pos, width, window)``, memoised under ``key``; ``None`` where plain causal attention (SDPA's
+        ``is_causal``) is the same thing (``plain_causal``: the queries are keys ``0..Q-1`` themselves)."""
+        if window is not None and window >= width:
+            window = None  # a window longer than every sequence here changes nothing
+        key = (*key, window)
+        if key not in self._masks:
+            self._masks[key] = None if plain_causal and window is None else visible(q_pos, width, window)
+        return self._masks[key]
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """``[R, 1, 1, L]``: the keys each decoding token sees."""
+        lengths = self.decode_lengths
+        mask = self._mask(("decode",), lengths - 1, self.decode_rows.shape[1], window, plain_causal=False)
+        return mask[:, None, None, :]
+
+    def chunk_mask(self, index: int, window: int | None) -> torch.Tensor | None:
+        """``[1, 1, Q, K]`` of the ``index``-th multi-token cached segment (``None``: plain causal)."""
+        a, b, rows, start = self.chunks[index]
+        q_pos = torch.arange(start, start + b - a, device=rows.device)
+        mask = self._mask(("chunk", index), q_pos, rows.numel(), window, plain_causal=start == 0)
+        return None if mask is None else mask[None, None]
+
+    def uncached_mask(self, index: int, window: int | None) -> torch.Tensor | None:
+        a, b = self.uncached[index]
+        q_pos = torch.arange(b - a, device=self.device)
+        mask = self._mask(("uncached", index), q_pos, b - a, window, plain_causal=True)
+        return None if mask is None else mask[None, None]
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What one layer's attention call received: its key/value shape and dtype, window and soft-capping."""
+
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    sliding_window: int | None
+    softcap: float | None
+    calls: int = 1
+
+
+def visible(q_pos: torch.Tensor, width: int, window: int | None) -> torch.Tensor:
+    """``[Q, width]`` bool: key ``j`` is visible from the query at position ``q`` iff ``j <= q`` and, with a sliding
+    window, ``q - j < window`` (transformers' ``sliding_window_overlay``: the query and ``window - 1`` keys before)."""
+    k = torch.arange(width, device=q_pos.device)[None]
+    q = q_pos[:, None]
+    seen = k <= q
+    return seen & (k > q - window) if window is not None else seen
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
-          *, causal: bool = False) -> torch.Tensor:
-    """``softmax(q kᵀ · scale + mask) v`` with grouped-query heads (q ``[B, H, Q, d]``, k/v ``[B, Hkv, L, d]``)."""
+          *, causal: bool = False, softcap: float | None = None) -> torch.Tensor:
+    """``softmax(cap(q kᵀ · scale) + mask) v`` with grouped-query heads (q ``[B, H, Q, d]``, k/v ``[B, Hkv, L, d]``);
+    ``cap(s) = tanh(s / softcap) · softcap`` when ``softcap`` is set, else the identity."""
+    if softcap is not None:
+        return _softcapped(q, k, v, mask, scale, causal=causal, softcap=softcap)
     if k.shape[1] != q.shape[1]:
         if _GQA:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal,
@@ -165,14 +223,40 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal)
 
 
+def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+                *, causal: bool, softcap: float) -> torch.Tensor:
+    # SDPA cannot cap the scores (Gemma 2's attn_logit_softcapping), so they are computed here; softmax in float32
+    # as transformers' eager attention does.
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if causal:
+        mask = visible(torch.arange(q.shape[-2], device=q.device), k.shape[-2], None)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                    hf_delta_plan: AttentionPlan | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention function over a packed step (``query``: ``[1, H, N, d]``) → ``[1, N, H, d]``."""
-    plan = hf_delta_plan
+                    sliding_window: int | None = None, softcap: float | None = None,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function over a packed step (``query``: ``[1, H, N, d]``) → ``[1, N, H, d]``.
+
+    The step's ``AttentionPlan`` comes from ``packed_attention`` (a context variable, not a keyword argument:
+    some models, e.g. Falcon, do not pass their forward's keyword arguments down to the layers). ``sliding_window``
+    and ``softcap`` are the layer's own, as transformers passes them (Mistral: every layer; Gemma 2/3: the
+    sliding layers only).
+    """
+    plan = _PLAN.get()
     if plan is None:
         raise EngineConfigError(f"The {ATTENTION_NAME!r} attention runs only inside an hf_delta engine step.")
     layer = module.layer_idx
+    if plan.record is not None:
+        seen = plan.record.get(layer)
+        plan.record[layer] = LayerAttention(key.shape[1], key.shape[3], key.dtype, sliding_window, softcap,
+                                            1 if seen is None else seen.calls + 1)
     q = query[0].transpose(0, 1)  # [N, H, d]
     k = key[0].transpose(0, 1)  # [N, Hkv, d]
     v = value[0].transpose(0, 1)
@@ -186,56 +270,54 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     if plan.decode_tokens is not None:
         kd, vd = cache.gather(layer, plan.decode_rows)  # [R, L, Hkv, d]
         qd = q[plan.decode_tokens].unsqueeze(2)  # [R, H, 1, d]
-        o = _sdpa(qd, kd.transpose(1, 2).to(q.dtype), vd.transpose(1, 2).to(q.dtype), plan.decode_mask, scaling)
+        o = _sdpa(qd, kd.transpose(1, 2).to(q.dtype), vd.transpose(1, 2).to(q.dtype),
+                  plan.decode_mask(sliding_window), scaling, softcap=softcap)
         out[plan.decode_tokens] = o.squeeze(2)
-    for a, b, rows, mask in plan.chunks:
+    for i, (a, b, rows, _) in enumerate(plan.chunks):
         kc, vc = cache.gather(layer, rows)  # [L, Hkv, d]
+        mask = plan.chunk_mask(i, sliding_window)
         o = _sdpa(q[a:b].transpose(0, 1)[None], kc.transpose(0, 1)[None].to(q.dtype),
-                  vc.transpose(0, 1)[None].to(q.dtype), mask, scaling, causal=mask is None)
+                  vc.transpose(0, 1)[None].to(q.dtype), mask, scaling, causal=mask is None, softcap=softcap)
         out[a:b] = o[0].transpose(0, 1)
-    for a, b in plan.uncached:
+    for i, (a, b) in enumerate(plan.uncached):
+        mask = plan.uncached_mask(i, sliding_window)
         o = _sdpa(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
-                  None, scaling, causal=True)
+                  mask, scaling, causal=mask is None, softcap=softcap)
         out[a:b] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)
+_PLAN: ContextVar[AttentionPlan | None] = ContextVar("hf_delta_plan", default=None)
 
 
 @contextlib.contextmanager
-def _packed_attention(config) -> Iterator[None]:
+def packed_attention(config, plan: AttentionPlan) -> Iterator[None]:
+    """While active, the model's attention layers run ``paged_attention`` over ``plan``."""
     previous = config._attn_implementation
+    token = _PLAN.set(plan)
     config._attn_implementation = ATTENTION_NAME
     try:
         yield
     finally:
         config._attn_implementation = previous
+        _PLAN.reset(token)
 
 
-def check_supported(base_model) -> None:
-    """Raise ``EngineConfigError`` for models the packed step cannot run (sliding-window layers, no layer ids)."""
-    config = base_model.config
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise EngineConfigError(f"The serving engine supports full-attention decoders only; this model has "
-                                f"layer types {sorted(kinds)}.")
-    if not any(hasattr(m, "layer_idx") for m in base_model.modules()):
-        raise EngineConfigError(f"{type(base_model).__name__} has no attention modules with a layer_idx.")
-
-
-def forward_step(model, batch: StepBatch, cache: PagedKVCache | None) -> StepOutput:
+def forward_step(model, batch: StepBatch, cache: PagedKVCache | None, *, plan: AttentionPlan | None = None
+                 ) -> StepOutput:
     """Run ``batch`` through ``model`` (a ``DeltaModel``) in one forward pass; see the module docstring.
 
-    Gradients follow the caller's mode: the engine calls this under ``torch.inference_mode()``.
+    Gradients follow the caller's mode: the engine calls this under ``torch.inference_mode()``. ``plan``: one
+    built beforehand (the start-up probe's, which records what each layer's attention receives).
     """
-    plan = AttentionPlan(batch, cache)
+    plan = plan or AttentionPlan(batch, cache)
     base = model.base_model
     routing = model.routing
     with routing.use(batch.slots.unsqueeze(0)):
-        with _packed_attention(base.config):
+        with packed_attention(base.config, plan):
             packed = base.get_decoder()(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
-                                        use_cache=False, hf_delta_plan=plan).last_hidden_state
+                                        use_cache=False).last_hidden_state
         hidden = packed[0]
         index = batch.logits_index
         head = base.get_output_embeddings()

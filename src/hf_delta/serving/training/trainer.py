@@ -40,7 +40,7 @@ from ...errors import BaseModelNotServedError, FineTuneConfigError, FineTuneJobN
 from ...model import BASE_NAME
 from ...utils.logits import softcap_logits
 from ...utils.sizes import tensor_bytes
-from ..engine.step import AttentionPlan, Segment, StepBatch, _packed_attention, forward_step
+from ..engine.step import AttentionPlan, Segment, StepBatch, forward_step, packed_attention
 from .budget import CoServeScheduler
 from .jobs import (
     IGNORE,
@@ -339,10 +339,9 @@ class CoServingTrainer:
         frozen = [*base.parameters(), *(t for w in run.weights.values() for t in (w.A, w.B))]
         meter = SavedTensorMeter(exclude=frozen)
         with routing.use(batch.packed.slots[None]):
-            with meter, _packed_attention(base.config):
+            with meter, packed_attention(base.config, AttentionPlan(batch.packed, None)):
                 out = self._layers[index](x, attention_mask=None, position_ids=positions,
-                                          position_embeddings=self._decoder.rotary_emb(x, position_ids=positions),
-                                          hf_delta_plan=AttentionPlan(batch.packed, None))
+                                          position_embeddings=self._decoder.rotary_emb(x, position_ids=positions))
                 y = out[0] if isinstance(out, tuple) else out
                 if last:
                     y = self._decoder.norm(y)  # the norm may be a delta-aware layer too: [1, T] routing
