@@ -101,3 +101,12 @@ def reference(micro_base, serving_deltas) -> Callable[[str, str, int], str]:
         return memo[key]
 
     return ref
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """A byte-level tokenizer larger than the tiny architectures' vocabularies (``tests/_support/architectures``):
+    their prompts are token ids, and every id they generate decodes."""
+    from hf_delta.zoo.tokenizer import train_tokenizer
+
+    return train_tokenizer("a tiny corpus for a tiny tokenizer, 0123456789. " * 20, 300)

@@ -31,10 +31,10 @@ from .handles import GenerationChunk, GenerationResult, RequestHandle
 from .hooks import StepHook, StepWork
 from .kv_cache import PagedKVCache
 from .logits import TokenLogprob, pick_tokens, score_prompt
+from .probe import probe_model
 from .residency import ResidencyManager
 from .sampling import SamplingParams, TextStream, make_generator
 from .scheduler import Request, Scheduler
-from .probe import probe_model
 from .step import Segment, StepBatch, forward_step
 from .tokenizers import DeltaTokenizers, encode, render_chat
 

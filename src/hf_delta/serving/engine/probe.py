@@ -36,8 +36,10 @@ _WHAT_TO_DO = "Run it with DeltaModel.generate instead (no continuous batching),
 
 # Config settings that explain a refusal when the comparison fails; the check itself is the comparison.
 _SUSPECTS = (
-    (lambda c: getattr(c, "alibi", False) or getattr(c, "position_embedding_type", None) == "alibi",
-     "ALiBi position bias (transformers adds it to the attention mask, which the paged attention does not use)"),
+    (
+        lambda c: getattr(c, "alibi", False) or getattr(c, "position_embedding_type", None) == "alibi",
+        "ALiBi position bias (transformers adds it to the attention mask, which the paged attention does not use)",
+    ),
     (lambda c: getattr(c, "use_bidirectional_attention", False), "bidirectional attention"),
     (lambda c: getattr(c, "attention_chunk_size", None), "chunked attention (attention_chunk_size)"),
 )
@@ -79,12 +81,20 @@ def probe_model(model) -> AttentionLayout:
     windows = [w for w in layout.sliding_windows if w is not None]
     length = first if not windows or min(windows) + 4 > len(ids) else max(first, min(windows) + 4)
     with torch.inference_mode():
-        reference = model(input_ids=torch.tensor([ids[:length]], device=model.device), use_cache=False,
-                          delta_names=[BASE_NAME]).logits[0]
+        reference = model(
+            input_ids=torch.tensor([ids[:length]], device=model.device), use_cache=False, delta_names=[BASE_NAME]
+        ).logits[0]
     _compare(name, config, "one uncached segment", uncached, reference[first - 1], layout.dtype)
 
-    cache = PagedKVCache(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
-                         max_tokens=length, block_size=4, dtype=layout.dtype, device=model.device)
+    cache = PagedKVCache(
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        max_tokens=length,
+        block_size=4,
+        dtype=layout.dtype,
+        device=model.device,
+    )
     cache.reserve("probe", length)
     half = (length - 2) // 2
     for start, size in ((0, half), (half, length - 2 - half), (length - 2, 1), (length - 1, 1)):
@@ -92,8 +102,9 @@ def probe_model(model) -> AttentionLayout:
         logits = _run(name, config, lambda step=step: forward_step(model, step, cache).logits[0])
         what = f"{'decode' if size == 1 else 'prefill chunk'} at positions {start}..{start + size - 1} of {length}"
         _compare(name, config, what, logits, reference[start + size - 1], layout.dtype)
-    logger.info("%s passed the engine's start-up probe (%d tokens, windows %s)", name, length,
-                sorted(set(windows)) or "none")
+    logger.info(
+        "%s passed the engine's start-up probe (%d tokens, windows %s)", name, length, sorted(set(windows)) or "none"
+    )
     return layout
 
 
@@ -104,8 +115,10 @@ def _run(name: str, config, fn):
     except EngineConfigError:
         raise
     except Exception as err:
-        raise EngineConfigError(f"{name} cannot be served by the engine: a forward pass through its paged attention "
-                                f"failed ({type(err).__name__}: {err}){_suspect(config)}. {_WHAT_TO_DO}") from err
+        raise EngineConfigError(
+            f"{name} cannot be served by the engine: a forward pass through its paged attention "
+            f"failed ({type(err).__name__}: {err}){_suspect(config)}. {_WHAT_TO_DO}"
+        ) from err
 
 
 def _layout(name: str, config, record: dict[int, LayerAttention]) -> AttentionLayout:
@@ -115,21 +128,25 @@ def _layout(name: str, config, record: dict[int, LayerAttention]) -> AttentionLa
         raise EngineConfigError(
             f"{name} cannot be served by the engine: decoder layers {missing} of {expected} never called "
             "transformers' attention interface, so the engine's paged KV cache cannot run them (their attention "
-            f"does not follow config._attn_implementation){_suspect(config)}. {_WHAT_TO_DO}")
+            f"does not follow config._attn_implementation){_suspect(config)}. {_WHAT_TO_DO}"
+        )
     repeated = sorted(layer for layer, seen in record.items() if seen.calls != 1)
     if repeated or set(record) != set(range(expected)):
         raise EngineConfigError(
             f"{name} cannot be served by the engine: attention layer indices {sorted(record)} do not map one to one "
             f"onto its {expected} decoder layers (repeated: {repeated}; shared or cross-layer attention). "
-            f"{_WHAT_TO_DO}")
+            f"{_WHAT_TO_DO}"
+        )
     shapes = {(seen.num_kv_heads, seen.head_dim, seen.dtype) for seen in record.values()}
     if len(shapes) != 1:
         raise EngineConfigError(
             f"{name} cannot be served by the engine: its layers' keys and values differ in shape or dtype "
-            f"({sorted(map(str, shapes))}), and the paged KV cache holds one shape for all layers. {_WHAT_TO_DO}")
+            f"({sorted(map(str, shapes))}), and the paged KV cache holds one shape for all layers. {_WHAT_TO_DO}"
+        )
     ((heads, head_dim, dtype),) = shapes
-    return AttentionLayout(expected, heads, head_dim, dtype,
-                           tuple(record[layer].sliding_window for layer in range(expected)))
+    return AttentionLayout(
+        expected, heads, head_dim, dtype, tuple(record[layer].sliding_window for layer in range(expected))
+    )
 
 
 def _compare(name: str, config, what: str, logits: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> None:
@@ -140,7 +157,8 @@ def _compare(name: str, config, what: str, logits: torch.Tensor, reference: torc
     if not error <= allowed:  # also catches NaN
         raise EngineConfigError(
             f"{name} cannot be served by the engine: its logits through the paged attention ({what}) differ from "
-            f"its own forward by {error:.3g} (allowed {allowed:.3g}){_suspect(config)}. {_WHAT_TO_DO}")
+            f"its own forward by {error:.3g} (allowed {allowed:.3g}){_suspect(config)}. {_WHAT_TO_DO}"
+        )
 
 
 def _suspect(config) -> str:

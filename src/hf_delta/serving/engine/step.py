@@ -10,7 +10,7 @@ A ``StepBatch`` is the whole contract between the scheduler and the model:
   score a prompt) are wanted.
 
 Attention runs through a transformers attention function registered under ``"hf_delta_paged"``: the model
-computes projections, rotary embeddings, MLPs and the output head as usual over ``[1, N]`` tokens; only the
+computes projections, rotary embeddings, MLPs and the output head as usual over ``[N, 1]`` tokens (one a row); the
 attention itself is per segment, reading and writing the paged KV cache. Semantics, for each segment ``s``
 with tokens ``a..b-1`` at positions ``p0..p0+(b-a)-1``::
 
@@ -242,7 +242,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     sliding_window: int | None = None, softcap: float | None = None,
                     **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention function over a packed step (``query``: ``[1, H, N, d]``) → ``[1, N, H, d]``.
+    """transformers attention function over a packed step (``query``: ``[N, H, 1, d]``) → ``[N, 1, H, d]``.
 
     The step's ``AttentionPlan`` comes from ``packed_attention`` (a context variable, not a keyword argument:
     some models, e.g. Falcon, do not pass their forward's keyword arguments down to the layers). ``sliding_window``
@@ -257,9 +257,12 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         seen = plan.record.get(layer)
         plan.record[layer] = LayerAttention(key.shape[1], key.shape[3], key.dtype, sliding_window, softcap,
                                             1 if seen is None else seen.calls + 1)
-    q = query[0].transpose(0, 1)  # [N, H, d]
-    k = key[0].transpose(0, 1)  # [N, Hkv, d]
-    v = value[0].transpose(0, 1)
+    # [B, H, S, d] → [B·S, H, d]: the engine packs one token per row (B = N, S = 1); a caller may pack them
+    # along the sequence instead (B = 1, S = N), as the co-serving trainer's layer-by-layer backward does.
+    batch, steps = query.shape[0], query.shape[2]
+    q = query.transpose(1, 2).reshape(batch * steps, query.shape[1], query.shape[3])
+    k = key.transpose(1, 2).reshape(batch * steps, key.shape[1], key.shape[3])
+    v = value.transpose(1, 2).reshape(batch * steps, value.shape[1], value.shape[3])
     cache = plan.cache
     if plan.write_rows.numel():
         if plan.all_cached:
@@ -284,7 +287,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         o = _sdpa(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
                   mask, scaling, causal=mask is None, softcap=softcap)
         out[a:b] = o[0].transpose(0, 1)
-    return out.unsqueeze(0), None
+    return out.reshape(batch, steps, out.shape[1], out.shape[2]), None
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)
@@ -314,17 +317,19 @@ def forward_step(model, batch: StepBatch, cache: PagedKVCache | None, *, plan: A
     plan = plan or AttentionPlan(batch, cache)
     base = model.base_model
     routing = model.routing
-    with routing.use(batch.slots.unsqueeze(0)):
+    # One token per row ([N, 1]): every delta-aware module then sees the token axis first whatever its own layout
+    # (Gemma 3 normalises queries as [B, H, S, d]), so the per-token delta slots [N] broadcast over the rest.
+    with routing.use(batch.slots):
         with packed_attention(base.config, plan):
-            packed = base.get_decoder()(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
+            packed = base.get_decoder()(input_ids=batch.input_ids[:, None], position_ids=batch.positions[:, None],
                                         use_cache=False).last_hidden_state
-        hidden = packed[0]
+        hidden = packed[:, 0]
         index = batch.logits_index
         head = base.get_output_embeddings()
         if index.numel() == 0:  # only prefill chunks that do not reach their prompt's end
             logits = hidden.new_zeros((0, head.weight.shape[0]))
         elif index.numel() == hidden.shape[0]:  # every token wants logits (all decodes): no gather, and the
-            logits = softcap_logits(head(packed)[0], base.config)  # decoder's [1, N] routing is reused as is
+            logits = softcap_logits(head(hidden), base.config)  # decoder's routing is reused as is
         else:
             with routing.use(batch.slots[index]):
                 logits = softcap_logits(head(hidden[index]), base.config)

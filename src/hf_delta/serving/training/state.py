@@ -92,8 +92,9 @@ class TrainingStep:
         def hook(index: int):
             def save(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
+                tokens = hidden.reshape(-1, hidden.shape[-1])  # the packed step's [N, 1, hidden]: one token a row
                 for seq, start, n, at in spans:
-                    seq.saved[index, start : start + n].copy_(hidden[0, at : at + n])
+                    seq.saved[index, start : start + n].copy_(tokens[at : at + n])
             return save
 
         handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
