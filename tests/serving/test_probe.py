@@ -37,6 +37,13 @@ def test_logits_that_differ_from_the_model_are_refused(byte_tokenizer, monkeypat
         Engine(DeltaModel(tiny_model("mistral")), tokenizer=byte_tokenizer, config=SMALL)
 
 
+def test_layer_types_the_engine_does_not_implement_are_refused(byte_tokenizer):
+    model = tiny_model("qwen2")
+    model.config.layer_types = ["chunked_attention", "full_attention"]
+    with pytest.raises(EngineConfigError, match=r"layer_types include \['chunked_attention'\]"):
+        Engine(DeltaModel(model), tokenizer=byte_tokenizer, config=SMALL)
+
+
 def test_layout_comes_from_the_layers_not_the_config():
     falcon = probe_model(DeltaModel(tiny_model("falcon")))  # multi-query: one key/value head of four
     assert (falcon.num_layers, falcon.num_kv_heads, falcon.head_dim, falcon.dtype) == (2, 1, 8, torch.float32)

@@ -66,6 +66,12 @@ def probe_model(model) -> AttentionLayout:
     base = model.base_model
     config = base.config.get_text_config()
     name = type(base).__name__
+    unknown = sorted(set(getattr(config, "layer_types", None) or []) - {"full_attention", "sliding_attention"})
+    if unknown:  # before any forward: the model's own mask code may not even run under the engine's attention
+        raise EngineConfigError(
+            f"{name} cannot be served by the engine: its config.layer_types include {unknown}, and the paged "
+            f"attention implements full and sliding-window attention only. {_WHAT_TO_DO}"
+        )
     vocab = config.vocab_size
     limit = getattr(config, "max_position_embeddings", None) or _LONGEST
     ids = torch.randint(vocab, (min(_LONGEST, limit),), generator=torch.Generator().manual_seed(0)).tolist()
@@ -127,8 +133,9 @@ def _layout(name: str, config, record: dict[int, LayerAttention]) -> AttentionLa
     if missing:
         raise EngineConfigError(
             f"{name} cannot be served by the engine: decoder layers {missing} of {expected} never called "
-            "transformers' attention interface, so the engine's paged KV cache cannot run them (their attention "
-            f"does not follow config._attn_implementation){_suspect(config)}. {_WHAT_TO_DO}"
+            "transformers' attention interface, so the engine's paged KV cache cannot run them (layers without "
+            "softmax attention, such as state-space or linear-attention layers, or attention that does not follow "
+            f"config._attn_implementation){_suspect(config)}. {_WHAT_TO_DO}"
         )
     repeated = sorted(layer for layer, seen in record.items() if seen.calls != 1)
     if repeated or set(record) != set(range(expected)):
@@ -142,6 +149,18 @@ def _layout(name: str, config, record: dict[int, LayerAttention]) -> AttentionLa
         raise EngineConfigError(
             f"{name} cannot be served by the engine: its layers' keys and values differ in shape or dtype "
             f"({sorted(map(str, shapes))}), and the paged KV cache holds one shape for all layers. {_WHAT_TO_DO}"
+        )
+    kinds = list(getattr(config, "layer_types", None) or [])
+    unwindowed = [
+        i
+        for i, kind in enumerate(kinds)
+        if kind == "sliding_attention" and i in record and record[i].sliding_window is None
+    ]
+    if unwindowed:
+        raise EngineConfigError(
+            f"{name} cannot be served by the engine: layers {unwindowed} are sliding-window layers "
+            "(config.layer_types) but their attention call receives no sliding_window, so the engine cannot apply "
+            f"the window. {_WHAT_TO_DO}"
         )
     ((heads, head_dim, dtype),) = shapes
     return AttentionLayout(
