@@ -4,8 +4,9 @@ Run: python examples/serve_architectures.py   (tiny random-initialised models; n
 
 For each architecture: a base, a "fine-tune" (the base plus noise) compressed into a BitDelta delta, and one
 mixed batch of delta and base requests whose sequences are longer than the sliding window. The engine's greedy
-tokens are printed beside ``DeltaModel.generate``'s. Then an ALiBi Falcon is refused when the engine is built
-(its start-up probe compares the engine's path with the model's own forward).
+tokens are printed beside ``DeltaModel.generate``'s (delta rows) and the plain transformers model's (base rows).
+Then an ALiBi Falcon is refused when the engine is built (its start-up probe compares the engine's path with the
+model's own forward).
 """
 
 import argparse
@@ -64,18 +65,21 @@ with tempfile.TemporaryDirectory() as tmp:
         params = SamplingParams(max_tokens=8, ignore_eos=True)
         served = [r.token_ids for r in engine.generate(prompts, model=names, params=params)]
         engine.close()
+        # Delta rows against DeltaModel.generate; base rows against the plain transformers model.
         reference = DeltaModel(build(arch))
         reference.load_delta(f"{tmp}/{arch}", "ft")
+        plain = build(arch)
         for prompt, name, tokens in zip(prompts, names, served, strict=True):
-            out = reference.generate(
+            model, extra = (plain, {}) if name == "__base__" else (reference, {"delta_names": [name]})
+            out = model.generate(
                 input_ids=torch.tensor([prompt]),
                 max_new_tokens=8,
                 do_sample=False,
                 eos_token_id=None,
                 pad_token_id=0,
-                delta_names=[name],
+                **extra,
             )[0, len(prompt) :]
-            print(f"{arch:8} {name:9} engine {tokens}  DeltaModel.generate {out.tolist()}")
+            print(f"{arch:8} {name:9} engine {tokens}  {type(model).__name__}.generate {out.tolist()}")
 
 falcon = transformers.FalconForCausalLM(
     transformers.FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True)
