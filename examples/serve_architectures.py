@@ -22,19 +22,12 @@ from hf_delta.zoo.tokenizer import train_tokenizer
 
 argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
-SIZES = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+SIZES = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+SIZES |= {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 CONFIGS = {
     "mistral": transformers.MistralConfig(**SIZES, sliding_window=4),  # every layer sees its last 4 positions
     "gemma3": transformers.Gemma3TextConfig(
-        **SIZES, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
+        **SIZES, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
     ),
 }
 tokenizer = train_tokenizer("a tiny corpus for a tiny tokenizer. " * 20, 300)  # prompts below are token ids
