@@ -74,7 +74,7 @@ def run_fidelity(
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise ValueError(f"Unknown fidelity settings {unknown}; known: {sorted(SETTINGS)}.")
-    zoo = load_zoo(size, directory)
+    zoo = load_zoo(size, directory, models=list(finetunes) if finetunes else None)  # a subset needs only its own
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tasks_dir:
         for entry in zoo.finetunes:
@@ -150,6 +150,9 @@ def _measure_finetune(zoo, entry, settings: Sequence[str], calibration: str,
             "finetune_bf16_bytes": ft_bytes, "ratio": ft_bytes / sizes["weights"],
             "compress_s": seconds,
         })
+        chosen = [w.setting for w in model.get_delta("default").weights.values() if w.setting]
+        if chosen:  # a setting that chooses per matrix (auto): how many matrices got each choice
+            rows[-1]["choices"] = {c: chosen.count(c) for c in sorted(set(chosen))}
         if lm_eval is not None:
             rows[-1].update({**lm_eval.scores(model), **lm_eval.references})
         logger.info("%s %s: em %.1f (ft %.1f) ratio %.1fx", entry.name, name, em, ft_em, rows[-1]["ratio"])
