@@ -139,3 +139,23 @@ def test_a_delta_mixing_methods_per_matrix_serves_everywhere(
         tmp_path / "bit"
     )
     check_delta_serves(base, {"mixed": tmp_path / "mixed", "bit": tmp_path / "bit"}, monkeypatch)
+
+
+def test_agreement_counts_only_the_fine_tunes_confident_tokens():
+    from hf_delta.methods.auto import _kl_and_agreement
+
+    g = torch.Generator().manual_seed(0)
+    ref, other = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    ref[0, 1, 3] = 9.0  # confident positions: (0, 1) and (1, 2); the other model agrees only on the first
+    other[0, 1, 3] = 9.0
+    ref[1, 2, 4] = 9.0
+    other[1, 2, 4] = -9.0
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 4] = 0  # padding: position (1, 3) predicts it and does not count
+    kl, n, agree, confident = _kl_and_agreement(ref, other, mask)
+    real = (mask[:, 1:] * mask[:, :-1]).bool()
+    assert n == 7 and kl == pytest.approx(kl_divergence(ref[:, :-1], other[:, :-1], real), rel=1e-5)
+    sure = ref[:, :-1].softmax(-1).amax(-1)[real] >= 0.5
+    assert confident == int(sure.sum()) and confident >= 2
+    assert agree == int(((ref[:, :-1].argmax(-1) == other[:, :-1].argmax(-1))[real] & sure).sum())
+    assert agree < confident
