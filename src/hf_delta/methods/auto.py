@@ -266,7 +266,7 @@ def _collect(
     ctx: CompressionContext, bench: _Workbench, head: str | None, embed: str | None
 ) -> dict[str, list[torch.Tensor]]:
     """One pass of the fine-tune over the calibration batches: its logits, each target's input Hessian (token
-    counts for the embedding); then the base's top-token agreement with it."""
+    counts for the embedding)."""
     names = list(ctx.extracted.compress)
     tied = ctx.extracted.tied.get(head) if head else None
     hooked = {n: n for n in names if ctx.extracted.kinds.get(n, "linear") == "linear"}
@@ -296,15 +296,6 @@ def _collect(
     finally:
         for h in hooks:
             h.remove()
-    agree_sum, confident = 0, 0
-    with torch.no_grad():
-        for (ids, mask), ref in zip(bench.batches, bench.teacher, strict=True):
-            logits = ctx.base(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            real = (mask[:, 1:] * mask[:, :-1]).bool()
-            sure = ref[:, :-1].softmax(-1).amax(-1)[real] >= _CONFIDENT
-            agree_sum += int(((logits[:, :-1].argmax(-1)[real] == ref[:, :-1].argmax(-1)[real]) & sure).sum())
-            confident += int(sure.sum())
-    bench.base_acc = agree_sum / max(confident, 1)
     hessians: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for module, matrix in hooked.items():
         if acc[module].h is not None:
@@ -481,6 +472,13 @@ def compress_auto(ctx: CompressionContext) -> dict[str, CompressedWeight]:
         scales = hessians[name] or [torch.ones(delta.shape[1], dtype=torch.float32).diag()]
         errors = {c: _relative_error(delta, w.to_dense(), scales) for c, w in weights.items()}
         matrices.append(_Matrix(name, weights, {c: _saved_bytes(w, name) for c, w in weights.items()}, errors))
+    # The reference for retention: every compressed matrix at its base value (the delta's exact tensors and new
+    # vocabulary rows kept, so a fine-tune with added tokens runs too).
+    for m in matrices:
+        bench.set(m.name, torch.zeros_like(ctx.extracted.compress[m.name], dtype=torch.float32))
+    _, bench.base_acc = bench.score()
+    for m in matrices:
+        bench.set(m.name, None)
     probe_batches = max(1, math.ceil(cfg.probe_samples / cfg.calibration_batch_size))
     for m in tqdm(matrices, desc="auto: sensitivity", disable=not ctx.progress, leave=False):
         # Probe with the candidate closest to a 5% output error: the regime where near-lossless targets land.
