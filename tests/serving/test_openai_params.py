@@ -295,8 +295,6 @@ def test_no_error_body_names_a_server_path(server, fine_tuning_dir, broken_delta
 
 def test_lm_eval_local_completions_log_likelihoods(server, micro_base, model, tokenizer):
     """lm-eval's own ``local-completions`` client (``lm_eval[api]``) against this server equals the reference."""
-    pytest.importorskip("lm_eval")
-    pytest.importorskip("tenacity", reason="lm-eval's API models need lm_eval[api]")
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
