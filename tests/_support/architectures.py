@@ -127,13 +127,7 @@ def _phi() -> PretrainedConfig:  # partial rotary, biases everywhere, dense outp
 
 def _phi3() -> PretrainedConfig:  # fused qkv_proj and gate_up_proj
     return transformers.Phi3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        **_LLAMA_LIKE,
         bos_token_id=1,
         eos_token_id=VOCAB - 1,
         pad_token_id=0,
