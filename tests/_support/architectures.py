@@ -26,15 +26,8 @@ VOCAB = 96
 SEQ_LEN = 12
 SLIDING_WINDOW = 4
 
-_LLAMA_LIKE = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+_LLAMA_LIKE = dict(_COMMON, intermediate_size=64, num_key_value_heads=2)
 
 
 def _llama() -> PretrainedConfig:
@@ -84,43 +77,29 @@ def _gpt2() -> PretrainedConfig:  # Conv1D (weights stored [in, out]), learned p
 
 def _gpt_neox() -> PretrainedConfig:  # fused QKV, parallel residual, partial rotary
     return transformers.GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
+        **_COMMON,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
         rotary_pct=0.5,
     )
 
 
 def _opt() -> PretrainedConfig:  # OPTLearnedPositionalEmbedding (offset 2), padding_idx, tied head
     return transformers.OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
+        **_COMMON,
         ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
         word_embed_proj_dim=32,
         pad_token_id=1,
     )
 
 
 def _falcon() -> PretrainedConfig:  # fused QKV with multi-query attention, parallel attention + MLP
-    return transformers.FalconConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
-    )
+    return transformers.FalconConfig(**_COMMON)
 
 
 def _phi() -> PretrainedConfig:  # partial rotary, biases everywhere, dense output projection
     return transformers.PhiConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
+        **_COMMON,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
         partial_rotary_factor=0.5,
     )
 
