@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -270,9 +270,9 @@ class DeltaEmbedding(DeltaWrapper):
                 "fine-tune did not change it)."
             )
 
-    def _lookup(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The wrapped module's forward on ``ids`` of ``table`` (rows are gathered first: ``ids`` may exceed the
-        base vocabulary, and the lookup must not read a vocabulary-sized table per delta)."""
+    def _lookup(self, table: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        """The wrapped module's forward on ``ids`` of a table whose rows ``table(used)`` gives (rows are gathered
+        first: ``ids`` may exceed the base vocabulary, and no vocabulary-sized table is read or cast per delta)."""
         used, local = torch.unique(ids, return_inverse=True)
         proxy = self.__dict__.get("_proxy")
         if proxy is None:
@@ -282,7 +282,7 @@ class DeltaEmbedding(DeltaWrapper):
             proxy._parameters = dict(proxy._parameters)
             proxy.padding_idx = None
             self.__dict__["_proxy"] = proxy
-        return _call_with(proxy, {"weight": table(used) if callable(table) else table[used]}, local)
+        return _call_with(proxy, {"weight": table(used)}, local)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -303,7 +303,7 @@ class DeltaEmbedding(DeltaWrapper):
             if "weight" in exact:
                 table = exact["weight"]
                 self._check_range(rid, table.shape[0])
-                yf[r] = self._lookup(table.to(yf.dtype), rid).to(yf.dtype)
+                yf[r] = self._lookup(lambda used, t=table: t[used].to(yf.dtype), rid).to(yf.dtype)
                 continue
             self._check_range(rid, vocab + (len(parts.new_rows) if parts.new_rows is not None else 0))
             yf[r] = self._lookup(lambda used, p=parts: self._rows(p, used, yf.dtype), rid).to(yf.dtype)
