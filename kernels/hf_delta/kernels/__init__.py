@@ -1,5 +1,7 @@
 """Triton kernels, each beside a pure-PyTorch reference of the same maths (importable without triton)."""
 
+from ._decode import DecodeConfig
+from ._tuning import warmup
 from .bitdelta import (
     BitDeltaKernelConfig,
     BitDeltaPlan,
@@ -17,6 +19,7 @@ from .deltazip import (
 __all__ = [
     "BitDeltaKernelConfig",
     "BitDeltaPlan",
+    "DecodeConfig",
     "DeltaZipKernelConfig",
     "bitdelta_matmul",
     "bitdelta_matmul_reference",
@@ -24,4 +27,5 @@ __all__ = [
     "deltazip_matmul",
     "deltazip_matmul_reference",
     "plan_bitdelta_batch",
+    "warmup",
 ]

@@ -35,11 +35,12 @@ lives in ``_common.py``; this module keeps what is specific to the 1-bit format.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from . import _common
+from . import _common, _decode, _tuning
 from ._common import Backend, BitDeltaPlan, KernelConfig, plan_bitdelta_batch, tl, triton  # noqa: F401  (triton: None without it; tests read it here)
 from ._common import default_block_m as _default_block_m  # noqa: F401  (the kernel tests read it here)
 from ._common import interpret_enabled as _interpret_enabled  # noqa: F401  (the kernel tests read it here)
@@ -327,11 +328,30 @@ _jitted = _common.jit_on_first_use(_bitdelta_kernel)
 
 def _sign_units(signs: torch.Tensor, block_k: int) -> tuple[torch.Tensor, int]:
     """``signs`` viewed as uint32 words where rows and strides allow (4x fewer loads), else as bytes."""
-    kb = signs.shape[3]
-    aligned = all(st % 4 == 0 for st in signs.stride()[:3]) and signs.storage_offset() % 4 == 0
-    if block_k >= 32 and kb % 4 == 0 and aligned and signs.data_ptr() % 4 == 0:
-        return signs.view(torch.int32), 32
-    return signs, 8
+    words = _decode.word_view(signs) if block_k >= 32 else None
+    return (words, 32) if words is not None else (signs, 8)
+
+
+def _launch(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    config: BitDeltaKernelConfig | _decode.DecodeConfig,
+    *,
+    signs: torch.Tensor,
+    scales: torch.Tensor,
+    plan: BitDeltaPlan,
+    interpret: bool,
+) -> None:
+    """The kernel ``config`` names: the split-K decode kernel or the tile kernel."""
+    if isinstance(config, _decode.DecodeConfig):
+        words = _decode.word_view(signs)
+        deltas = _decode.PackedDeltas(
+            signs if words is None else words, None, scales.unsqueeze(-1), bits=1, sparse24=False, group_size=None
+        )
+        est_tiles = min(x.shape[0], signs.shape[0])
+        _decode.launch(x, out, plan, deltas, config, est_tiles=est_tiles, interpret=interpret)
+    else:
+        _launch_triton(x, out, signs, scales, plan, config, interpret)
 
 
 def _launch_triton(
@@ -392,7 +412,7 @@ def bitdelta_matmul(
     *,
     backend: Backend = "auto",
     plan: BitDeltaPlan | None = None,
-    config: BitDeltaKernelConfig | None = None,
+    config: BitDeltaKernelConfig | _decode.DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Add each row's 1-bit delta product into ``out`` in place (mixed batch: one delta per row).
 
@@ -411,7 +431,9 @@ def bitdelta_matmul(
             ``"torch"``: force the reference.
         plan: A :func:`plan_bitdelta_batch` result for exactly these ``slots`` (skips the per-call plan
             and its host sync); its ``block_m`` overrides ``config.block_m``.
-        config: Kernel tile sizes; default picks by batch size.
+        config: Kernel tile sizes: a ``BitDeltaKernelConfig`` runs the tile kernel, a ``DecodeConfig`` the
+            split-K decode kernel. Default: by batch size, autotuned on CUDA for decode batches and cached
+            per (shape, M bucket, D); call :func:`~hf_delta.kernels.warmup` before timing anything.
 
     Returns:
         ``out``.
@@ -435,7 +457,8 @@ def bitdelta_matmul(
     """
     _common.check_backend_name(backend, op=_OP)
     _check_inputs(x, out, slots, signs, scales)
-    if config is not None and x.dtype != torch.float32 and config.block_k < MIN_BLOCK_K_16BIT:
+    tiles = isinstance(config, BitDeltaKernelConfig)
+    if tiles and x.dtype != torch.float32 and config.block_k < MIN_BLOCK_K_16BIT:
         raise ValueError(
             f"{_OP}: config.block_k={config.block_k} is too small for {x.dtype} activations; use block_k >= "
             f"{MIN_BLOCK_K_16BIT} (see BitDeltaKernelConfig) or leave config=None for the default tiles."
@@ -451,10 +474,13 @@ def bitdelta_matmul(
         return _reference(x, out, slots, signs, scales) if has_rows else out
 
     empty = x.shape[0] == 0 or out.shape[1] == 0 or num_deltas == 0
-    block_m = config.block_m if config is not None else None
+    block_m = config.block_m if tiles else None
     plan = _common.launch_plan(slots, num_deltas, plan, block_m, device=x.device, empty=empty, op=_OP)
     if plan is not None:
-        tiles = plan.tile_slot.numel()
-        config = config or _default_config(plan.block_m, out.shape[1], tiles, x.dtype, x.device, interpret)
-        _launch_triton(x, out, signs, scales, plan, config, interpret)
+        if config is None:
+            tile = _default_config(plan.block_m, out.shape[1], plan.tile_slot.numel(), x.dtype, x.device, interpret)
+            key = (_OP, x.dtype, out.shape[1], x.shape[1], signs.shape[1])
+            launch = functools.partial(_launch, x, signs=signs, scales=scales, plan=plan, interpret=interpret)
+            config = _tuning.choose_for_call(key, tile, x, out, plan, launch, interpret=interpret)
+        _launch(x, out, config, signs=signs, scales=scales, plan=plan, interpret=interpret)
     return out

@@ -50,6 +50,7 @@ is in ``_deltazip_jit.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -57,7 +58,7 @@ import torch
 
 from hf_delta.packing import LOWBIT_WIDTHS, lowbit_packed_width
 
-from . import _common
+from . import _common, _decode, _tuning
 from ._common import Backend, BitDeltaPlan, KernelConfig, tl, triton  # noqa: F401  (triton: None without it; tests read it here)
 from ._common import interpret_enabled as _interpret_enabled  # noqa: F401  (the kernel tests read it here)
 from ._common import sm_count as _sm_count
@@ -319,6 +320,49 @@ def _launch_triton(
     )
 
 
+def _launch_decode(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    deltas: _Deltas,
+    plan: BitDeltaPlan,
+    config: _decode.DecodeConfig,
+    interpret: bool,
+) -> None:
+    qweight, scales, positions, bits, layout, group_size = deltas
+    q_words = _decode.word_view(qweight)
+    p_words = None if positions is None else _decode.word_view(positions)
+    if q_words is not None and (positions is None or p_words is not None):  # one unit type for both
+        qweight, positions = q_words, p_words
+    packed = _decode.PackedDeltas(
+        qweight.unsqueeze(1),
+        positions,
+        scales.unsqueeze(1),
+        bits=bits,
+        sparse24=layout == "2:4",
+        group_size=group_size if scales.shape[2] > 1 else None,
+    )
+    est_tiles = min(x.shape[0], qweight.shape[0])
+    _decode.launch(x, out, plan, packed, config, est_tiles=est_tiles, interpret=interpret)
+
+
+def _launch(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    config: DeltaZipKernelConfig | _decode.DecodeConfig,
+    *,
+    deltas: _Deltas,
+    plan: BitDeltaPlan,
+    interpret: bool,
+) -> None:
+    """The kernel ``config`` names: the split-K decode kernel or the tile kernel."""
+    if isinstance(config, _decode.DecodeConfig):
+        _launch_decode(x, out, deltas, plan, config, interpret)
+        return
+    if config.block_m != plan.block_m:
+        config = dataclasses.replace(config, block_m=plan.block_m)
+    _launch_triton(x, out, deltas, plan, config, interpret)
+
+
 # ===================================================================================================
 # Public launcher
 # ===================================================================================================
@@ -337,7 +381,7 @@ def deltazip_matmul(
     positions: torch.Tensor | None = None,
     backend: Backend = "auto",
     plan: BitDeltaPlan | None = None,
-    config: DeltaZipKernelConfig | None = None,
+    config: DeltaZipKernelConfig | _decode.DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Add each row's low-bit DeltaZip product into ``out`` in place (mixed batch: one delta per row).
 
@@ -363,7 +407,10 @@ def deltazip_matmul(
         plan: A :func:`~hf_delta.kernels.plan_bitdelta_batch` result for exactly these ``slots`` and ``D``
             (the same plan serves the 1-bit kernel); skips the per-call plan and its host sync. Its
             ``block_m`` overrides ``config.block_m``.
-        config: Kernel tile sizes; default picks by batch size, dtype, layout and group size.
+        config: Kernel tile sizes: a ``DeltaZipKernelConfig`` runs the tile kernel, a ``DecodeConfig`` the
+            split-K decode kernel. Default: by batch size, dtype, layout and group size, autotuned on CUDA
+            for decode batches and cached per (shape, format, M bucket, D); call
+            :func:`~hf_delta.kernels.warmup` before timing anything.
 
     Returns:
         ``out``.
@@ -398,16 +445,17 @@ def deltazip_matmul(
 
     m, n = x.shape[0], out.shape[1]
     empty = m == 0 or n == 0 or num_deltas == 0 or x.shape[1] == 0
-    block_m = config.block_m if config is not None else None
+    block_m = config.block_m if isinstance(config, DeltaZipKernelConfig) else None
     plan = _common.launch_plan(slots, num_deltas, plan, block_m, device=x.device, empty=empty, op=_OP)
     if plan is not None:
         if config is None:
             group = group_size if scales.shape[2] > 1 else None
             tiles = plan.tile_slot.numel()
-            config = _default_config(plan.block_m, n, tiles, x.dtype, layout, group, x.device, interpret)
-        if config.block_m != plan.block_m:
-            config = dataclasses.replace(config, block_m=plan.block_m)
-        _launch_triton(x, out, deltas, plan, config, interpret)
+            tile = _default_config(plan.block_m, n, tiles, x.dtype, layout, group, x.device, interpret)
+            key = (_OP, x.dtype, n, x.shape[1], bits, layout, group)
+            launch = functools.partial(_launch, x, deltas=deltas, plan=plan, interpret=interpret)
+            config = _tuning.choose_for_call(key, tile, x, out, plan, launch, interpret=interpret)
+        _launch(x, out, config, deltas=deltas, plan=plan, interpret=interpret)
     return out
 
 
