@@ -29,6 +29,7 @@ except ImportError:  # a bare GPU box may lack the dev extras: the deterministic
     given = settings = st = None
 
 __all__ = [
+    "DECODE_TILES",
     "DTYPES",
     "KERNELS_DIR",
     "SLOT_MODES",
@@ -67,6 +68,14 @@ SMALL_TILES = [
     {"block_m": 16, "block_n": 16, "block_k": 16, "num_warps": 1, "num_stages": 1},
     {"block_m": 16, "block_n": 16, "block_k": 32, "num_warps": 1, "num_stages": 1},
     {"block_m": 16, "block_n": 32, "block_k": 64, "num_warps": 2, "num_stages": 2},
+]
+
+# Split-K decode kernel (DecodeConfig): one split (direct add into out), three splits with two rows per
+# group, and the automatic split (2 in the interpreter) with four rows per group.
+DECODE_TILES = [
+    {"block_r": 1, "block_n": 16, "block_k": 32, "split_k": 1, "num_warps": 1, "num_stages": 1},
+    {"block_r": 2, "block_n": 16, "block_k": 32, "split_k": 3, "num_warps": 1, "num_stages": 1},
+    {"block_r": 4, "block_n": 32, "block_k": 64, "split_k": None, "num_warps": 2, "num_stages": 2},
 ]
 
 

@@ -14,13 +14,14 @@ import torch
 from kernel_helpers import DTYPES, SLOT_MODES, TOLERANCES, TRITON_DEVICES, given, settings, st
 
 import hf_delta.kernels.bitdelta as bd
-from hf_delta.kernels import bitdelta_matmul, bitdelta_matmul_reference
+from hf_delta.kernels import DecodeConfig, bitdelta_matmul, bitdelta_matmul_reference
 from hf_delta.kernels.bitdelta import BitDeltaKernelConfig, plan_bitdelta_batch
 from hf_delta.packing import pack_1bit_u8, unpack_signs
 
 # Small tiles (interpreter cost grows with tile area). block_k=16 forces byte-wise sign loads;
 # 32 and up read uint32 words whenever ceil(K/8) is a multiple of 4 (hypothesis draws both kinds of K).
 SMALL_CONFIGS = [BitDeltaKernelConfig(**tiles) for tiles in kh.SMALL_TILES]
+DECODE_CONFIGS = [DecodeConfig(**tiles) for tiles in kh.DECODE_TILES]
 
 
 # ===================================================================================================
@@ -126,6 +127,32 @@ def test_triton_default_config(device, m):
     check(case, got, reference=bitdelta_matmul_reference(*case.args()))
 
 
+# Split-K decode kernel: every batch size of the brief, 1 and 2 passes, both sign-load paths, N/K tails.
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+def test_decode_kernel_matches_reference(device, p, m):
+    dtype = DTYPES[(m + p) % len(DTYPES)]
+    # K 100: 13 bytes a row (byte loads, K tail); K 96: 3 words (word loads); N 20 and 40 end mid-tile.
+    for k, n, config in ((100, 20, DECODE_CONFIGS[1]), (96, 40, DECODE_CONFIGS[2]), (70, 24, DECODE_CONFIGS[0])):
+        case = make_case(m=m, k=k, n=n, d=3, p=p, dtype=dtype, seed=m * k + p, device=device)
+        got = bitdelta_matmul(*case.args(), backend="triton", config=config)
+        check(case, got, reference=bitdelta_matmul_reference(*case.args()))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_decode_kernel_is_deterministic_and_leaves_its_counters_at_zero(device):
+    from hf_delta.kernels import _decode
+
+    case = make_case(m=7, k=256, n=48, d=4, p=1, dtype=torch.float32, seed=9, device=device)
+    config = DecodeConfig(block_r=2, block_n=16, block_k=32, split_k=5, num_warps=1, num_stages=1)
+    first = bitdelta_matmul(*case.args(), backend="triton", config=config)
+    second = bitdelta_matmul(*case.args(), backend="triton", config=config)
+    assert torch.equal(first, second)  # partials are summed in split order, whatever order programs finish in
+    check(case, first, reference=bitdelta_matmul_reference(*case.args()))
+    assert all(int(buf.abs().sum()) == 0 for buf in _decode._COUNTERS.values())
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_plan_reuse_and_in_place(device):
     case = make_case(m=12, k=33, n=20, d=3, p=1, seed=3, device=device, slot_dtype=torch.int32)
@@ -224,6 +251,14 @@ if given is not None:
         reference = bitdelta_matmul_reference(*case.args())
         got = bitdelta_matmul(*case.args(), backend="triton", config=config)
         check(case, got, reference=reference)
+
+    @pytest.mark.parametrize("device", TRITON_DEVICES)
+    @settings(max_examples=30, deadline=None)
+    @given(drawn=cases(max_passes=2), config=st.sampled_from(DECODE_CONFIGS))
+    def test_decode_kernel_matches_reference_and_fp64(device, drawn, config):
+        case = make_case(**drawn, device=device)
+        reference = bitdelta_matmul_reference(*case.args())
+        check(case, bitdelta_matmul(*case.args(), backend="triton", config=config), reference=reference)
 
     @settings(max_examples=150, deadline=None)
     @given(drawn=cases(max_passes=3))

@@ -17,6 +17,7 @@ from kernel_helpers import DTYPES, SLOT_MODES, TOLERANCES, TRITON_DEVICES, given
 
 import hf_delta.kernels.deltazip as dzk
 from hf_delta.kernels import (
+    DecodeConfig,
     DeltaZipKernelConfig,
     deltazip_kernel_supports,
     deltazip_matmul,
@@ -29,6 +30,7 @@ from hf_delta.packing import pack_1bit_u8, pack_2of4_u8, pack_lowbit_u8
 # Small tiles (interpreter cost grows with tile area). With group scales, a block_k dividing the group
 # size scales once per step (mode 1); any other block_k scales per element (mode 2): hypothesis draws both.
 SMALL_CONFIGS = [DeltaZipKernelConfig(**tiles) for tiles in kh.SMALL_TILES]
+DECODE_CONFIGS = [DecodeConfig(**tiles) for tiles in kh.DECODE_TILES]
 
 
 # ===================================================================================================
@@ -129,7 +131,7 @@ def check(case: Case, got: torch.Tensor, *, reference: torch.Tensor | None = Non
     kh.check_result(got, case.out, case.slots, dense_fp64(case), reference=reference, max_seen=MAX_SEEN)
 
 
-def run_triton(case: Case, config: DeltaZipKernelConfig | None = None, **kw) -> torch.Tensor:
+def run_triton(case: Case, config: DeltaZipKernelConfig | DecodeConfig | None = None, **kw) -> torch.Tensor:
     return deltazip_matmul(*case.args(), **case.kw(), backend="triton", config=config, **kw)
 
 
@@ -189,6 +191,26 @@ def test_triton_8bit(device, layout, dtype):
     # 8-bit values: bf16 has too few mantissa bits for the magic-number decode and converts instead.
     case = make_case(m=7, k=40, n=18, d=2, bits=8, layout=layout, dtype=dtype, seed=8, device=device)
     check(case, run_triton(case), reference=run_reference(case))
+
+
+# Split-K decode kernel: every bits x layout at every batch size of the brief, with N / K tails, word and
+# byte loads, and the three scale modes (per channel; per group once per step; per group per element).
+DECODE_SHAPES = [
+    (100, 20, None, DECODE_CONFIGS[1]),  # K 100: 50 / 25 bytes of 4 / 2-bit values: byte loads, K tail
+    (96, 40, 32, DECODE_CONFIGS[0]),  # word loads; group 32 = block_k: one scale per step
+    (96, 24, 48, DECODE_CONFIGS[2]),  # group 48 vs block_k 64: scaled per element
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize(("layout", "bits"), [(lay, b) for lay in ("dense", "2:4") for b in (2, 4, 8)])
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+def test_decode_kernel_matches_reference(device, layout, bits, m):
+    k, n, group_size, config = DECODE_SHAPES[(m + bits) % len(DECODE_SHAPES)]
+    dtype = DTYPES[(m + len(layout)) % len(DTYPES)]
+    case = make_case(m=m, k=k, n=n, d=3, bits=bits, layout=layout, group_size=group_size, dtype=dtype,
+                     seed=m * bits, device=device)
+    check(case, run_triton(case, config), reference=run_reference(case))
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -412,6 +434,20 @@ if given is not None:
         seed=st.integers(0, 2**16),
     )
     def test_triton_matches_reference_and_fp64(device, fmt, d, dtype, slot_mode, config, seed):
+        case = make_case(**fmt, d=d, dtype=dtype, slot_mode=slot_mode, seed=seed, device=device)
+        check(case, run_triton(case, config), reference=run_reference(case))
+
+    @pytest.mark.parametrize("device", TRITON_DEVICES)
+    @settings(max_examples=30, deadline=None)
+    @given(
+        fmt=formats(bits_choices=(2, 4, 8)),
+        d=st.integers(1, 4),
+        dtype=st.sampled_from(DTYPES),
+        slot_mode=st.sampled_from(SLOT_MODES),
+        config=st.sampled_from(DECODE_CONFIGS),
+        seed=st.integers(0, 2**16),
+    )
+    def test_decode_kernel_matches_reference_and_fp64(device, fmt, d, dtype, slot_mode, config, seed):
         case = make_case(**fmt, d=d, dtype=dtype, slot_mode=slot_mode, seed=seed, device=device)
         check(case, run_triton(case, config), reference=run_reference(case))
 

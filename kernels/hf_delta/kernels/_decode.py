@@ -102,17 +102,19 @@ def candidates(rows_per_delta: int, interpret: bool) -> list[DecodeConfig]:
     """Decode configs worth timing for ``rows_per_delta`` rows per tile (the first is the untuned pick).
 
     ``block_r`` covers the expected rows (at most 4: more rows per delta favour the ``tl.dot`` tiles);
-    tiles keep ``block_r x block_n x block_k`` at <= 64 fp32 values per thread so nothing spills.
+    ``block_k`` shrinks until ``block_r x block_n x block_k`` is <= 64 fp32 values per thread (no spills).
     """
     block_r = min(1 << max(rows_per_delta - 1, 0).bit_length(), 4)
     if interpret:  # the interpreter's cost grows with tile area
         return [DecodeConfig(block_r=block_r, block_n=16, block_k=64, num_warps=1, num_stages=1)]
-    tiles = ((32, 256, 4), (64, 128, 4), (16, 512, 4), (64, 256, 8), (128, 128, 8), (32, 512, 8), (16, 256, 4))
-    return [
-        DecodeConfig(block_r=block_r, block_n=bn, block_k=bk, num_warps=w, num_stages=2)
-        for bn, bk, w in tiles
-        if block_r * bn * bk <= 64 * 32 * w
-    ]
+    picked = []
+    for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (16, 512, 4), (64, 256, 8), (128, 128, 8), (32, 512, 8)):
+        while block_r * bn * bk > 64 * 32 * warps and bk > 32:
+            bk //= 2
+        config = DecodeConfig(block_r=block_r, block_n=bn, block_k=bk, num_warps=warps, num_stages=2)
+        if config not in picked:
+            picked.append(config)
+    return picked
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
