@@ -79,14 +79,23 @@ def test_choice_is_cached_per_key_and_untuned_it_is_the_heuristic(fresh_choices)
     first = _tuning.choose_for_call(("op",), tile, x, out, plan, lambda o, c: launched.append(c), interpret=False)
     assert isinstance(first, DecodeConfig) and first.block_r == 1  # one row per delta: split-K kernel
     assert launched == []  # untuned (a CPU tensor): nothing ran
-    assert list(fresh_choices) == [("op", 1, 4, x.device)]
+    assert list(fresh_choices) == [("op", 1, 1, x.device)]  # M bucket 1, one delta in use
     again = _tuning.choose_for_call(("op",), BitDeltaKernelConfig(block_n=64), x, out, plan, None, interpret=False)
-    assert again is first  # cached by (op key, M bucket, D, device)
+    assert again is first  # cached by (op key, M bucket, bucket of deltas in use, device)
     x, out, _, plan = _batch(40, 2)  # 20 rows per delta: the tile kernel first
     assert _tuning.choose_for_call(("op",), tile, x, out, plan, None, interpret=False) is tile
     x, out, _, plan = _batch(300, 2)  # prefill tiles (block_m 64): always the tile default
     assert _tuning.choose_for_call(("op",), tile, x, out, plan, None, interpret=False) is tile
     assert [_tuning.m_bucket(m) for m in (1, 2, 3, 4, 5, 16, 17)] == [1, 2, 4, 4, 8, 16, 32]
+
+
+def test_plan_counts_the_deltas_in_use_in_its_one_sync():
+    assert plan_bitdelta_batch(torch.tensor([2, -1, 2, 0, 2]), 4).num_used == 2
+    nothing = plan_bitdelta_batch(torch.tensor([-1, -1]), 4)
+    assert nothing.num_used == 0 and not nothing.any_rows
+    assert plan_bitdelta_batch(torch.zeros(0, dtype=torch.int32), 4).num_used == 0
+    with pytest.raises(ValueError, match=r"\[-1, 4\)"):
+        plan_bitdelta_batch(torch.tensor([0, 7]), 4)
 
 
 def test_autotune_only_for_compiled_kernels_on_cuda(monkeypatch):

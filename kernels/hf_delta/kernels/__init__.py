@@ -1,7 +1,7 @@
 """Triton kernels, each beside a pure-PyTorch reference of the same maths (importable without triton)."""
 
 from ._decode import DecodeConfig
-from ._tuning import warmup
+from ._tuning import chosen_configs, warmup
 from .bitdelta import (
     BitDeltaKernelConfig,
     BitDeltaPlan,
@@ -23,6 +23,7 @@ __all__ = [
     "DeltaZipKernelConfig",
     "bitdelta_matmul",
     "bitdelta_matmul_reference",
+    "chosen_configs",
     "deltazip_kernel_supports",
     "deltazip_matmul",
     "deltazip_matmul_reference",

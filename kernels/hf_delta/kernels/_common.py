@@ -119,6 +119,25 @@ def check_slot_range(slots: torch.Tensor, num_deltas: int, *, op: str) -> bool:
     return hi >= 0
 
 
+def _count_rows_per_delta(
+    slots: torch.Tensor, key: torch.Tensor, num_deltas: int, *, op: str
+) -> tuple[torch.Tensor, int]:
+    """Rows per delta ``[num_deltas]`` and how many deltas have rows; checks the slots in the same one sync.
+
+    ``key``: the slots with ``-1`` mapped to ``num_deltas`` (out-of-range values are clamped only for
+    counting, and then refused as :func:`check_slot_range` refuses them).
+    """
+    counts = torch.zeros(num_deltas + 1, dtype=torch.int64, device=slots.device)
+    if slots.numel() == 0:
+        return counts[:num_deltas], 0
+    counts.scatter_add_(0, key.clamp(0, num_deltas), torch.ones_like(key))
+    counts = counts[:num_deltas]
+    lo, hi, used = torch.stack([slots.min(), slots.max(), (counts > 0).sum()]).tolist()
+    if lo < -1 or hi >= num_deltas:
+        check_slot_range(slots, num_deltas, op=op)  # raises, with the message every path gives
+    return counts, used
+
+
 def rows_by_delta(slots: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """``(delta, row indices)`` for every delta some row uses (the PyTorch references loop over these)."""
     slots = slots.long()
@@ -154,6 +173,7 @@ class BitDeltaPlan:
     num_rows: int
     num_deltas: int
     any_rows: bool  # False when every slot is -1: nothing to launch
+    num_used: int = 0  # distinct deltas the rows use (the decode kernels' split and config choice read it)
 
 
 def default_block_m(m: int) -> int:
@@ -187,14 +207,11 @@ def build_plan(slots: torch.Tensor, num_deltas: int, *, block_m: int | None, op:
     if slots.dim() != 1:
         raise ValueError(f"plan_bitdelta_batch: slots must be 1-D [M], got shape {tuple(slots.shape)}.")
     m = slots.shape[0]
-    any_rows = check_slot_range(slots, num_deltas, op=op)
+    key = torch.where(slots < 0, num_deltas, slots.long())  # no-delta rows sort after every delta
+    counts, num_used = _count_rows_per_delta(slots, key, num_deltas, op=op)
     block_m = block_m or default_block_m(m)
     dev = slots.device
-    key = torch.where(slots < 0, num_deltas, slots.long())  # no-delta rows sort after every delta
     rows = torch.sort(key, stable=True).indices.to(torch.int32)
-    counts = torch.zeros(num_deltas + 1, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    counts = counts[:num_deltas]
     seg_start = torch.cumsum(counts, 0) - counts
     tiles = (counts + block_m - 1) // block_m
     tiles_cum = torch.cumsum(tiles, 0)
@@ -218,7 +235,8 @@ def build_plan(slots: torch.Tensor, num_deltas: int, *, block_m: int | None, op:
         block_m=block_m,
         num_rows=m,
         num_deltas=num_deltas,
-        any_rows=any_rows,
+        any_rows=num_used > 0,
+        num_used=num_used,
     )
 
 

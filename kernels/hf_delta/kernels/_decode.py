@@ -134,15 +134,14 @@ def launch(
     deltas: PackedDeltas,
     config: DecodeConfig,
     *,
-    est_tiles: int,
     interpret: bool,
 ) -> None:
-    """Run the decode kernel over ``plan``; ``est_tiles``: how many row tiles are likely used (for the split)."""
+    """Run the decode kernel over ``plan`` (its used deltas x N blocks decide the split)."""
     m, k = x.shape
     n = out.shape[1]
     values, positions, scales = deltas.values, deltas.positions, deltas.scales
     n_blocks = triton.cdiv(n, config.block_n)
-    split = config.split_k or split_count(k, config.block_k, est_tiles * n_blocks, x.device, interpret)
+    split = config.split_k or split_count(k, config.block_k, max(plan.num_used, 1) * n_blocks, x.device, interpret)
     steps = -(-k // config.block_k)
     k_per_split = -(-steps // min(split, steps)) * config.block_k
     split = -(-k // k_per_split)

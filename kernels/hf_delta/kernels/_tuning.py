@@ -38,6 +38,11 @@ def autotune_enabled(device: torch.device, interpret: bool) -> bool:
     return device.type == "cuda" and not interpret and not off
 
 
+def chosen_configs() -> dict[tuple, object]:
+    """A copy of the configs chosen so far, by key (what benchmarks report beside their timings)."""
+    return dict(_CHOSEN)
+
+
 def choose(key: tuple, candidates: Sequence[object], run: Callable[[object], None], *, tune: bool) -> object:
     """The cached config for ``key``: the fastest of ``candidates`` under ``run(config)`` if ``tune``, else the
     first. ``run`` must leave the caller's tensors alone (it writes a scratch output)."""
@@ -60,15 +65,16 @@ def choose_for_call(
     interpret: bool,
 ) -> object:
     """A call's config when the caller gave none. Prefill (``plan.block_m`` > 16): ``tile_default``. Decode:
-    the split-K kernel's candidates and ``tile_default``, timed once per ``key`` + (M bucket, D, device) on
-    CUDA; untuned, the split-K kernel for up to 4 rows per delta, else ``tile_default``.
+    the split-K kernel's candidates and ``tile_default``, timed once per ``key`` + (M bucket, bucket of the
+    deltas the rows use, device) on CUDA; untuned, the split-K kernel for up to 4 rows per used delta, else
+    ``tile_default``.
 
     ``launch(out, config)`` runs the op's kernel with ``config`` into ``out`` (here: a scratch copy).
     """
     if plan.block_m > 16:
         return tile_default
-    m, num_deltas = plan.num_rows, plan.num_deltas
-    rows = -(-m // max(1, min(m, num_deltas)))  # per delta, if the rows spread over the deltas
+    m, used = plan.num_rows, max(plan.num_used, 1)
+    rows = -(-m // used)  # rows per used delta, on average
     decode = _decode.candidates(rows, interpret)
     scratch = []
 
@@ -78,7 +84,7 @@ def choose_for_call(
         launch(scratch[0], config)
 
     ordered = [*decode, tile_default] if rows <= 4 else [tile_default, *decode]
-    full_key = (*key, m_bucket(m), num_deltas, x.device)
+    full_key = (*key, m_bucket(m), m_bucket(used), x.device)
     return choose(full_key, ordered, run, tune=autotune_enabled(x.device, interpret))
 
 
@@ -111,20 +117,24 @@ def warmup(
     *weights: torch.Tensor,
     in_features: int,
     batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
+    deltas_in_use: Iterable[int] | None = None,
     dtype: torch.dtype = torch.bfloat16,
     **op_kwargs: object,
 ) -> int:
     """Compile (and on CUDA autotune) ``op`` for every batch size a server will run, before any timing.
 
     Calls ``op(x, out, slots, *weights, **op_kwargs)`` once per size on random activations with rows spread
-    over all stacked deltas, writing a scratch output. Configurations are chosen per M bucket and number of
-    stacked deltas, so warming each bucket once per layer shape covers every later call with those shapes.
+    over as many deltas as there are rows (each row its own delta, up to the stack's size), writing a scratch
+    output. Configurations are chosen per M bucket and bucket of deltas in use, so pass ``deltas_in_use`` to
+    also prepare batches whose rows share deltas.
 
     Args:
         op: :func:`~hf_delta.kernels.bitdelta_matmul` or :func:`~hf_delta.kernels.deltazip_matmul`.
         *weights: The stacked packed tensors the real calls pass after ``slots``.
         in_features: ``K``.
         batch_sizes: Batch sizes (rows per step) to prepare.
+        deltas_in_use: Numbers of distinct deltas per batch to prepare (each at most the batch size and the
+            stack's size); default: one per row.
         dtype: Activation dtype of the real calls.
         **op_kwargs: The other keyword arguments of the real calls (``bits``, ``layout``, ``backend``, ...).
 
@@ -143,9 +153,10 @@ def warmup(
     for m in batch_sizes:
         x = torch.randn(m, in_features, device=device).to(dtype)
         out = torch.zeros(m, n, device=device, dtype=dtype)
-        slots = torch.arange(m, device=device, dtype=torch.int32) % max(num_deltas, 1)
-        op(x, out, slots, *weights, **op_kwargs)
-        calls += 1
+        for used in sorted({max(1, min(u, m, num_deltas)) for u in (deltas_in_use or (m,))}):
+            slots = torch.arange(m, device=device, dtype=torch.int32) % used
+            op(x, out, slots, *weights, **op_kwargs)
+            calls += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return calls

@@ -348,8 +348,7 @@ def _launch(
         deltas = _decode.PackedDeltas(
             signs if words is None else words, None, scales.unsqueeze(-1), bits=1, sparse24=False, group_size=None
         )
-        est_tiles = min(x.shape[0], signs.shape[0])
-        _decode.launch(x, out, plan, deltas, config, est_tiles=est_tiles, interpret=interpret)
+        _decode.launch(x, out, plan, deltas, config, interpret=interpret)
     else:
         _launch_triton(x, out, signs, scales, plan, config, interpret)
 

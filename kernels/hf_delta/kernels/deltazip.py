@@ -341,8 +341,7 @@ def _launch_decode(
         sparse24=layout == "2:4",
         group_size=group_size if scales.shape[2] > 1 else None,
     )
-    est_tiles = min(x.shape[0], qweight.shape[0])
-    _decode.launch(x, out, plan, packed, config, est_tiles=est_tiles, interpret=interpret)
+    _decode.launch(x, out, plan, packed, config, interpret=interpret)
 
 
 def _launch(

@@ -12,15 +12,19 @@ sign passes; ``deltazip-4bit``: dense 4-bit; ``deltazip-4bit-2:4`` and ``deltazi
 DeltaZip scales per output channel, or per ``--group-size`` columns), it times:
 
 * ``kernel``: the format's mixed-batch kernel with a plan built once per batch (as a serving engine does
-  per step; one plan serves every format);
+  per step; one plan serves every format), with the launcher's own config choice: on CUDA, decode batches
+  autotune once per (shape, M bucket, deltas in use) between the split-K decode kernel and the tile kernel
+  (``hf_delta.kernels.warmup`` does it first, outside any timed window; the table names the pick);
 * ``base``:   one shared dense bf16 matmul ``x @ W.T`` (what the base model costs anyway);
 * ``unpack``: per delta, decode it to a dense bf16 matrix (the library's own decoder), then a torch matmul
   on that delta's rows;
 * ``peft``:   a PEFT-style Python loop over deltas with dense delta weights already in memory.
 
 and a device-to-device copy in the same run. ``base`` and ``peft`` do not depend on the format and are
-timed once per case. The kernel's bandwidth counts the bytes it must move (packed values, metadata and
-scales of the distinct deltas, x, out read and written). The "decode layer" figure is base matmul + kernel
+timed once per case. Every timed measurement follows untimed warm-up calls of the same function (the
+report records how many), so no Triton compilation or autotuning is timed. The kernel's bandwidth counts
+the bytes it must move (packed values, metadata and scales of the distinct deltas, x, out read and
+written). The "decode layer" figure is base matmul + kernel
 against its floor: (dense base weight + packed bytes of the distinct deltas + activations) / copy
 bandwidth. Results go to ``benchmarks/results/kernels-<gpu>.json`` and ``.md``.
 """
@@ -42,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from ..kernels import DecodeConfig, chosen_configs, warmup
+from ..kernels._common import interpret_enabled
 from ..kernels.bitdelta import (
     BitDeltaKernelConfig,
     bitdelta_matmul,
@@ -145,23 +151,35 @@ class Format:
         scales = (1e-3 * torch.rand(stack, n, groups, **kw)).half()
         return {"qweight": qweight, "scales": scales, "positions": positions}
 
-    def kernel(self, packed: dict, x, out, slots, plan, config=None, group_size: int | None = None) -> None:
+    def kernel(
+        self, packed: dict, x, out, slots, plan, config=None, group_size: int | None = None, backend: str = "auto"
+    ) -> None:
         if self.bits == 1:
-            bitdelta_matmul(x, out, slots, packed["signs"], packed["scales"], plan=plan, config=config)
+            bitdelta_matmul(x, out, slots, packed["signs"], packed["scales"], plan=plan, config=config, backend=backend)
         else:
             deltazip_matmul(
                 x,
                 out,
                 slots,
-                packed["qweight"],
-                packed["scales"],
-                bits=self.bits,
-                layout=self.layout,
-                group_size=group_size,
-                positions=packed["positions"],
+                *self.weights(packed),
                 plan=plan,
                 config=config,
+                backend=backend,
+                **self.options(packed, group_size),
             )
+
+    def weights(self, packed: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacked tensors the op takes after ``slots``."""
+        return (packed["signs"], packed["scales"]) if self.bits == 1 else (packed["qweight"], packed["scales"])
+
+    def options(self, packed: dict, group_size: int | None) -> dict[str, object]:
+        """The op's format keywords (none for BitDelta)."""
+        if self.bits == 1:
+            return {}
+        return {"bits": self.bits, "layout": self.layout, "group_size": group_size, "positions": packed["positions"]}
+
+    def op(self) -> Callable[..., torch.Tensor]:
+        return bitdelta_matmul if self.bits == 1 else deltazip_matmul
 
     def dense(self, packed: dict, d: int, k: int, group_size: int | None, dtype: torch.dtype) -> torch.Tensor:
         """Delta ``d`` decoded to a dense matrix by the library's own (non-kernel) decoder."""
@@ -216,6 +234,7 @@ class Bench:
     dev_gen: torch.Generator  # on the device: weights, made where they are used (GBs at 7B shapes)
     copy_gbps: float
     formats: list[Format]
+    backend: str  # "auto"; "triton" for a CPU smoke run under TRITON_INTERPRET=1 (the interpreted kernels)
 
 
 def run_case(
@@ -253,7 +272,21 @@ def run_case(
         packed_fmt = packed[fmt.name]
         group = args.group_size if fmt.bits > 1 else None
         t = dict(shared)
-        run = functools.partial(fmt.kernel, packed_fmt, x, out, slots, plan, group_size=group)
+        # Compile and (on CUDA) autotune this batch's bucket before timing; time_ms warms up again anyway.
+        before = chosen_configs()
+        warmup(
+            fmt.op(),
+            *fmt.weights(packed_fmt),
+            in_features=k,
+            batch_sizes=(m,),
+            deltas_in_use=(distinct,),
+            dtype=dtype,
+            backend=b.backend,
+            **fmt.options(packed_fmt, group),
+        )
+        picked = [cfg for key, cfg in chosen_configs().items() if key not in before]
+        unpicked = "PyTorch reference" if device.type == "cpu" and b.backend == "auto" else "tile (prefill default)"
+        run = functools.partial(fmt.kernel, packed_fmt, x, out, slots, plan, group_size=group, backend=b.backend)
         t["kernel"] = time_ms(run, device, args.warmup, args.reps)
         best_config = None
         if args.sweep and m <= 64 and device.type == "cuda":
@@ -296,6 +329,7 @@ def run_case(
                 "speedup_vs_peft": sig(t["peft"] / t["kernel"]),
                 "speedup_vs_unpack": sig(t["unpack"] / t["kernel"]),
                 "best_config": None if best_config is None else vars(best_config),
+                "config": describe(picked[0]) if picked else unpicked,
             }
         )
     return rows
@@ -311,6 +345,14 @@ def sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
+def describe(config: object) -> str:
+    """A kernel config in a table cell: which kernel, and its tiles."""
+    if isinstance(config, DecodeConfig):
+        split = "auto" if config.split_k is None else config.split_k
+        return f"split-K r{config.block_r} n{config.block_n} k{config.block_k} s{split} w{config.num_warps}"
+    return f"tile m{config.block_m} n{config.block_n} k{config.block_k} w{config.num_warps}"
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -320,16 +362,16 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"# Mixed-batch delta kernels on {meta['device']}\n\n"
         f"torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}; bitdelta: {meta['passes']} pass(es); "
         f"deltazip: scales {scale_kind(meta['group_size'])}; copy bandwidth {meta['copy_GBps']:.0f} GB/s; "
-        f"{meta['date']}\n\n"
+        f"{meta['date']}\n\n{meta['warmup']}\n\n"
         "| layer | format | M | deltas | kernel ms | GB/s | % copy | TFLOP/s | base ms | layer % floor "
-        "| unpack ms | peft ms | vs peft |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| unpack ms | peft ms | vs peft | config |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
     lines = [
         f"| {r['layer']} | {r['format']} | {r['M']} | {r['deltas']} | {r['ms']['kernel']:.4f} | {r['kernel_GBps']:.4g} "
         f"| {r['kernel_pct_copy_bw']:.1f} | {r['kernel_TFLOPs']:.2f} | {r['ms']['base']:.4f} "
         f"| {r['layer_pct_floor']:.1f} | {r['ms']['unpack']:.3f} | {r['ms']['peft']:.3f} "
-        f"| {r['speedup_vs_peft']:.1f}x |"
+        f"| {r['speedup_vs_peft']:.1f}x | {r['config']} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"
@@ -365,8 +407,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cpu_smoke:
         device, dtype = torch.device("cpu"), torch.float32
-        layers, decode, prefill, deltas = {"tiny 96x80": (96, 80)}, (1, 6), (), (1, 4)
-        args.warmup, args.reps, copy_bytes = 1, 3, 1 << 24
+        # N 40: a partial N tile; K 80: 10 bytes a row, byte loads with a K tail.
+        layers, decode, prefill, deltas = {"tiny 40x80": (40, 80)}, (1, 6), (), (1, 4)
+        args.warmup, args.reps, copy_bytes = 1, 2, 1 << 24
         out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="hf-delta-bench-"))
         device_name = "cpu-smoke"
     elif not torch.cuda.is_available():
@@ -391,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbps = copy_bandwidth_gbps(device, copy_bytes, args.warmup, args.reps)
     gen = torch.Generator().manual_seed(0)
     dev_gen = torch.Generator(device=device).manual_seed(0)
-    bench = Bench(args, device, dtype, gen, dev_gen, copy_gbps, formats)
+    # A CPU smoke run under TRITON_INTERPRET=1 (gpu_check.sh's dry run) goes through the interpreted kernels.
+    backend = "triton" if device.type == "cpu" and interpret_enabled() and triton_version != "not installed" else "auto"
+    bench = Bench(args, device, dtype, gen, dev_gen, copy_gbps, formats, backend)
     rows = []
     for layer, (n, k) in layers.items():
         stack = max(deltas)
@@ -429,12 +474,24 @@ def main(argv: list[str] | None = None) -> int:
         "copy_GBps": sig(copy_gbps),
         "quick": args.quick,
         "sweep": args.sweep,
+        "backend": backend,
+        "warmup": (
+            f"Warm-up: hf_delta.kernels.warmup for each case's batch (compiles and autotunes), then {args.warmup} "
+            "untimed calls before every timed measurement; nothing timed compiles."
+        ),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python benchmarks/kernel_bench.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     base = out_dir / f"kernels-{slug(device_name)}"
-    table = write_report(out_dir, base.name, command=meta["command"], data={"meta": meta, "rows": rows},
-                         markdown=markdown(meta, rows), json_indent=1, json_newline=True)
+    table = write_report(
+        out_dir,
+        base.name,
+        command=meta["command"],
+        data={"meta": meta, "rows": rows},
+        markdown=markdown(meta, rows),
+        json_indent=1,
+        json_newline=True,
+    )
     print()
     print(table)
     print(f"wrote {base}.json and {base}.md")
