@@ -7,7 +7,8 @@
 #   engine       the serving engine on CUDA against single-request greedy references computed on the CPU
 #   coserve      hf-delta bench coserve on the small zoo (LoRA fine-tuning inside inference steps)
 #   serve-small  hf-delta bench serve on the small zoo, 16 deltas (engine, naive swapping, merged, PEFT loop)
-#   kernels      benchmarks/kernel_bench.py --quick (every delta format in one table; KERNEL_BENCH_ARGS adds flags)
+#   kernels      benchmarks/kernel_bench.py --quick (every delta format in one table; KERNEL_BENCH_ARGS adds flags;
+#                decode batches autotune the split-K decode kernel against the tile kernel, before timing)
 #   serve-7b     hf-delta bench serve on Llama-7B-shaped random weights with synthetic deltas
 #   scale-7b     hf-delta bench scale: BitDelta with 200 distillation steps on the Llama-2-7B-shaped pair (peak GPU
 #                memory, time; the pair is written to $HF_DELTA_BENCH_WORK first, ~27 GB)
@@ -80,8 +81,10 @@ for p in $PHASES; do
     tests)
         workers=()  # compile kernels in parallel where pytest-xdist is installed
         "$PY" -c 'import xdist' 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
-        phase tests "${LIMIT_TESTS:-200}" "$PY" -m pytest tests/kernels tests/test_layers.py -p no:cacheprovider \
-            "${TEST_ARGS[@]}" "${workers[@]}" ;;
+        # Default configs untuned (the heuristic's pick), so dozens of shapes do not each compile every
+        # candidate; test_decode_kernel.py turns autotuning on for its own test of it.
+        phase tests "${LIMIT_TESTS:-200}" env HF_DELTA_AUTOTUNE=0 "$PY" -m pytest tests/kernels tests/test_layers.py \
+            -p no:cacheprovider "${TEST_ARGS[@]}" "${workers[@]}" ;;
     engine)
         phase engine "${LIMIT_ENGINE:-120}" env HF_DELTA_TEST_DEVICE=$DEVICE "$PY" -m pytest tests/serving/test_engine.py \
             -p no:cacheprovider "${TEST_ARGS[@]}" ;;
@@ -95,7 +98,7 @@ for p in $PHASES; do
             --device "$DEVICE" --load-repeats 3 --out "$RESULTS" --work-dir "$WORK" ;;
     kernels)
         # shellcheck disable=SC2086  # KERNEL_BENCH_ARGS is a list of flags
-        phase kernels "${LIMIT_KERNELS:-90}" "$PY" benchmarks/kernel_bench.py $KERNEL_MODE \
+        phase kernels "${LIMIT_KERNELS:-150}" "$PY" benchmarks/kernel_bench.py $KERNEL_MODE \
             ${GPU_CHECK_DRY_RUN:+--out-dir "$RESULTS"} ${KERNEL_BENCH_ARGS:-} ;;
     serve-7b)
         phase serve-7b "${LIMIT_SERVE_7B:-300}" "$PY" benchmarks/serve.py -v --synthetic "$SYNTHETIC" \

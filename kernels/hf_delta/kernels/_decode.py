@@ -5,8 +5,8 @@ rows) waste most of their tensor-core work on padding rows, and their grid (one 
 ``BLOCK_N`` outputs) is too small to keep every SM streaming: one 1-bit delta on a 4096 x 4096 layer is
 2 MB of signs, read by a few dozen programs in tiny steps. This kernel instead:
 
-* splits ``K`` into ``SPLIT_K`` ranges (grid axis 2), so a batch with one delta still runs
-  ``~4 x SMs`` programs. Each program writes its fp32 partial sums to a workspace ``[SPLIT_K, M, N]``,
+* splits ``K`` into ``SPLITS`` ranges (grid axis 2), so a batch with one delta still runs
+  ``~4 x SMs`` programs. Each program writes its fp32 partial sums to a workspace ``[SPLITS, M, N]``,
   then bumps a per-(row tile, N block) counter; the program that arrives last adds the partials, in split
   order (deterministic), into ``out`` with one rounding, and resets the counter to 0 for the next launch;
 * reads the packed values as uint32 words where the rows allow it (bytes otherwise) and unpacks them in
@@ -14,7 +14,8 @@ rows) waste most of their tensor-core work on padding rows, and their grid (one 
   OR-ing them into the mantissa of 2**23 and subtracting 2**23 + offset (shift + logic op + one add), with
   no int -> float conversion;
 * multiplies on the CUDA cores in fp32, ``BLOCK_R`` rows of a tile at a time (each value unpacked once
-  serves them all), accumulating per row in fp32.
+  serves them all), one FMA per value and row into a per-thread accumulator that is reduced over ``K``
+  once, after the loop.
 
 Spare tiles of the plan's fixed-size grid (and so rows routed to the base only, which get no tile) exit
 before loading anything. The formats reach the kernel as a generic packed layout: values
@@ -108,7 +109,9 @@ def candidates(rows_per_delta: int, interpret: bool) -> list[DecodeConfig]:
     if interpret:  # the interpreter's cost grows with tile area
         return [DecodeConfig(block_r=block_r, block_n=16, block_k=64, num_warps=1, num_stages=1)]
     picked = []
-    for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (16, 512, 4), (64, 256, 8), (128, 128, 8), (32, 512, 8)):
+    # (block_n, block_k, num_warps): 64 then 32 fp32 values per thread at block_r 1 (fewer registers, more
+    # programs resident per SM); six, so tuning a new shape compiles little.
+    for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (16, 512, 4), (32, 128, 4), (16, 256, 4), (64, 128, 8)):
         while block_r * bn * bk > 64 * 32 * warps and bk > 32:
             bk //= 2
         config = DecodeConfig(block_r=block_r, block_n=bn, block_k=bk, num_warps=warps, num_stages=2)
@@ -174,6 +177,7 @@ def launch(
         values.shape[1],
         group or 1,
         k_per_split,
+        split,
         x.stride(0),
         out.stride(0),
         *values.stride()[:3],
@@ -182,7 +186,7 @@ def launch(
         BLOCK_R=config.block_r,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
-        SPLIT_K=split,
+        USE_SPLITS=split > 1,
         UNIT_BITS=unit_bits,
         BITS=deltas.bits,
         SPARSE24=deltas.sparse24,
@@ -219,6 +223,7 @@ def _decode_kernel(
     P,
     GROUP_SIZE,
     K_PER_SPLIT,
+    SPLITS,
     stride_xm,
     stride_om,
     stride_wd,
@@ -233,7 +238,7 @@ def _decode_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    USE_SPLITS: tl.constexpr,  # SPLITS > 1: partials go through the workspace (a runtime count: fewer compiles)
     UNIT_BITS: tl.constexpr,
     BITS: tl.constexpr,
     SPARSE24: tl.constexpr,
@@ -288,7 +293,10 @@ def _decode_kernel(
         x_rows = x_ptr + rows[:, None] * stride_xm
         acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
         for p in range(P):
+            # Products accumulate per element and are reduced over K once, after the loop: no cross-thread
+            # reduction per step. Group scales applied per step (mode 1) need the per-step sum instead.
             acc_p = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+            acc_3 = tl.zeros((BLOCK_R, BLOCK_N, BLOCK_K), dtype=tl.float32)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 u0 = (k0 // BLOCK_K) * BLOCK_U
                 if EVEN_N and EVEN_K:
@@ -331,30 +339,32 @@ def _decode_kernel(
                     xk = tl.load(x_rows + k[None, :]).to(tl.float32)
                 else:
                     xk = tl.load(x_rows + k[None, :], mask=(k < k_hi)[None, :], other=0.0).to(tl.float32)
-                part = tl.sum(xk[:, None, :] * w[None, :, :], axis=2)
                 if SCALE_MODE == 1:
                     s = tl.load(s_row + (k0 // GROUP_SIZE) * stride_sg, mask=n_mask, other=0.0)
-                    part = part * s.to(tl.float32)[None, :]
-                acc_p += part
+                    acc_p += tl.sum(xk[:, None, :] * w[None, :, :], axis=2) * s.to(tl.float32)[None, :]
+                else:
+                    acc_3 += xk[:, None, :] * w[None, :, :]
+            if SCALE_MODE != 1:
+                acc_p = tl.sum(acc_3, axis=2)
             if SCALE_MODE == 0:
                 s = tl.load(s_row + p * stride_sp, mask=n_mask, other=0.0)
                 acc += acc_p * s.to(tl.float32)[None, :]
             else:
                 acc += acc_p
         o_mask = r_mask[:, None] & n_mask[None, :]
-        if SPLIT_K == 1:
+        if not USE_SPLITS:
             o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
             prev = tl.load(o_ptrs, mask=o_mask, other=0.0)
             tl.store(o_ptrs, (prev.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=o_mask)
         else:
             tl.store(ws_n + r_pos[:, None] * N, acc, mask=o_mask)
 
-    if SPLIT_K > 1:
+    if USE_SPLITS:
         # Every thread's partials are written before one thread releases them with the counter.
         tl.debug_barrier()
         lock = lock_ptr + pid_t * tl.cdiv(N, BLOCK_N) + pid_n
         arrived = tl.atomic_add(lock, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # the last split of this output tile: add all partials into out
+        if arrived == SPLITS - 1:  # the last split of this output tile: add all partials into out
             ws_0 = ws_ptr + offs_n[None, :]
             for r0 in range(start, end, BLOCK_R):
                 r_pos = r0 + offs_r
@@ -362,7 +372,7 @@ def _decode_kernel(
                 rows = tl.load(rows_ptr + tl.minimum(r_pos, end - 1)).to(tl.int64)
                 o_mask = r_mask[:, None] & n_mask[None, :]
                 total = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-                for s in range(SPLIT_K):  # in split order: the sum does not depend on arrival order
+                for s in range(SPLITS):  # in split order: the sum does not depend on arrival order
                     ws_s = ws_0 + s * M * N + r_pos[:, None] * N
                     total += tl.load(ws_s, mask=o_mask, other=0.0, cache_modifier=".cg")
                 o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
