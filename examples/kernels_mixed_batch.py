@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from hf_delta.kernels import bitdelta_matmul, plan_bitdelta_batch
+from hf_delta.kernels import DecodeConfig, bitdelta_matmul, chosen_configs, plan_bitdelta_batch, warmup
 from hf_delta.packing import pack_1bit_u8, unpack_signs
 
 argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
@@ -24,9 +24,17 @@ x = torch.randn(m, k, generator=gen)
 slots = torch.tensor([0, 1, 2, -1, 2, 2, 0, -1])  # row -> delta; -1 keeps the base output
 
 x_dev = x.to(device, dtype)
+signs_dev, scales_dev = signs.to(device), scales.to(device)
+# Compile (and on CUDA autotune) this batch size before anything is timed or captured in a CUDA graph.
+warmup(bitdelta_matmul, signs_dev, scales_dev, in_features=k, batch_sizes=(m,), deltas_in_use=(deltas,), dtype=dtype)
 out = x_dev @ base_weight.to(device, dtype).T  # the shared base matmul, once for every row
 plan = plan_bitdelta_batch(slots.to(device), deltas)  # rows grouped by delta; one plan serves every layer
-bitdelta_matmul(x_dev, out, slots.to(device), signs.to(device), scales.to(device), plan=plan)
+bitdelta_matmul(x_dev, out, slots.to(device), signs_dev, scales_dev, plan=plan)
+if device == "cuda":  # the split-K decode kernel forced, and what the launcher picked by itself
+    forced = x_dev @ base_weight.to(device, dtype).T
+    bitdelta_matmul(x_dev, forced, slots.to(device), signs_dev, scales_dev, plan=plan, config=DecodeConfig(split_k=2))
+    print("split-K decode kernel, max difference:", (forced - out).abs().max().item())
+    print("picked:", list(chosen_configs().values()))
 
 # The same thing, row by row, with each delta decompressed to a dense matrix.
 expected = x @ base_weight.T
