@@ -424,30 +424,16 @@ if given is not None:
         }
 
     @pytest.mark.parametrize("device", TRITON_DEVICES)
-    @settings(max_examples=40, deadline=None)
-    @given(
-        fmt=formats(),
-        d=st.integers(1, 4),
-        dtype=st.sampled_from(DTYPES),
-        slot_mode=st.sampled_from(SLOT_MODES),
-        config=st.sampled_from(SMALL_CONFIGS),
-        seed=st.integers(0, 2**16),
-    )
-    def test_triton_matches_reference_and_fp64(device, fmt, d, dtype, slot_mode, config, seed):
-        case = make_case(**fmt, d=d, dtype=dtype, slot_mode=slot_mode, seed=seed, device=device)
-        check(case, run_triton(case, config), reference=run_reference(case))
-
-    @pytest.mark.parametrize("device", TRITON_DEVICES)
-    @settings(max_examples=30, deadline=None)
+    @settings(max_examples=60, deadline=None)
     @given(
         fmt=formats(bits_choices=(2, 4, 8)),
         d=st.integers(1, 4),
         dtype=st.sampled_from(DTYPES),
         slot_mode=st.sampled_from(SLOT_MODES),
-        config=st.sampled_from(DECODE_CONFIGS),
+        config=st.sampled_from(SMALL_CONFIGS + DECODE_CONFIGS),  # the tile kernel and the split-K decode kernel
         seed=st.integers(0, 2**16),
     )
-    def test_decode_kernel_matches_reference_and_fp64(device, fmt, d, dtype, slot_mode, config, seed):
+    def test_triton_matches_reference_and_fp64(device, fmt, d, dtype, slot_mode, config, seed):
         case = make_case(**fmt, d=d, dtype=dtype, slot_mode=slot_mode, seed=seed, device=device)
         check(case, run_triton(case, config), reference=run_reference(case))
 
