@@ -137,17 +137,17 @@ def test_warmup_prepares_every_batch_size_and_leaves_nothing_behind(device, fres
 
 _AOT_LOOP = """
 dec = sys.modules["_kernels_aot._decode"]
-for dtype, unit_bits, bits, sparse, scale_mode, split, even, cfg in cases:
+for dtype, unit_bits, bits, sparse, scale_mode, split, even, ones, cfg in cases:
     unit = "i32" if unit_bits == 32 else "u8"
     pointers = {"x_ptr": dtype, "out_ptr": dtype, "w_ptr": unit, "pos_ptr": unit,
                 "scales_ptr": "fp32" if bits == 1 else "fp16", "ws_ptr": "fp32"}
     constexprs = {
         "BLOCK_R": cfg["block_r"], "BLOCK_N": cfg["block_n"], "BLOCK_K": cfg["block_k"], "USE_SPLITS": split > 1,
         "UNIT_BITS": unit_bits, "BITS": bits, "SPARSE24": sparse, "SCALE_MODE": scale_mode, "EVEN_N": even,
-        "EVEN_K": even,
+        "EVEN_K": even, **{name: 1 for name in ones},  # what Triton specialises when an int argument is 1
     }
     cubin = compile_sm90(dec._decode_kernel, pointers, constexprs, cfg["num_warps"], cfg["num_stages"])
-    assert cubin, (dtype, unit_bits, bits, sparse, scale_mode, split, even, cfg)
+    assert cubin, (dtype, unit_bits, bits, sparse, scale_mode, split, even, ones, cfg)
 print("OK")
 """
 
@@ -156,12 +156,13 @@ print("OK")
 @pytest.mark.skipif(_decode.triton is None, reason="triton not installed")
 def test_decode_kernel_compiles_for_h100():
     # What the interpreter cannot check (layouts, atomics, types), for each value decoder and the fixup.
+    m1 = ["M", "P", "stride_sp", "stride_sn"]  # decode at M=1, one pass, a per-matrix scale expanded
     cases = [
-        ("bf16", 32, 1, False, 0, 4, True, DecodeConfig(block_r=1, block_n=32, block_k=256)),
-        ("fp16", 8, 1, False, 0, 1, False, DecodeConfig(block_r=4, block_n=16, block_k=128)),
-        ("bf16", 32, 4, False, 1, 3, False, DecodeConfig(block_r=2, block_n=64, block_k=128)),
-        ("fp16", 32, 2, True, 0, 2, True, DecodeConfig(block_r=1, block_n=32, block_k=256)),
-        ("fp32", 8, 8, True, 2, 2, False, DecodeConfig(block_r=1, block_n=16, block_k=64)),
+        ("bf16", 32, 1, False, 0, 4, True, m1, DecodeConfig(block_r=1, block_n=32, block_k=256)),
+        ("fp16", 8, 1, False, 0, 1, False, [], DecodeConfig(block_r=4, block_n=16, block_k=128)),
+        ("bf16", 32, 4, False, 1, 3, False, ["M", "stride_sg"], DecodeConfig(block_r=2, block_n=64, block_k=128)),
+        ("fp16", 32, 2, True, 0, 2, True, ["M", "N"], DecodeConfig(block_r=1, block_n=32, block_k=256)),
+        ("fp32", 8, 8, True, 2, 2, False, [], DecodeConfig(block_r=1, block_n=16, block_k=64)),
     ]
     kh.compile_for_h100(_AOT_LOOP, [(*case[:-1], vars(case[-1])) for case in cases])
 

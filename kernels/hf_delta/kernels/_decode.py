@@ -284,7 +284,8 @@ def _decode_kernel(
         p_tile = pos_ptr + slot64 * stride_pd + offs_n[:, None] * stride_pn + tl.arange(0, BLOCK_PU)[None, :]
         pos_shift = (tl.arange(0, PPU) * 2).to(tl.uint32)[None, None, :]
         column = tl.arange(0, 4)[None, None, :]
-    ws_n = ws_ptr + pid_k.to(tl.int64) * M * N + offs_n[None, :]
+    ws_split = tl.cast(M, tl.int64) * N  # one split's [M, N] partials; splits x M x N may pass 2**31
+    ws_n = ws_ptr + pid_k * ws_split + offs_n[None, :]
 
     for r0 in range(start, end, BLOCK_R):
         r_pos = r0 + offs_r
@@ -373,7 +374,7 @@ def _decode_kernel(
                 o_mask = r_mask[:, None] & n_mask[None, :]
                 total = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
                 for s in range(SPLITS):  # in split order: the sum does not depend on arrival order
-                    ws_s = ws_0 + s * M * N + r_pos[:, None] * N
+                    ws_s = ws_0 + s * ws_split + r_pos[:, None] * N
                     total += tl.load(ws_s, mask=o_mask, other=0.0, cache_modifier=".cg")
                 o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
                 prev = tl.load(o_ptrs, mask=o_mask, other=0.0)
