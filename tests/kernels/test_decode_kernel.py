@@ -99,10 +99,14 @@ def test_plan_counts_the_deltas_in_use_in_its_one_sync():
 
 
 def test_autotune_only_for_compiled_kernels_on_cuda(monkeypatch):
+    monkeypatch.delenv("HF_DELTA_AUTOTUNE", raising=False)  # gpu_check.sh's test phase sets it to 0
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert _tuning.autotune_enabled(cuda, interpret=False)
     assert not _tuning.autotune_enabled(cuda, interpret=True)
     assert not _tuning.autotune_enabled(cpu, interpret=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not _tuning.autotune_enabled(cuda, interpret=False)  # no timing inside a CUDA-graph capture
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert _tuning.autotune_enabled(cuda, interpret=False)
     monkeypatch.setenv("HF_DELTA_AUTOTUNE", "0")
     assert not _tuning.autotune_enabled(cuda, interpret=False)
 

@@ -33,9 +33,12 @@ def m_bucket(m: int) -> int:
 
 
 def autotune_enabled(device: torch.device, interpret: bool) -> bool:
-    """Timing candidates needs compiled kernels on a GPU; ``HF_DELTA_AUTOTUNE=0`` turns it off."""
+    """Timing candidates needs compiled kernels on a GPU, outside CUDA-graph capture (where it cannot
+    synchronise); ``HF_DELTA_AUTOTUNE=0`` turns it off."""
     off = os.environ.get("HF_DELTA_AUTOTUNE", "1").strip().lower() in ("0", "false", "no", "off")
-    return device.type == "cuda" and not interpret and not off
+    if device.type != "cuda" or interpret or off:
+        return False
+    return not torch.cuda.is_current_stream_capturing()
 
 
 def chosen_configs() -> dict[tuple, object]:
