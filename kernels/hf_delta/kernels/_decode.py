@@ -111,7 +111,7 @@ def candidates(rows_per_delta: int, interpret: bool) -> list[DecodeConfig]:
     picked = []
     # (block_n, block_k, num_warps): 64 then 32 fp32 values per thread at block_r 1 (fewer registers, more
     # programs resident per SM); six, so tuning a new shape compiles little.
-    for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (16, 512, 4), (32, 128, 4), (16, 256, 4), (64, 128, 8)):
+    for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (16, 512, 4), (32, 128, 4), (16, 256, 4), (32, 256, 8)):
         while block_r * bn * bk > 64 * 32 * warps and bk > 32:
             bk //= 2
         config = DecodeConfig(block_r=block_r, block_n=bn, block_k=bk, num_warps=warps, num_stages=2)
