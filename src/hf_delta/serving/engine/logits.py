@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import SamplingParams, sample_rows
+from .sampling import SamplingParams, draw_tokens
 from .scheduler import Request
 
 
@@ -74,35 +74,53 @@ def _occurrences(num_rows: int, vocab: int, ids: Sequence[Sequence[int]], device
     return counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))[:, :vocab]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]) -> list[TokenLogprob]:
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int] | torch.Tensor,
+                   top: Sequence[int]) -> list[TokenLogprob]:
     """Log-probability of ``tokens[r]`` under row ``r`` of ``logits`` (``[R, vocab]``, raw: log-softmax in float32)
     and the row's ``top[r]`` most likely tokens, most likely first (one copy to the host for all rows)."""
-    if not tokens:
+    if not len(tokens):
         return []
+    tokens = torch.as_tensor(tokens, dtype=torch.long).to(logits.device)
+    _, found = _read_back(tokens, logits, top)
+    return found
+
+
+def _read_back(tokens: torch.Tensor, logits: torch.Tensor, top: Sequence[int]
+               ) -> tuple[list[int], list[TokenLogprob]]:
+    """``tokens`` (``[R]``, on the logits' device) and the ``TokenLogprob`` of each under its row of ``logits``
+    with ``top[r]`` alternatives, read back in one copy: token, log-probability, top ids and top values share one
+    float64 tensor (token ids and float32 values are exact in float64)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    index = torch.tensor(list(tokens), dtype=torch.long, device=logits.device)
-    chosen = logprobs.gather(1, index[:, None])[:, 0].tolist()
     k = max(top)
     values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-    values, ids = values.tolist(), ids.tolist()
-    return [TokenLogprob(token, lp, list(zip(ids[r][: top[r]], values[r][: top[r]], strict=True)))
-            for r, (token, lp) in enumerate(zip(tokens, chosen, strict=True))]
+    host = torch.cat([tokens[:, None].double(), logprobs.gather(1, tokens[:, None]).double(), ids.double(),
+                      values.double()], dim=1).tolist()
+    found = [TokenLogprob(int(row[0]), row[1], [(int(i), v) for i, v in zip(row[2 : 2 + n], row[2 + k : 2 + k + n],
+                                                                            strict=True)])
+             for row, n in zip(host, top, strict=True)]
+    return [entry.token for entry in found], found
 
 
 def pick_tokens(logits: torch.Tensor, requests: Sequence[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
     """The next token of each request (row ``i`` of ``logits`` is ``requests[i]``'s last position) and, for those
-    that asked for ``logprobs``, its log-probability and the top alternatives."""
+    that asked for ``logprobs``, its log-probability and the top alternatives.
+
+    The tokens are drawn on the logits' device and come back to the host with the log-probabilities in one copy:
+    the step's only wait for the device after its forward pass.
+    """
     params = [r.params for r in requests]
     adjusted = (adjust_logits(logits, params, [r.prompt_ids for r in requests], [r.output_ids for r in requests],
                               [r.eos_ids for r in requests])
                 if any(p.adjusts_logits for p in params) else logits)
-    tokens = sample_rows(adjusted, params, [r.state["generator"] for r in requests])
+    tokens = draw_tokens(adjusted, params, [r.state["generator"] for r in requests])
     report = [i for i, p in enumerate(params) if p.logprobs is not None]
-    found = token_logprobs(logits[report], [tokens[i] for i in report], [params[i].logprobs for i in report])
     entries: list[TokenLogprob | None] = [None] * len(requests)
-    for i, entry in zip(report, found, strict=True):
-        entries[i] = entry
-    return tokens, entries
+    if not report:
+        return tokens.tolist(), entries
+    picked, found = _read_back(tokens, logits, [p.logprobs or 0 for p in params])
+    for i in report:
+        entries[i] = found[i]
+    return picked, entries
 
 
 def score_prompt(request: Request, start: int, logits: torch.Tensor) -> None:

@@ -95,9 +95,16 @@ class SamplingParams:
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[torch.Generator | None]) -> list[int]:
-    """One token per row of ``logits`` (``[K, vocab]``): argmax for greedy rows, a draw for the others.
+    """One token per row of ``logits`` (``[K, vocab]``): argmax for greedy rows, a draw for the others (see
+    ``draw_tokens``; this is it with the tokens copied to the host)."""
+    return draw_tokens(logits, params, generators).tolist()
 
-    Semantics, for each sampled row ``i`` (all rows at once on the logits' device, one copy to the host)::
+
+def draw_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """``[K]`` tokens on the logits' device, one per row: argmax for greedy rows, a draw for the others.
+
+    Semantics, for each sampled row ``i`` (all rows at once on the logits' device; nothing is read back)::
 
         p = softmax(top_k(logits[i] / temperature[i]))    # ties with the k-th logit are kept
         p = p · [p is in the smallest set of most likely tokens adding up to top_p[i]]
@@ -118,7 +125,7 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
         draws = [(row / torch.empty_like(row).exponential_(generator=generators[i])).argmax()
                  for i, row in zip(rows, probs, strict=True)]
         picked[torch.tensor(rows, device=device)] = torch.stack(draws)
-    return picked.tolist()
+    return picked
 
 
 def _filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
