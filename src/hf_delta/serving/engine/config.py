@@ -31,6 +31,8 @@ class EngineConfig:
         fairness_steps: steps a request may be overtaken by younger ones before it blocks them.
         loader_threads: background threads loading deltas from disk.
         retry_failed_after: seconds before a delta that failed to load is tried again.
+        cuda_graphs: replay decode steps as CUDA graphs, one per batch-size bucket (``DecodeGraphs``); only on
+            CUDA, ignored elsewhere. A capture that fails falls back to eager steps with a warning.
     """
 
     device_slots: int = _setting(8, "deltas attached to the model at once")
@@ -43,6 +45,7 @@ class EngineConfig:
     fairness_steps: int = _setting(64, "steps a request may be overtaken before younger requests must wait for it")
     loader_threads: int = _setting(1, "background threads loading deltas from disk", flag=False)
     retry_failed_after: float = _setting(30.0, "seconds before a failed delta load is tried again", flag=False)
+    cuda_graphs: bool = _setting(True, "replay decode steps as CUDA graphs (CUDA only)")
 
     def validate(self) -> None:
         if min(self.kv_cache_tokens, self.block_size, self.max_batch_tokens, self.max_running) < 1:
@@ -66,8 +69,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> ar
     for f in fields(EngineConfig):
         if f.metadata.get("flag"):
             default = defaults.get(f.name, f.default)
-            group.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=default,
-                               help=f.metadata["help"])
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(f.default, bool):  # --cuda-graphs / --no-cuda-graphs
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                   help=f.metadata["help"])
+            else:
+                group.add_argument(flag, type=type(f.default), default=default, help=f.metadata["help"])
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")

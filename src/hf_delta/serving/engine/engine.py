@@ -27,6 +27,7 @@ from ...errors import DeltaNotFoundError, EngineConfigError, InvalidRequestError
 from ...model import BASE_NAME, DeltaModel
 from ...utils.loading import load_model, load_tokenizer
 from .config import EngineConfig, process_rss
+from .graphs import DecodeGraphs
 from .handles import GenerationChunk, GenerationResult, RequestHandle
 from .hooks import StepHook, StepWork
 from .kv_cache import PagedKVCache
@@ -35,7 +36,7 @@ from .probe import probe_model
 from .residency import ResidencyManager
 from .sampling import SamplingParams, TextStream, make_generator
 from .scheduler import Request, Scheduler
-from .step import Segment, StepBatch, forward_step
+from .step import Segment, StepBatch, StepOutput, forward_step
 from .tokenizers import DeltaTokenizers, encode, render_chat
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class Engine:
             local_files_only=local_files_only, retry_failed_after=self.config.retry_failed_after)
         self.scheduler = Scheduler(self.cache, self.residency, max_batch_tokens=self.config.max_batch_tokens,
                                    max_running=self.config.max_running, fairness_steps=self.config.fairness_steps)
+        # Decode steps as CUDA graphs: only where there is CUDA (elsewhere the launches they save cost nothing).
+        self.graphs = (DecodeGraphs(self.model, self.cache, max_batch=self.config.max_running, capture=True)
+                       if self.config.cuda_graphs and self.model.device.type == "cuda" else None)
         self.tokenizers = DeltaTokenizers(self.base_tokenizer, self.model.base_model.generation_config.eos_token_id,
                                           self.residency.folder)
         self._inbox: list[tuple[str, Any]] = []
@@ -319,8 +323,7 @@ class Engine:
         if training is not None and training.segments:
             return self._forward_with_training(plan, segments, tokens, training)
         try:
-            return forward_step(self.model, StepBatch.pack(segments, tokens, device=self.model.device),
-                                self.cache).logits, {}
+            return self._decode_or_step(segments, tokens).logits, {}
         except Exception as err:
             if len(plan) == 1:
                 return None, {plan[0][0].id: err}
@@ -339,6 +342,15 @@ class Engine:
         return torch.stack([row if row.shape[-1] == width else
                             F.pad(row, (0, width - row.shape[-1]), value=torch.finfo(row.dtype).min)
                             for row in rows]), errors
+
+    def _decode_or_step(self, segments: list[Segment], tokens: list[list[int]]) -> StepOutput:
+        """The packed pass: a captured decode graph where one holds it, else ``forward_step``."""
+        if self.graphs is not None and self.graphs.eligible(segments):
+            counters = self.residency.counters
+            out = self.graphs.run(segments, tokens, generation=(counters["attaches"], counters["device_evictions"]))
+            if out is not None:
+                return out
+        return forward_step(self.model, StepBatch.pack(segments, tokens, device=self.model.device), self.cache)
 
     def _forward_with_training(self, plan: Sequence[tuple[Request, int]], segments: list[Segment],
                                tokens: list[list[int]], training: StepWork) -> tuple[torch.Tensor | None,
@@ -454,7 +466,8 @@ class Engine:
             return self._stats()
 
     def _stats(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "counters": dict(self.counters),
+        graphs = {} if self.graphs is None else {"graphs": dict(self.graphs.counters)}
+        return {"config": asdict(self.config), "counters": dict(self.counters), **graphs,
                 "preemptions": self.scheduler.preemptions, "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.running), "residency": self.residency.stats(),
                 "memory": self.memory_stats()}

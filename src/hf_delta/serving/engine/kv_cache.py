@@ -91,6 +91,11 @@ class PagedKVCache:
     def holds(self, handle: str) -> bool:
         return handle in self._tables
 
+    def spare_row(self) -> int | None:
+        """A row of a free block (``None`` when every block is handed out), for writes whose values nobody reads:
+        its next owner writes each position before reading it."""
+        return self._free[0] * self.block_size if self._free else None
+
     def rows(self, handle: str, start: int, end: int) -> list[int]:
         """Physical pool rows of tokens ``start .. end-1`` of ``handle``."""
         table, bs = self._tables[handle], self.block_size

@@ -156,6 +156,24 @@ class AttentionPlan:
             self.decode_lengths = torch.tensor(decode_len, device=device)
         self._masks: dict[tuple, torch.Tensor | None] = {}
 
+    @classmethod
+    def decode_only(cls, cache: PagedKVCache, rows: torch.Tensor, lengths: torch.Tensor) -> AttentionPlan:
+        """The plan of a step where token ``i`` decodes the sequence whose cache rows are ``rows[i]`` (``[R, L]``)
+        and whose length with this token is ``lengths[i]``: it writes at ``rows[i, lengths[i] - 1]``.
+
+        Built from tensors alone, without reading them: a captured step's plan whose values change between
+        replays (``DecodeGraphs``).
+        """
+        plan = cls.__new__(cls)
+        plan.cache, plan.record, plan.device = cache, None, rows.device
+        plan.chunks, plan.uncached, plan.all_cached = [], [], True
+        plan.decode_tokens = torch.arange(rows.shape[0], device=rows.device)
+        plan.decode_rows, plan.decode_lengths = rows, lengths
+        plan.write_tokens = plan.decode_tokens
+        plan.write_rows = rows.gather(1, (lengths - 1)[:, None])[:, 0]
+        plan._masks = {}
+        return plan
+
     def _mask(self, key: tuple, q_pos: torch.Tensor, width: int, window: int | None, *, plain_causal: bool
               ) -> torch.Tensor | None:
         """``visible(q_pos, width, window)``, memoised under ``key``; ``None`` where plain causal attention (SDPA's
