@@ -93,3 +93,23 @@ def test_engine_defaults_have_one_source():
     bench = argparse.ArgumentParser()
     add_bench_serve_arguments(bench)  # the benchmark keeps the sizes its recorded results used
     assert (bench.parse_args([]).device_slots, bench.parse_args([]).cpu_slots) == (16, 16)
+
+
+def test_decode_profile_puts_each_op_in_its_category(micro_base, serving_deltas):
+    from hf_delta.bench.step_profile import CATEGORIES, profile_decode, profile_markdown
+    from hf_delta.serving import Engine
+
+    engine = Engine(micro_base, deltas={"a": serving_deltas["arith-x1"], "c": serving_deltas["cipher-x3"]},
+                    config=EngineConfig(kv_cache_tokens=512, block_size=8))
+    prompt = [3, 4, 5, 6, 7]
+    base_only = profile_decode(engine, [("base", prompt)] * 3, steps=3)
+    mixed = profile_decode(engine, [("a", prompt), ("c", prompt), ("base", prompt)], steps=3)
+    engine.close()
+    for p in (base_only, mixed):
+        assert p["rows"] == 3 and p["time"] == "cpu"
+        assert all(p[f"{c}_ms"] > 0 for c in ("base", "attention", "sampling", "other")), p
+        assert sum(p[f"{c}_ms"] for c in CATEGORIES) == pytest.approx(p["busy_ms"])
+        assert p["busy_ms"] + p["host_ms"] == pytest.approx(p["wall_ms"])
+        assert p["eager_wall_ms"] > 0 and "graphs_wall_ms" not in p  # a CPU engine has no graphs
+    assert base_only["delta_ms"] == 0 < mixed["delta_ms"]  # only rows with a delta run delta ops
+    assert "| delta_ms |" in profile_markdown([mixed])

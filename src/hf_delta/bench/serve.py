@@ -119,7 +119,7 @@ def _run_system(system: str, base: Path, names: Sequence[Served], workload: Sequ
                 pad_id: int) -> dict[str, Any]:
     kw = {"device": device, "dtype": dtype}
     if system == "engine":
-        return run_engine(base, names, workload, config=replace(settings.engine), **kw)
+        return run_engine(base, names, workload, config=replace(settings.engine), profile=settings.profile, **kw)
     if system == "naive":
         return run_naive(names, workload, pad_id=pad_id, max_batch=settings.max_batch, **kw)
     if system == "merged":
@@ -237,11 +237,29 @@ def bench_serve(*, size: str | None, zoo_dir: str | Path | None, synthetic: str 
         "ratios": ratios(rows, base_bytes),
         "load_time": measure_load_times(base, served[0], device=dev, dtype=torch_dtype, repeats=load_repeats),
     }
+    profiles = [{"rate": r["rate"], "deltas": r["deltas"], "popularity": r["popularity"], **r.pop("profile")}
+                for r in rows if "profile" in r]
     for r in rows:
         for k, v in list(r.items()):
             if isinstance(v, float) and not math.isfinite(v):
                 r[k] = None
+    if profiles:
+        write_profile_report(profiles, Path(out), f"profile-{label}", command=command, device=dev)
     return write_serve_report(result, Path(out), f"serve-{label}")
+
+
+def write_profile_report(profiles: Sequence[dict[str, Any]], out: Path, name: str, *, command: str,
+                         device: torch.device) -> str:
+    """``<name>.json`` and ``<name>.md``: where each profiled engine's decode step spends its time."""
+    from .step_profile import CATEGORIES, profile_markdown
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    md = [f"`{command}`", "", f"Decode steps of each engine after its timed run ({gpu or 'CPU'}), milliseconds per "
+          f"step by category ({', '.join(CATEGORIES)}; host = wall time the device is idle; see "
+          "hf_delta/bench/step_profile.py). Profiled steps run eagerly; graphs_wall_ms is the same step replaying "
+          "CUDA graphs.", "", profile_markdown(profiles), ""]
+    data = {"meta": {"command": command, "device": str(device), "gpu": gpu}, "rows": list(profiles)}
+    return write_report(out, name, command=command, data=data, markdown="\n".join(md))
 
 
 def bench_serve_main(args: argparse.Namespace, *, command: str | None = None) -> int:
@@ -250,7 +268,8 @@ def bench_serve_main(args: argparse.Namespace, *, command: str | None = None) ->
         torch.set_num_threads(args.threads)
     settings = BenchSettings(deltas=args.deltas, popularity=args.popularity, systems=args.systems,
                              requests=args.requests, rates=args.rate, max_tokens=args.max_tokens, seed=args.seed,
-                             max_batch=args.max_batch or args.max_running, engine=engine_config_from_args(args))
+                             max_batch=args.max_batch or args.max_running, profile=args.profile,
+                             engine=engine_config_from_args(args))
     print(bench_serve(size=args.size, zoo_dir=args.dir, synthetic=args.synthetic, settings=settings, out=args.out,
                       work_dir=args.work_dir, device=args.device, dtype=args.dtype, load_repeats=args.load_repeats,
                       command=command or " ".join(["hf-delta", *sys.argv[1:]])))

@@ -184,8 +184,10 @@ def drive_engine(engine: Engine, workload: Sequence[BenchRequest], *,
 
 
 def run_engine(base: str | Path, served: Sequence[Served], workload: Sequence[BenchRequest], *,
-               config: EngineConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Drive an ``Engine`` step by step, submitting each request at its arrival time."""
+               config: EngineConfig, device: torch.device, dtype: torch.dtype, profile: bool = False
+               ) -> dict[str, Any]:
+    """Drive an ``Engine`` step by step, submitting each request at its arrival time; with ``profile``, then
+    profile decode steps of its first requests (``row["profile"]``, see ``bench.step_profile``)."""
     engine = Engine(base, deltas={s.name: s.delta for s in served}, config=config, device=device, dtype=dtype)
     engine.generate([[1, 2, 3]], params=SamplingParams(max_tokens=2))  # warm-up on the base only
     engine.counters.update(steps=0, tokens=0, generated=0)
@@ -207,6 +209,13 @@ def run_engine(base: str | Path, served: Sequence[Served], workload: Sequence[Be
                kv_peak_tokens=engine.cache.peak_used_tokens,
                loads=engine.residency.counters["loads"], attaches=engine.residency.counters["attaches"],
                preemptions=engine.scheduler.preemptions, steps=engine.counters["steps"])
+    if engine.graphs is not None:
+        row.update({f"graph_{k}": v for k, v in engine.graphs.counters.items()})
+    if profile:
+        from .step_profile import profile_decode
+
+        first = workload[: min(len(workload), config.max_running, 32)]
+        row["profile"] = profile_decode(engine, [(r.name, r.prompt_ids) for r in first])
     engine.close()
     return row
 
@@ -380,5 +389,6 @@ class BenchSettings:
     seed: int = 0
     max_batch: int = 256
     memory_limit: int | None = None
+    profile: bool = False  # profile the engine's decode steps after each timed run (bench.step_profile)
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(device_slots=16, cpu_slots=16,
                                                                       kv_cache_tokens=16384, max_running=256))
