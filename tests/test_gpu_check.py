@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = ["tests", "engine", "coserve", "serve-small", "kernels", "serve-7b", "scale-7b"]
+PHASES = ["tests", "engine", "coserve", "serve-small", "kernels", "serve-7b", "coserve-7b", "scale-7b"]
 
 
 @pytest.mark.slow
@@ -26,4 +26,6 @@ def test_every_phase_of_the_gpu_check_runs_dry_on_the_cpu(micro_zoo, tmp_path):
     for phase in PHASES:
         assert f"{phase:<12s} exit   0" in summary, summary
     assert (tmp_path / "results").is_dir()  # dry-run results stay out of benchmarks/results
+    for name in ("profile-synthetic-tiny", "coserve-synthetic-tiny"):  # serve-7b's profile, coserve-7b
+        assert (tmp_path / "results" / f"{name}.json").is_file(), name
     assert not list((ROOT / "benchmarks" / "results").glob("kernels-cpu-smoke*"))

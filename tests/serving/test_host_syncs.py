@@ -1,10 +1,13 @@
 """Host syncs of a decode step: none per layer, and after the forward pass exactly one (the sampled tokens).
 
 A host sync (a tensor value read on the host, an output whose size depends on values) stalls the launch queue on
-a GPU; ``HostSyncCounter`` sees the same operations on the CPU, so these run anywhere.
+a GPU; ``HostSyncCounter`` sees the same operations on the CPU, so these run anywhere (``HF_DELTA_TEST_DEVICE=cuda``:
+on a GPU, through the Triton kernels, as benchmarks/gpu_check.sh's engine phase runs them).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -17,8 +20,11 @@ from hf_delta.serving.engine.step import Segment, StepBatch, forward_step
 from hf_delta.utils.loading import load_model
 
 
+DEVICE = os.environ.get("HF_DELTA_TEST_DEVICE") or "cpu"
+
+
 def _model(micro_zoo, micro_delta) -> DeltaModel:
-    model = DeltaModel(load_model(micro_zoo["llama-base"].path))
+    model = DeltaModel(load_model(micro_zoo["llama-base"].path).to(DEVICE))
     for name in ("llama-arith", "llama-cipher"):
         model.load_delta(micro_delta(name), name)
     return model.eval()
@@ -32,12 +38,15 @@ def _decode_syncs(model: DeltaModel, slots: list[int]) -> HostSyncCounter:
         head_dim=cfg.hidden_size // cfg.num_attention_heads,
         max_tokens=128,
         block_size=4,
+        device=DEVICE,
     )
     keys = [f"r{i}" for i in range(len(slots))]
     for key in keys:
         cache.reserve(key, 8)
     batch = StepBatch.pack(
-        [Segment(k, 6, 1, s) for k, s in zip(keys, slots, strict=True)], [[5 + i] for i in range(len(slots))]
+        [Segment(k, 6, 1, s) for k, s in zip(keys, slots, strict=True)],
+        [[5 + i] for i in range(len(slots))],
+        device=DEVICE,
     )
     with torch.inference_mode(), HostSyncCounter() as syncs:
         forward_step(model, batch, cache)
@@ -61,7 +70,8 @@ def test_an_engine_step_reads_back_once_after_its_forward(micro_base, serving_de
     engine = Engine(
         micro_base,
         deltas={n: serving_deltas[n] for n in ("arith-x1", "cipher-x3")},
-        config=EngineConfig(kv_cache_tokens=512, block_size=8),
+        config=EngineConfig(kv_cache_tokens=512, block_size=8, cuda_graphs=False),  # the eager step's syncs
+        device=DEVICE,
     )
     mixed = [
         SamplingParams(max_tokens=6, ignore_eos=True),

@@ -1,13 +1,19 @@
-"""``hf-delta bench coserve``: inference and LoRA fine-tuning on one engine, four ways, on the zoo.
+"""``hf-delta bench coserve``: inference and LoRA fine-tuning on one engine, four ways, on the zoo or on a
+synthetic model of a real shape.
 
 Systems, one fresh engine each, all on the same seeded Poisson inference workload (``bench.build_workload``
-over the zoo's BitDelta deltas) and the same fine-tuning job (the arithmetic task's training pairs, same LoRA,
-same seed):
+over BitDelta deltas) and the same fine-tuning job (same LoRA, same seed):
 
 * ``inference``: the workload alone (TPOT/TTFT reference);
 * ``finetune``: the job alone, one whole training step per engine step (peak fine-tuning throughput);
 * ``coserve``: the workload with the job co-served under a TPOT SLO (``slo_factor`` × inference's TPOT p50);
 * ``turns``: naive turn-taking, one whole training step between decode steps.
+
+On the zoo, the deltas are its Llama fine-tunes' and the job trains every linear layer on the arithmetic task's
+training pairs. With ``synthetic`` (e.g. ``llama-7b``: ``bench.synthetic``'s random Llama-7B-shaped base and a
+random 1-bit delta served under ``deltas`` names) the job trains LoRA on every linear layer of the last
+``lora_layers`` decoder layers, on random texts of ``max_length`` tokens (every token trained): the shapes and
+lengths of a real job, where a step's time is the GPU's rather than the host's.
 
 Fine-tuning throughput counts trained (loss) tokens of finished optimizer steps per second of the run (for the
 systems with inference, from the first arrival to the last completion). Activation memory compares one
@@ -17,6 +23,7 @@ co-served sequence's saved layer inputs + one layer's recompute with standard PE
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -31,8 +38,8 @@ from ..serving.training.budget import CoServeScheduler
 from ..serving.training.jobs import IGNORE, Hyperparameters, batches
 from ..serving.training.state import SavedTensorMeter
 from ..serving.training.trainer import CoServingTrainer
-from .serve import prepare_zoo
-from .workload import BenchRequest, build_workload, drive_engine, summarize
+from .serve import expand, prepare_zoo
+from .workload import BenchRequest, Served, build_workload, drive_engine, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +58,29 @@ class CoserveSettings:
     lora_r: int = 8
     batch_size: int = 4
     learning_rate: float = 2e-3
+    max_length: int = 64  # tokens per training sequence (synthetic texts have exactly this many)
+    lora_layers: int | None = None  # LoRA on the last this many decoder layers (None: every layer)
+    deltas: int = 4  # served names of the synthetic delta
     engine: EngineConfig | None = None
 
 
-def _job(trainer: CoServingTrainer, pairs: list[dict[str, str]], settings: CoserveSettings, out: Path):
+def _targets(settings: CoserveSettings, num_layers: int) -> str:
+    """LoRA's ``target_modules``: every linear layer, or a pattern of those in the last ``lora_layers`` layers."""
+    if settings.lora_layers is None:
+        return "all-linear"
+    first = max(0, num_layers - settings.lora_layers)
+    return rf"model\.layers\.({'|'.join(str(i) for i in range(first, num_layers))})\..*"
+
+
+def _job(trainer: CoServingTrainer, data: list[Any], settings: CoserveSettings, out: Path):
     from peft import LoraConfig
 
-    lora = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, target_modules="all-linear")
+    num_layers = trainer.engine.model.config.num_hidden_layers
+    lora = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r,
+                      target_modules=_targets(settings, num_layers))
     hyper = Hyperparameters(batch_size=settings.batch_size, learning_rate=settings.learning_rate, n_epochs=1000,
-                            seed=settings.seed, max_length=64)
-    return trainer.submit(lora=lora, data=pairs, output_dir=out, hyperparameters=hyper)
+                            seed=settings.seed, max_length=settings.max_length)
+    return trainer.submit(lora=lora, data=data, output_dir=out, hyperparameters=hyper)
 
 
 def _drive(engine: Engine, workload: list[BenchRequest], job=None) -> dict[str, Any]:
@@ -116,30 +136,62 @@ def peft_activation_bytes(base: str | Path, job) -> int:
     return meter.bytes
 
 
+def random_texts(count: int, length: int, vocab_size: int, *, seed: int) -> list[str]:
+    """``count`` texts of ``length`` random words of ``bench.synthetic.word_tokenizer`` (one token each)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab_size, (count, length), generator=gen)
+    return [" ".join(f"t{i}" for i in row) for row in ids.tolist()]
+
+
+def _prepare(size: str, zoo_dir: str | Path | None, synthetic: str | None, settings: CoserveSettings, work: Path,
+             device: torch.device, dtype: torch.dtype) -> tuple[Path, list[Served], list[Any], str]:
+    """The base, the served deltas, the fine-tuning data and the results' label."""
+    if synthetic is None:
+        from ..zoo.build import load_zoo
+
+        base, served = prepare_zoo(size, zoo_dir, work)
+        task = load_zoo(size, zoo_dir).task("llama-arith")
+        return base, served, [{"prompt": ex.prompt, "response": ex.answer} for ex in task.train], size
+    from .synthetic import SHAPES, prepare_synthetic
+
+    base, served, _ = prepare_synthetic(synthetic, work, device=device, dtype=dtype)
+    # One token fewer than max_length: the end-of-sequence token tokenize_dataset appends makes it max_length.
+    texts = random_texts(4 * settings.batch_size, settings.max_length - 1, SHAPES[synthetic]["vocab_size"],
+                         seed=settings.seed)
+    return base, expand(served, settings.deltas), texts, f"synthetic-{synthetic}"
+
+
 def bench_coserve(*, size: str = "small", zoo_dir: str | Path | None = None, settings: CoserveSettings,
                   out: str | Path = "benchmarks/results", work_dir: str | Path, command: str,
-                  device: str | None = None) -> str:
-    """Run the four systems and write ``coserve-<size>.{json,md,png}``; returns the Markdown.
+                  device: str | None = None, synthetic: str | None = None, dtype: str | None = None) -> str:
+    """Run the four systems and write ``coserve-<size>.{json,md,png}`` (``coserve-synthetic-<shape>.*`` with
+    ``synthetic``); returns the Markdown.
 
-    ``device``: where the engines run (default: CUDA when there is a GPU, else the CPU).
+    ``device``: where the engines run (default: CUDA when there is a GPU, else the CPU). ``dtype``: of the base
+    (default bfloat16 on CUDA for a synthetic model, else float32).
     """
-    from ..zoo.build import load_zoo
     from .report import write_results
 
     work = Path(work_dir)
-    base, served = prepare_zoo(size, zoo_dir, work)
-    task = load_zoo(size, zoo_dir).task("llama-arith")
-    pairs = [{"prompt": ex.prompt, "response": ex.answer} for ex in task.train]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = getattr(torch, dtype or ("bfloat16" if synthetic and dev.type == "cuda" else "float32"))
+    base, served, data, label = _prepare(size, zoo_dir, synthetic, settings, work, dev, torch_dtype)
     workload = build_workload(served, n_requests=settings.requests, rate=settings.rate, popularity="uniform",
                               seed=settings.seed, max_tokens=settings.max_tokens)
     config = settings.engine or EngineConfig(device_slots=8, cpu_slots=8, kv_cache_tokens=8192, max_running=64)
     deltas = {s.name: s.delta for s in served}
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    previous: list[Engine] = []
 
     def engine() -> Engine:
-        e = Engine(base, deltas=deltas, config=config, device=dev)
+        for old in previous:  # one model in memory at a time (a 7B base is most of a GPU's)
+            old.close()
+        previous.clear()
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        e = Engine(base, deltas=deltas, config=config, device=dev, dtype=torch_dtype)
         e.generate([[1, 2, 3]], model=[served[0].name], params=SamplingParams(max_tokens=2))  # warm-up
+        previous.append(e)
         return e
 
     rows: list[dict[str, Any]] = []
@@ -150,19 +202,20 @@ def bench_coserve(*, size: str = "small", zoo_dir: str | Path | None = None, set
     slo_ms = settings.slo_factor * alone["tpot_p50_ms"]
     logger.info("bench coserve: fine-tuning alone")
     eng = engine()
-    job = _job(CoServingTrainer(eng, policy="turns"), pairs, settings, work / "coserve-ft-alone")
+    job = _job(CoServingTrainer(eng, policy="turns"), data, settings, work / "coserve-ft-alone")
     ft = _finetune_alone(eng, job, settings.finetune_steps)
     eng.trainer.cancel(job.id)
     eng.step()
     rows.append({"system": "finetune", **ft})
     curves["finetune"] = job.history
-    peft_bytes = peft_activation_bytes(base, job)
+    # Standard PEFT training of a 7B-shaped model runs on the CPU here: measured on the zoo only.
+    peft_bytes = peft_activation_bytes(base, job) if synthetic is None else None
     for policy in ("coserve", "turns"):
         logger.info("bench coserve: %s", policy)
         eng = engine()
         sched = CoServeScheduler(tpot_slo_ms=slo_ms, idle_step_ms=settings.idle_factor * slo_ms)
         trainer = CoServingTrainer(eng, scheduler=sched, policy=policy)
-        job = _job(trainer, pairs, settings, work / f"coserve-ft-{policy}")
+        job = _job(trainer, data, settings, work / f"coserve-ft-{policy}")
         row = _drive(eng, workload, job)
         trainer.cancel(job.id)
         eng.step()
@@ -170,6 +223,8 @@ def bench_coserve(*, size: str = "small", zoo_dir: str | Path | None = None, set
                    step_model=sched.model.as_dict() if policy == "coserve" else None)
         rows.append({"system": policy, **row})
         curves[policy] = job.history
+    for old in previous:
+        old.close()
     summary = _summary(rows, peft_bytes)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: r.get(k) for k in columns} for r in rows]  # every row with every column (the table's header)
@@ -177,7 +232,7 @@ def bench_coserve(*, size: str = "small", zoo_dir: str | Path | None = None, set
     settings_json = {k: v for k, v in vars(settings).items() if k != "engine"}
     notes = "\n" + "\n".join(f"- {k}: {v}" for k, v in summary.items()) + "\n"
     losses = {k: [{"step": h["step"], "loss": h["loss"], "time": h["time"]} for h in v] for k, v in curves.items()}
-    return write_results(rows, out, name=f"coserve-{size}", command=command, notes=notes,
+    return write_results(rows, out, name=f"coserve-{label}", command=command, notes=notes,
                          plot=lambda path: _plot(rows, curves, path),
                          extra={"summary": summary, "device": str(dev), "gpu": gpu, "settings": settings_json,
                                 "loss_curves": losses})
@@ -193,7 +248,7 @@ def _summary(rows: list[dict[str, Any]], peft_bytes: int) -> dict[str, Any]:
         "tpot_p99_ratio_coserve": co["tpot_p99_ms"] / inf["tpot_p99_ms"],
         "tpot_p99_ratio_turns": turns["tpot_p99_ms"] / inf["tpot_p99_ms"],
         "activation_bytes_coserve": ours, "activation_bytes_peft": peft_bytes,
-        "activation_memory_factor": peft_bytes / ours if ours else None,
+        "activation_memory_factor": peft_bytes / ours if ours and peft_bytes else None,
     }
 
 
@@ -223,9 +278,12 @@ def bench_coserve_main(args, *, command: str) -> int:
     """Run ``bench coserve`` from parsed flags and print its Markdown."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    synthetic = args.synthetic is not None  # a real job's shape: longer sequences, LoRA on the last layers
     settings = CoserveSettings(requests=args.requests, rate=args.rate, max_tokens=args.max_tokens, seed=args.seed,
                                slo_factor=args.slo_factor, idle_factor=args.idle_factor,
-                               finetune_steps=args.finetune_steps)
+                               finetune_steps=args.finetune_steps,
+                               max_length=args.max_length or (512 if synthetic else 64),
+                               lora_layers=args.lora_layers or (4 if synthetic else None), deltas=args.deltas)
     print(bench_coserve(size=args.size, zoo_dir=args.dir, settings=settings, out=args.out, work_dir=args.work_dir,
-                        command=command, device=args.device))
+                        command=command, device=args.device, synthetic=args.synthetic, dtype=args.dtype))
     return 0

@@ -66,8 +66,17 @@ def add_bench_coserve_arguments(parser) -> None:
     parser.add_argument("--idle-factor", type=float, default=4.0,
                         help="length of training-only steps (no request waiting) as a multiple of the SLO")
     parser.add_argument("--finetune-steps", type=int, default=30, help="optimizer steps of the fine-tune-alone run")
+    parser.add_argument("--synthetic", default=None, choices=["llama-7b", "tiny"],
+                        help="random weights of this shape instead of the zoo (for GPUs)")
+    parser.add_argument("--deltas", type=int, default=4, help="served names of the synthetic delta")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per training sequence (default: 512 with --synthetic, else 64)")
+    parser.add_argument("--lora-layers", type=int, default=None,
+                        help="LoRA on the last N decoder layers (default: 4 with --synthetic, else every layer)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="base weights dtype (default: bfloat16 for --synthetic on CUDA, else float32)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "hf_delta" / "bench-serve"),
                         help="where compressed deltas and job outputs are kept")
