@@ -19,7 +19,6 @@ from hf_delta.serving.engine.kv_cache import PagedKVCache
 from hf_delta.serving.engine.step import Segment, StepBatch, forward_step
 from hf_delta.utils.loading import load_model
 
-
 DEVICE = os.environ.get("HF_DELTA_TEST_DEVICE") or "cpu"
 
 
