@@ -77,7 +77,7 @@ class _Entry:
     hidden: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     graph: Any = None
-    keep: list[Any] = field(default_factory=list)  # tensors the captured kernels read (routing plans)
+    keep: list[Any] = field(default_factory=list)  # per-forward plans the captured kernels read (kept alive)
     seen: int = 0
     failed: bool = False
 
@@ -215,24 +215,24 @@ class DecodeGraphs:
             return self._body(entry, self._embed(entry))
 
     def _capture(self, entry: _Entry, key: tuple) -> None:
-        rows_b = entry.rows.shape[0]
         routing = self.model.routing
         try:
+            # Warm-up and capture share one routing context: the warm-up builds the per-forward plans (routes,
+            # slot vectors, kernel tile plans; their host syncs happen here) and the capture reuses them.
             with routing.use(entry.slots):
-                # The routes of every input shape the step's delta layers see, computed (with their host syncs)
-                # before the capture; the graph keeps reading the tensors they hold.
-                entry.keep = [routing.routes(torch.Size(shape), self.device) for shape in ((rows_b, 1), (rows_b,))]
                 entry.embeds = self._embed(entry).clone()
                 stream = torch.cuda.Stream(self.device)
                 stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream):  # warm-up off the capture: lazy initialisations, kernel tuning
+                with torch.cuda.stream(stream):  # off the capture: lazy initialisations, kernel tuning, the plans
                     self._body(entry, entry.embeds)
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
+                # thread_local: the loader threads may use CUDA while this thread captures.
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                     entry.hidden, entry.logits = self._body(entry, entry.embeds)
+                entry.keep = _per_forward_state(routing)
             entry.graph = graph
             self.counters["captures"] += 1
         except Exception as err:  # any failure: this key runs eagerly, the engine keeps serving
@@ -251,3 +251,16 @@ class DecodeGraphs:
                 )
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # what the failed capture queued, before the eager step
+
+
+def _per_forward_state(routing) -> list[Any]:
+    """The per-forward caches a captured step's kernels read, built during its warm-up: the routing's plans (row
+    indices, slot vectors, tile plans) and the kernels' identity-keyed slot plans. The graph holds them: they are
+    dropped from their caches when the routing changes or newer entries push them out, and memory freed there
+    would be reused under the graph. (Private state of ``layers`` and ``methods``, read, never written.)"""
+    from ...methods import _dispatch, bitdelta
+
+    held: list[Any] = [getattr(routing, "_plans", None)]
+    for cache in (getattr(_dispatch, "_SLOTS", None), getattr(bitdelta, "_ROW_PLANS", None)):
+        held.append(list(getattr(cache, "_entries", ())))
+    return held
