@@ -124,7 +124,7 @@ for p in $PHASES; do
     serve-7b)
         phase serve-7b "${LIMIT_SERVE_7B:-300}" "$PY" benchmarks/serve.py -v --synthetic "$SYNTHETIC" \
             --deltas "${DELTAS_7B:-16}" --popularity skewed --requests "$REQUESTS" --rate inf --max-tokens 32 \
-            --systems engine,naive --device "$DEVICE" --device-slots 16 --cpu-slots 16 --load-repeats 1 --profile \
+            --systems engine,naive --device "$DEVICE" --device-slots 16 --cpu-slots 16 --load-repeats 1 --warm --profile \
             --out "$RESULTS" --work-dir "$WORK" ;;
     coserve-7b)
         phase coserve-7b "${LIMIT_COSERVE_7B:-180}" "$PY" -m hf_delta.cli -v bench coserve --synthetic "$SYNTHETIC" \

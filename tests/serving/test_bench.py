@@ -113,3 +113,15 @@ def test_decode_profile_puts_each_op_in_its_category(micro_base, serving_deltas)
         assert p["eager_wall_ms"] > 0 and "graphs_wall_ms" not in p  # a CPU engine has no graphs
     assert base_only["delta_ms"] == 0 < mixed["delta_ms"]  # only rows with a delta run delta ops
     assert "| delta_ms |" in profile_markdown([mixed])
+
+
+def test_a_warm_engine_run_loads_nothing_inside_its_timed_window(micro_base, serving_deltas):
+    from hf_delta.bench.workload import run_engine
+
+    served = [Served(n, serving_deltas[n], None, [[3, 4, 5], [6, 7, 8, 9]]) for n in ("arith-x1", "cipher-x3")]
+    workload = build_workload(served, n_requests=4, rate=float("inf"), popularity="uniform", seed=0, max_tokens=3)
+    config = EngineConfig(device_slots=2, cpu_slots=2, kv_cache_tokens=256, max_running=8, max_batch_tokens=64)
+    cold, warm = (run_engine(micro_base, served, workload, config=config, device=torch.device("cpu"),
+                             dtype=torch.float32, warm=w) for w in (False, True))
+    assert cold["loads"] == 2 and warm["loads"] == 0  # both deltas stay attached after the warm-up
+    assert cold["tokens"] == warm["tokens"] == 12

@@ -44,6 +44,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch size limit of the baselines (default: the engine's --max-running)")
     parser.add_argument("--load-repeats", type=int, default=5, help="repetitions of the load-time measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for every system")
+    parser.add_argument("--warm", action="store_true",
+                        help="before timing the engine, run the workload once over every served name (deltas "
+                             "loaded, kernels compiled and tuned outside the timed window)")
     parser.add_argument("--profile", action="store_true",
                         help="after each engine run, profile its decode steps: time per op category "
                              "(profile-<name>.json/.md beside the results)")

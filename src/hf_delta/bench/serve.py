@@ -119,7 +119,8 @@ def _run_system(system: str, base: Path, names: Sequence[Served], workload: Sequ
                 pad_id: int) -> dict[str, Any]:
     kw = {"device": device, "dtype": dtype}
     if system == "engine":
-        return run_engine(base, names, workload, config=replace(settings.engine), profile=settings.profile, **kw)
+        return run_engine(base, names, workload, config=replace(settings.engine), profile=settings.profile,
+                          warm=settings.warm, **kw)
     if system == "naive":
         return run_naive(names, workload, pad_id=pad_id, max_batch=settings.max_batch, **kw)
     if system == "merged":
@@ -268,7 +269,7 @@ def bench_serve_main(args: argparse.Namespace, *, command: str | None = None) ->
         torch.set_num_threads(args.threads)
     settings = BenchSettings(deltas=args.deltas, popularity=args.popularity, systems=args.systems,
                              requests=args.requests, rates=args.rate, max_tokens=args.max_tokens, seed=args.seed,
-                             max_batch=args.max_batch or args.max_running, profile=args.profile,
+                             max_batch=args.max_batch or args.max_running, profile=args.profile, warm=args.warm,
                              engine=engine_config_from_args(args))
     print(bench_serve(size=args.size, zoo_dir=args.dir, synthetic=args.synthetic, settings=settings, out=args.out,
                       work_dir=args.work_dir, device=args.device, dtype=args.dtype, load_repeats=args.load_repeats,

@@ -184,12 +184,24 @@ def drive_engine(engine: Engine, workload: Sequence[BenchRequest], *,
 
 
 def run_engine(base: str | Path, served: Sequence[Served], workload: Sequence[BenchRequest], *,
-               config: EngineConfig, device: torch.device, dtype: torch.dtype, profile: bool = False
-               ) -> dict[str, Any]:
+               config: EngineConfig, device: torch.device, dtype: torch.dtype, profile: bool = False,
+               warm: bool = False) -> dict[str, Any]:
     """Drive an ``Engine`` step by step, submitting each request at its arrival time; with ``profile``, then
-    profile decode steps of its first requests (``row["profile"]``, see ``bench.step_profile``)."""
+    profile decode steps of its first requests (``row["profile"]``, see ``bench.step_profile``).
+
+    The engine first runs one request on the base. With ``warm``, it first runs the workload's requests at once
+    (4 tokens each) over every served name in turn instead: the deltas that fit the device slots are loaded and
+    attached, and the kernels compiled and tuned for those batches, before the timed window (which then measures
+    steady-state serving; ``loads`` counts only the loads inside it).
+    """
     engine = Engine(base, deltas={s.name: s.delta for s in served}, config=config, device=device, dtype=dtype)
-    engine.generate([[1, 2, 3]], params=SamplingParams(max_tokens=2))  # warm-up on the base only
+    if warm:
+        names = [served[i % len(served)].name for i in range(max(len(workload), len(served)))]
+        prompts = [workload[i % len(workload)].prompt_ids for i in range(len(names))]
+        engine.generate(prompts, model=names, params=SamplingParams(max_tokens=4, ignore_eos=True))
+    else:
+        engine.generate([[1, 2, 3]], params=SamplingParams(max_tokens=2))  # warm-up on the base only
+    warm_loads = engine.residency.counters["loads"]
     engine.counters.update(steps=0, tokens=0, generated=0)
     _reset_cuda_peak(device)
     weight_peak = 0
@@ -207,7 +219,7 @@ def run_engine(base: str | Path, served: Sequence[Served], workload: Sequence[Be
     row.update(weight_bytes=weight_peak, peak_rss_bytes=rss.peak, cuda_peak_bytes=_cuda_peak(device),
                kv_budget_tokens=engine.cache.capacity, kv_budget_bytes=engine.cache.nbytes,
                kv_peak_tokens=engine.cache.peak_used_tokens,
-               loads=engine.residency.counters["loads"], attaches=engine.residency.counters["attaches"],
+               loads=engine.residency.counters["loads"] - warm_loads, attaches=engine.residency.counters["attaches"],
                preemptions=engine.scheduler.preemptions, steps=engine.counters["steps"])
     if engine.graphs is not None:
         row.update({f"graph_{k}": v for k, v in engine.graphs.counters.items()})
@@ -390,5 +402,6 @@ class BenchSettings:
     max_batch: int = 256
     memory_limit: int | None = None
     profile: bool = False  # profile the engine's decode steps after each timed run (bench.step_profile)
+    warm: bool = False  # run the workload once over every served name before timing the engine (see run_engine)
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(device_slots=16, cpu_slots=16,
                                                                       kv_cache_tokens=16384, max_running=256))
