@@ -127,7 +127,7 @@ for p in $PHASES; do
             --systems engine,naive --device "$DEVICE" --device-slots 16 --cpu-slots 16 --load-repeats 1 --warm --profile \
             --out "$RESULTS" --work-dir "$WORK" ;;
     coserve-7b)
-        phase coserve-7b "${LIMIT_COSERVE_7B:-180}" "$PY" -m hf_delta.cli -v bench coserve --synthetic "$SYNTHETIC" \
+        phase coserve-7b "${LIMIT_COSERVE_7B:-240}" "$PY" -m hf_delta.cli -v bench coserve --synthetic "$SYNTHETIC" \
             "${COSERVE_7B[@]}" --device "$DEVICE" --out "$RESULTS" --work-dir "$WORK" ;;
     scale-7b)
         phase scale-7b "${LIMIT_SCALE_7B:-420}" "$PY" -m hf_delta.cli bench scale --sizes "$SCALE_SIZE" \

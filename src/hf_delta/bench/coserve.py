@@ -114,6 +114,29 @@ def _finetune_alone(engine: Engine, job, steps: int) -> dict[str, Any]:
     return row
 
 
+def _finetune_alone_run(eng: Engine, data: list[Any], settings: CoserveSettings, work: Path) -> tuple[dict, Any]:
+    """The ``finetune`` system on ``eng`` (its row and the job); nothing of it outlives the call but the job."""
+    job = _job(CoServingTrainer(eng, policy="turns"), data, settings, work / "coserve-ft-alone")
+    row = _finetune_alone(eng, job, settings.finetune_steps)
+    eng.trainer.cancel(job.id)
+    eng.step()
+    return row, job
+
+
+def _coserve_run(eng: Engine, policy: str, workload: list[BenchRequest], data: list[Any], settings: CoserveSettings,
+                 slo_ms: float, work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The ``coserve`` or ``turns`` system on ``eng``: its row and the job's loss history."""
+    sched = CoServeScheduler(tpot_slo_ms=slo_ms, idle_step_ms=settings.idle_factor * slo_ms)
+    trainer = CoServingTrainer(eng, scheduler=sched, policy=policy)
+    job = _job(trainer, data, settings, work / f"coserve-ft-{policy}")
+    row = _drive(eng, workload, job)
+    trainer.cancel(job.id)
+    eng.step()
+    row.update(tpot_slo_ms=slo_ms if policy == "coserve" else None, paused_steps=trainer.counters["paused_steps"],
+               step_model=sched.model.as_dict() if policy == "coserve" else None)
+    return row, job.history
+
+
 def peft_activation_bytes(base: str | Path, job) -> int:
     """Bytes autograd saves when standard PEFT trains the job's first batch (parameters excluded)."""
     from peft import LoraConfig, get_peft_model
@@ -201,28 +224,15 @@ def bench_coserve(*, size: str = "small", zoo_dir: str | Path | None = None, set
     rows.append({"system": "inference", **alone})
     slo_ms = settings.slo_factor * alone["tpot_p50_ms"]
     logger.info("bench coserve: fine-tuning alone")
-    eng = engine()
-    job = _job(CoServingTrainer(eng, policy="turns"), data, settings, work / "coserve-ft-alone")
-    ft = _finetune_alone(eng, job, settings.finetune_steps)
-    eng.trainer.cancel(job.id)
-    eng.step()
+    ft, job = _finetune_alone_run(engine(), data, settings, work)
     rows.append({"system": "finetune", **ft})
     curves["finetune"] = job.history
     # Standard PEFT training of a 7B-shaped model runs on the CPU here: measured on the zoo only.
     peft_bytes = peft_activation_bytes(base, job) if synthetic is None else None
     for policy in ("coserve", "turns"):
         logger.info("bench coserve: %s", policy)
-        eng = engine()
-        sched = CoServeScheduler(tpot_slo_ms=slo_ms, idle_step_ms=settings.idle_factor * slo_ms)
-        trainer = CoServingTrainer(eng, scheduler=sched, policy=policy)
-        job = _job(trainer, data, settings, work / f"coserve-ft-{policy}")
-        row = _drive(eng, workload, job)
-        trainer.cancel(job.id)
-        eng.step()
-        row.update(tpot_slo_ms=slo_ms if policy == "coserve" else None, paused_steps=trainer.counters["paused_steps"],
-                   step_model=sched.model.as_dict() if policy == "coserve" else None)
+        row, curves[policy] = _coserve_run(engine(), policy, workload, data, settings, slo_ms, work)
         rows.append({"system": policy, **row})
-        curves[policy] = job.history
     for old in previous:
         old.close()
     summary = _summary(rows, peft_bytes)

@@ -234,6 +234,8 @@ class Engine:
     def close(self) -> None:
         self.stop()
         self.residency.close()
+        if self.graphs is not None:
+            self.graphs.clear()  # their memory pool, before the engine itself is collected
 
     def attach_trainer(self, trainer: StepHook) -> None:
         """Let ``trainer`` (a ``StepHook``, e.g. a ``CoServingTrainer``) add work to every step while it has some:
