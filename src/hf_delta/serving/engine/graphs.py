@@ -207,8 +207,9 @@ class DecodeGraphs:
         with packed_attention(base.config, plan):
             hidden = base.get_decoder()(
                 inputs_embeds=embeds, position_ids=entry.positions[:, None], use_cache=False
-            ).last_hidden_state[:, 0]
-        return hidden, softcap_logits(base.get_output_embeddings()(hidden), base.config)
+            ).last_hidden_state
+        # [B, 1, hidden] into the head, as forward_step does: the decoder's routing plan serves it too.
+        return hidden[:, 0], softcap_logits(base.get_output_embeddings()(hidden)[:, 0], base.config)
 
     def _step(self, entry: _Entry) -> tuple[torch.Tensor, torch.Tensor]:
         with self.model.routing.use(entry.slots):

@@ -347,7 +347,8 @@ def forward_step(model, batch: StepBatch, cache: PagedKVCache | None, *, plan: A
         if index.numel() == 0:  # only prefill chunks that do not reach their prompt's end
             logits = hidden.new_zeros((0, head.weight.shape[0]))
         elif index.numel() == hidden.shape[0]:  # every token wants logits (all decodes): no gather, and the
-            logits = softcap_logits(head(hidden), base.config)  # decoder's routing is reused as is
+            # head sees the decoder's [N, 1] layout, so the routing's per-shape plan (its syncs) is reused as is.
+            logits = softcap_logits(head(packed)[:, 0], base.config)
         else:
             with routing.use(batch.slots[index]):
                 logits = softcap_logits(head(hidden[index]), base.config)
