@@ -106,7 +106,7 @@ for p in $PHASES; do
         phase tests "${LIMIT_TESTS:-200}" env HF_DELTA_AUTOTUNE=0 "$PY" -m pytest tests/kernels tests/test_layers.py \
             -p no:cacheprovider "${TEST_ARGS[@]}" "${workers[@]}" ;;
     engine)
-        phase engine "${LIMIT_ENGINE:-120}" env HF_DELTA_TEST_DEVICE=$DEVICE HF_DELTA_TEST_REPORT_DIR="$RESULTS" \
+        phase engine "${LIMIT_ENGINE:-150}" env HF_DELTA_TEST_DEVICE=$DEVICE HF_DELTA_TEST_REPORT_DIR="$RESULTS" \
             "$PY" -m pytest tests/serving/test_engine.py tests/serving/test_decode_graphs.py \
             tests/serving/test_host_syncs.py -p no:cacheprovider "${TEST_ARGS[@]}" ;;
     coserve)
