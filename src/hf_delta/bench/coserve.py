@@ -61,6 +61,7 @@ class CoserveSettings:
     max_length: int = 64  # tokens per training sequence (synthetic texts have exactly this many)
     lora_layers: int | None = None  # LoRA on the last this many decoder layers (None: every layer)
     deltas: int = 4  # served names of the synthetic delta
+    cuda_graphs: bool = True  # inference-only decode steps replayed as CUDA graphs (co-served steps run eagerly)
     engine: EngineConfig | None = None
 
 
@@ -201,7 +202,8 @@ def bench_coserve(*, size: str = "small", zoo_dir: str | Path | None = None, set
     base, served, data, label = _prepare(size, zoo_dir, synthetic, settings, work, dev, torch_dtype)
     workload = build_workload(served, n_requests=settings.requests, rate=settings.rate, popularity="uniform",
                               seed=settings.seed, max_tokens=settings.max_tokens)
-    config = settings.engine or EngineConfig(device_slots=8, cpu_slots=8, kv_cache_tokens=8192, max_running=64)
+    config = settings.engine or EngineConfig(device_slots=8, cpu_slots=8, kv_cache_tokens=8192, max_running=64,
+                                             cuda_graphs=settings.cuda_graphs)
     deltas = {s.name: s.delta for s in served}
     previous: list[Engine] = []
 
@@ -293,7 +295,8 @@ def bench_coserve_main(args, *, command: str) -> int:
                                slo_factor=args.slo_factor, idle_factor=args.idle_factor,
                                finetune_steps=args.finetune_steps,
                                max_length=args.max_length or (512 if synthetic else 64),
-                               lora_layers=args.lora_layers or (4 if synthetic else None), deltas=args.deltas)
+                               lora_layers=args.lora_layers or (4 if synthetic else None), deltas=args.deltas,
+                               cuda_graphs=args.cuda_graphs)
     print(bench_coserve(size=args.size, zoo_dir=args.dir, settings=settings, out=args.out, work_dir=args.work_dir,
                         command=command, device=args.device, synthetic=args.synthetic, dtype=args.dtype))
     return 0

@@ -80,6 +80,9 @@ def add_bench_coserve_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="base weights dtype (default: bfloat16 for --synthetic on CUDA, else float32)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="replay inference-only decode steps as CUDA graphs (CUDA only; steps carrying "
+                             "fine-tuning tokens run eagerly either way)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "hf_delta" / "bench-serve"),
                         help="where compressed deltas and job outputs are kept")
