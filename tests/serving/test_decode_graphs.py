@@ -16,7 +16,7 @@ import torch
 
 from hf_delta import DeltaModel
 from hf_delta.serving import Engine, EngineConfig, SamplingParams
-from hf_delta.serving.engine.graphs import DecodeGraphs, batch_bucket, length_bucket
+from hf_delta.serving.engine.graphs import DecodeGraphs, _per_forward_state, batch_bucket, length_bucket
 from hf_delta.serving.engine.kv_cache import PagedKVCache
 from hf_delta.serving.engine.step import Segment, StepBatch, forward_step
 from hf_delta.utils.loading import load_model
@@ -102,6 +102,17 @@ def test_a_failed_capture_warns_once_and_runs_eagerly(micro_zoo, caplog):
     assert graphs.counters["capture_failures"] == 3 and graphs.counters["graph_steps"] == 0
     assert len([r for r in caplog.records if "CUDA graph" in r.message]) == 1
     assert not graphs.eligible([Segment("a", 4, 1)])  # three failures: no more tries
+
+
+def test_a_capture_holds_the_plans_its_kernels_read(micro_zoo, micro_delta):
+    model = DeltaModel(load_model(micro_zoo["llama-base"].path))
+    model.load_delta(micro_delta("llama-arith"), "a")
+    routing = model.routing
+    with routing.use(torch.tensor([0, -1, 0])):
+        routes = routing.routes(torch.Size((3, 1)), torch.device("cpu"))
+        held = _per_forward_state(routing)
+    assert routes and held[0] is not routing._plans  # the routing let its plans go when the step's context ended
+    assert any(plan is routes for plan in held[0].values())  # the graph still holds them
 
 
 def test_steps_that_are_not_plain_decodes_are_not_eligible(micro_zoo):

@@ -261,7 +261,6 @@ def _per_forward_state(routing) -> list[Any]:
     would be reused under the graph. (Private state of ``layers`` and ``methods``, read, never written.)"""
     from ...methods import _dispatch, bitdelta
 
-    held: list[Any] = [getattr(routing, "_plans", None)]
-    for cache in (getattr(_dispatch, "_SLOTS", None), getattr(bitdelta, "_ROW_PLANS", None)):
-        held.append(list(getattr(cache, "_entries", ())))
-    return held
+    # Strict attribute access: if these caches move, this fails (tests/serving/test_decode_graphs.py) rather than
+    # letting a graph read freed memory.
+    return [routing._plans, *(list(cache._entries) for cache in (_dispatch._SLOTS, bitdelta._ROW_PLANS))]
