@@ -111,7 +111,9 @@ def test_decode_profile_puts_each_op_in_its_category(micro_base, serving_deltas)
         assert sum(p[f"{c}_ms"] for c in CATEGORIES) == pytest.approx(p["busy_ms"])
         assert p["busy_ms"] + p["host_ms"] == pytest.approx(p["wall_ms"])
         assert p["eager_wall_ms"] > 0 and "graphs_wall_ms" not in p  # a CPU engine has no graphs
+        assert p["syncs_per_step"] >= 1  # the sampled tokens' read-back at least
     assert base_only["delta_ms"] == 0 < mixed["delta_ms"]  # only rows with a delta run delta ops
+    assert base_only["syncs_per_step"] < mixed["syncs_per_step"]  # routing rows to deltas costs syncs
     assert "| delta_ms |" in profile_markdown([mixed])
 
 

@@ -1,8 +1,9 @@
 """Host syncs of a decode step: none per layer, and after the forward pass exactly one (the sampled tokens).
 
 A host sync (a tensor value read on the host, an output whose size depends on values) stalls the launch queue on
-a GPU; ``HostSyncCounter`` sees the same operations on the CPU, so these run anywhere (``HF_DELTA_TEST_DEVICE=cuda``:
-on a GPU, through the Triton kernels, as benchmarks/gpu_check.sh's engine phase runs them).
+a GPU; ``hf_delta.utils.host_syncs.HostSyncCounter`` sees the same operations on the CPU, so these run anywhere
+(``HF_DELTA_TEST_DEVICE=cuda``: on a GPU, through the Triton kernels, as benchmarks/gpu_check.sh's engine phase
+runs them).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import os
 
 import pytest
 import torch
-from host_syncs import HostSyncCounter
 
 from hf_delta import DeltaModel
 from hf_delta.serving import Engine, EngineConfig, SamplingParams
 from hf_delta.serving.engine.kv_cache import PagedKVCache
 from hf_delta.serving.engine.step import Segment, StepBatch, forward_step
+from hf_delta.utils.host_syncs import HostSyncCounter
 from hf_delta.utils.loading import load_model
 
 DEVICE = os.environ.get("HF_DELTA_TEST_DEVICE") or "cpu"

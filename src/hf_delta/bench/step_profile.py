@@ -31,8 +31,10 @@ from ..serving.engine import engine as engine_module
 from ..serving.engine import step as step_module
 from ..serving.engine.engine import Engine
 from ..serving.engine.sampling import SamplingParams
+from ..utils.host_syncs import HostSyncCounter
 
 CATEGORIES = ("base", "delta", "attention", "sampling", "other")
+_SYNC_STEPS = 2
 _BASE_LAYERS = (torch.nn.Linear, torch.nn.Embedding, Conv1D)  # wrapped by a delta layer or not
 _SCOPE = "hf_delta::"
 
@@ -114,14 +116,15 @@ def profile_decode(engine: Engine, prompts: Sequence[tuple[str, Sequence[int]]],
 
     Returns per-step milliseconds: ``wall`` (under the profiler), each category's op time, ``busy`` (their sum)
     and ``host`` (see the module docstring); ``eager_wall_ms`` (the same steps without the profiler) and, with
-    graphs on, ``graphs_wall_ms`` (replaying them); plus the number of rows and steps profiled. The profiled steps
-    run eagerly: a replayed CUDA graph hides which op is which.
+    graphs on, ``graphs_wall_ms`` (replaying them); host syncs per step (``syncs_per_step``, and
+    ``graphs_syncs_per_step`` replaying); plus the number of rows and steps profiled. The profiled steps run
+    eagerly: a replayed CUDA graph hides which op is which.
     """
     from torch.profiler import ProfilerActivity, profile
 
     device = engine.model.device
     on_device = device.type == "cuda"
-    params = SamplingParams(max_tokens=3 * steps + 4, ignore_eos=True)
+    params = SamplingParams(max_tokens=3 * steps + 2 * _SYNC_STEPS + 4, ignore_eos=True)
     handles = [engine.submit(model, ids, params=params) for model, ids in prompts]
     while not all(engine._requests.get(h.request_id) and engine._requests[h.request_id].output_ids for h in handles):
         if engine.step() == 0:
@@ -133,10 +136,12 @@ def profile_decode(engine: Engine, prompts: Sequence[tuple[str, Sequence[int]]],
         engine.step()  # the same mix seen twice: captured
         extra["graphs_wall_ms"] = _timed_steps(engine, steps, on_device)
         extra["graph_steps"] = graphs.counters["graph_steps"]
+        extra["graphs_syncs_per_step"] = _syncs_per_step(engine)
     engine.graphs = None  # eager from here: a replayed graph hides which op is which
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     try:
         extra["eager_wall_ms"] = _timed_steps(engine, steps, on_device)
+        extra["syncs_per_step"] = _syncs_per_step(engine)
         with _scoped(engine), profile(activities=activities) as prof:
             wall_ms = _timed_steps(engine, steps, on_device)
     finally:
@@ -158,6 +163,15 @@ def profile_decode(engine: Engine, prompts: Sequence[tuple[str, Sequence[int]]],
         "host_ms": max(0.0, wall_ms - busy),
         **extra,
     }
+
+
+def _syncs_per_step(engine: Engine) -> float:
+    """Host syncs per engine step (``HostSyncCounter``; on a GPU, of its tensors only) over ``_SYNC_STEPS`` steps."""
+    device = engine.model.device
+    with HostSyncCounter("cuda" if device.type == "cuda" else None) as syncs:
+        for _ in range(_SYNC_STEPS):
+            engine.step()
+    return syncs.count / _SYNC_STEPS
 
 
 def _timed_steps(engine: Engine, steps: int, on_device: bool) -> float:
@@ -182,7 +196,7 @@ def profile_markdown(profiles: Sequence[dict[str, Any]]) -> str:
     rows = []
     for p in profiles:
         row = {k: p[k] for k in p if not k.endswith("_ms")}
-        for name in ("eager_wall_ms", "graphs_wall_ms"):
+        for name in ("eager_wall_ms", "graphs_wall_ms", "syncs_per_step", "graphs_syncs_per_step"):
             if name in p:
                 row[name] = round(p[name], 3)
         for name in (*CATEGORIES, "host"):

@@ -1,7 +1,8 @@
 """Count the operations that make the host wait for the GPU, on any device (the CPU included).
 
 ``torch.cuda.set_sync_debug_mode`` only works on CUDA; this counter sees the same operations as they are
-dispatched, so a CPU test can assert how many host syncs a step makes:
+dispatched, so a CPU test can assert how many host syncs a step makes (``tests/serving/test_host_syncs.py``) and
+``bench serve --profile`` reports them per decode step:
 
 * a tensor value read on the host: ``item()``, ``bool(t)``, ``int(t)``, ``float(t)``, ``tolist()``, ``numpy()``,
   a copy of a device tensor to the host;
@@ -63,14 +64,15 @@ class _Counts(Counter):
 
 
 class _Mode(TorchDispatchMode):
-    def __init__(self, seen: _Counts):
+    def __init__(self, seen: _Counts, device_type: str | None):
         super().__init__()
         self.seen = seen
+        self.device_type = device_type
         self.depth = 0  # inside a counted method: what it dispatches is the same sync
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if self.depth:
+        if self.depth or not _on(self.device_type, args):
             pass
         elif name in _DATA_DEPENDENT:
             self.seen.add(name)
@@ -100,18 +102,33 @@ def _to_host(func, args, kwargs) -> bool:
     )
 
 
+def _on(device_type: str | None, args) -> bool:
+    """Whether ``args`` hold a tensor on ``device_type`` (any tensor when ``None``)."""
+    for a in args:
+        if isinstance(a, (list, tuple)) and _on(device_type, a):
+            return True
+        if isinstance(a, torch.Tensor) and (device_type is None or a.device.type == device_type):
+            return True
+    return False
+
+
 class HostSyncCounter:
     """While entered, count host syncs by reason (``reasons``; ``reasons.where``: by reason and hf_delta source
-    line) and in all (``count``)."""
+    line) and in all (``count``).
+
+    Args:
+        device_type: count only operations on tensors of this device type (``"cuda"`` on a GPU, where reading a
+            CPU tensor waits for nothing); ``None`` counts every tensor's (the CPU standing in for a GPU).
+    """
 
     # Values read below the dispatcher, or not dispatched under ``torch.inference_mode`` (scalar reads of CPU
     # tensors): counted at the method instead, and the dispatched ``_local_scalar_dense`` they make is not counted
     # twice.
     _PATCHED = ("tolist", "numpy", "item", "__bool__", "__int__", "__float__", "__index__")
 
-    def __init__(self) -> None:
+    def __init__(self, device_type: str | None = None) -> None:
         self.reasons = _Counts()
-        self._mode = _Mode(self.reasons)
+        self._mode = _Mode(self.reasons, device_type)
         self._saved: dict[str, object] = {}
 
     @property
@@ -125,7 +142,7 @@ class HostSyncCounter:
             self._saved[name] = original
 
             def counted(t, *a, _name=name, _original=original, **k):
-                if self._mode.depth == 0:
+                if self._mode.depth == 0 and _on(self._mode.device_type, (t,)):
                     self.reasons.add(_name)
                 self._mode.depth += 1
                 try:
