@@ -138,3 +138,27 @@ def test_settings_that_calibrate_accept_weights_only_checkpoints_and_log_the_ref
         compress_delta(base, finetuned, BitDeltaConfig(distill_steps=3, distill_samples=2), progress=False, **calib)
     (losses,) = [r.refine_losses for r in caplog.records if hasattr(r, "refine_losses")]
     assert len(losses) == 3
+
+
+def test_the_layer_by_layer_teacher_keeps_its_head_in_bf16_and_gives_the_fine_tunes_float32_logits(tmp_path,
+                                                                                                   monkeypatch):
+    """Scale distillation holds the teacher's output head through every step: it stays in the checkpoint's dtype
+    (bf16) and is converted a block of rows at a time, giving the float32 model's logits."""
+    from hf_delta.bench.scale_pair import write_pair
+    from hf_delta.compression.layerwise import LayerwiseModel
+    from hf_delta.utils import memory
+
+    _, finetuned = write_pair(tmp_path, "tiny")
+    ids = torch.randint(2, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    teacher = LayerwiseModel(finetuned)
+    (hidden,) = teacher.final_hidden([(ids, mask)], progress=False)
+    teacher.keep_head_only()
+    assert teacher.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    monkeypatch.setattr(memory, "CHUNK_VALUES", 64 * 100)  # the 512 x 64 head in 6 blocks of rows
+    got = teacher.logits(hidden)
+    expected = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32)(input_ids=ids,
+                                                                                     attention_mask=mask).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -280,6 +280,30 @@ def test_the_sign_matmul_under_autograd_keeps_only_packed_signs_and_gives_the_sa
     torch.testing.assert_close(weight.scales.grad, scales.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_the_sign_matmul_unpacks_a_block_of_rows_at_a_time_with_the_same_results(monkeypatch):
+    """A 32000-row head is unpacked a block of rows at a time in both directions; the product and the input's
+    gradient equal the whole-matrix ones (the backward sums the blocks in float32)."""
+    import hf_delta.methods.bitdelta as bitdelta
+
+    gen = torch.Generator().manual_seed(1)
+    signs = BitDeltaWeight.from_delta(torch.randn(23, 40, generator=gen)).signs[0]
+    x = torch.randn(3, 6, 40, generator=gen)
+    dense = unpack_signs(signs, 40)
+    x_ref = x.clone().requires_grad_()
+    grad_out = torch.randn(3, 6, 23, generator=gen)
+    (x_ref @ dense.T).backward(grad_out)
+    unpacked = []
+    real_unpack = bitdelta.unpack_signs
+    monkeypatch.setattr(bitdelta, "unpack_signs", lambda s, *a: unpacked.append(s.shape[0]) or real_unpack(s, *a))
+    monkeypatch.setattr(bitdelta, "_CHUNK_VALUES", 5 * 40)  # blocks of 5 rows: 5, 5, 5, 5, 3
+    x_blocks = x.clone().requires_grad_()
+    y = bitdelta._SignMatmul.apply(x_blocks, signs, 40)
+    y.backward(grad_out)
+    assert unpacked == [5, 5, 5, 5, 3] * 2
+    torch.testing.assert_close(y, x_ref.detach() @ dense.T, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x_blocks.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_distillation_recomputes_decoder_layers_with_the_same_gradients(pair):
     """Under ``_recomputed_layers`` a step keeps far fewer tensors for the backward (activations are recomputed
     layer by layer), gives the scales the same gradients, and leaves every layer's forward as it was."""
@@ -311,3 +335,60 @@ def test_distillation_recomputes_decoder_layers_with_the_same_gradients(pair):
     assert kept_recomputed < 0.5 * kept_plain
     for a, b in zip(grads_recomputed, grads_plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_distillation_loss_in_token_blocks_equals_the_whole_logits_loss(pair, monkeypatch):
+    """The head and the loss run a few tokens at a time (here 4 blocks); the loss and the scales' gradients are
+    those of the loss on the whole logits, and no tensor of the whole step's logits is kept for the backward."""
+    import hf_delta.methods.bitdelta as bitdelta
+
+    ids, mask = _batch(_ROWS, 12)
+    real = int(mask.sum())
+    config = BitDeltaConfig(distill_steps=1)
+    model, _ = _student(pair, config, [(ids, mask)])
+    try:
+        weights = list(model.get_delta("default").weights.values())
+        for w in weights:
+            w.scales = torch.nn.Parameter(w.scales.detach().clone())
+        model.set_delta("default")
+        vocab = model.base_model.config.vocab_size
+        target = torch.randn(*ids.shape, vocab + 3, generator=torch.Generator().manual_seed(0))  # padded teacher
+        path = bitdelta._head_path(model, (ids, mask))
+        assert path is not None and path[2] == vocab
+
+        def loss_and_grads(path):
+            saved: list[torch.Size] = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+                loss = bitdelta._distill_loss(model, path, ids, mask, target)
+            loss.backward()
+            grads = [w.scales.grad.clone() for w in weights]
+            for w in weights:
+                w.scales.grad = None
+            return loss.detach(), grads, saved
+
+        whole, whole_grads, whole_saved = loss_and_grads(None)
+        monkeypatch.setattr(bitdelta, "_CHUNK_VALUES", vocab * (real // 4 + 1))  # 4 blocks of tokens
+        blocks, block_grads, saved = loss_and_grads(path)
+        torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=0)
+        for a, b in zip(block_grads, whole_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+        rows_of_logits = lambda shapes: [s[:-1].numel() for s in shapes if s[-1] >= vocab]  # noqa: E731
+        assert max(rows_of_logits(whole_saved)) >= real  # the whole path keeps the step's logits ...
+        assert max(rows_of_logits(saved)) <= real // 4 + 1  # ... the blocks only a block's (the checkpoint's input)
+    finally:
+        model.unload()
+
+
+def test_a_model_whose_logits_are_not_its_head_on_its_decoder_keeps_the_whole_logits_loss(pair):
+    """Llama's forward does not soft-cap; with a soft-cap set in its config the head path would, so the check
+    on one sequence finds the mismatch and the loss runs on the model's own logits."""
+    import hf_delta.methods.bitdelta as bitdelta
+
+    model, _ = _student(pair, BitDeltaConfig(distill_steps=1), [_batch(_ROWS, 12)])
+    try:
+        model.set_delta("default")
+        assert bitdelta._head_path(model, _batch(_ROWS, 12)) is not None
+        model.base_model.config.final_logit_softcapping = 1.0
+        assert bitdelta._head_path(model, _batch(_ROWS, 12)) is None
+    finally:
+        model.unload()

@@ -32,6 +32,7 @@ from ..model import DeltaModel
 from ..storage import GENERATION_CONFIG, TOKENIZER_FILES, Delta
 from ..utils.checkpoint import Checkpoint
 from ..utils.loading import load_model, load_tokenizer, resolve_model_folder
+from ..utils.memory import mapped_large_blocks
 from . import deltazip_stream, layerwise, streaming
 from .memory import IN_MEMORY_BYTES_PER_PARAMETER, check_fits
 
@@ -194,14 +195,15 @@ def _compress(base, finetuned, config: DeltaConfig, calibration, *, tokenizer, b
     config = copy.deepcopy(config)  # the delta owns its settings; the caller's object stays untouched
     config.validate()
     method = get_method(config.method)
-    streamed = _stream(base, finetuned, config, method, calibration, tokenizer=tokenizer,
-                       base_revision=base_revision, revision=revision, device=torch.device(device or "cpu"),
-                       progress=progress, hub=hub)
-    if streamed is not None:
-        return streamed
-    _check_in_memory_fits(base, finetuned, method, config)
-    return _in_memory(base, finetuned, config, method, calibration, tokenizer=tokenizer, base_revision=base_revision,
-                      revision=revision, progress=progress, hub=hub)
+    with mapped_large_blocks():  # compression allocates and frees tensors of every size up to a whole matrix
+        streamed = _stream(base, finetuned, config, method, calibration, tokenizer=tokenizer,
+                           base_revision=base_revision, revision=revision, device=torch.device(device or "cpu"),
+                           progress=progress, hub=hub)
+        if streamed is not None:
+            return streamed
+        _check_in_memory_fits(base, finetuned, method, config)
+        return _in_memory(base, finetuned, config, method, calibration, tokenizer=tokenizer,
+                          base_revision=base_revision, revision=revision, progress=progress, hub=hub)
 
 
 def compress_delta(

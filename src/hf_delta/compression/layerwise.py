@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from ..calibration import Batch
 from ..utils.checkpoint import Checkpoint
 from ..utils.logits import softcap_logits
-from ..utils.memory import release_freed_memory
+from ..utils.memory import release_freed_memory, row_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +161,23 @@ class LayerwiseModel:
         return [norm(h) if norm is not None else h for h in hidden]
 
     def keep_head_only(self) -> None:
-        """Drop every loaded weight but the output head's (all that ``logits`` needs once hidden states exist)."""
-        self._drop_loaded(keep=self.model.get_output_embeddings())
+        """Drop every loaded weight but the output head's (all that ``logits`` needs once hidden states exist).
+
+        A linear head goes back to the checkpoint's dtype (exactly: it was loaded from it), and ``logits`` converts a
+        block of its rows at a time: a 32000 x 4096 head is 0.5 GB in float32, held through scale distillation.
+        """
+        head = self.model.get_output_embeddings()
+        self._drop_loaded(keep=head)
+        if type(head) is nn.Linear:
+            stored = self.ckpt.info(self._head_source()).dtype
+            head.weight = nn.Parameter(head.weight.detach().to(stored), requires_grad=False)
+            release_freed_memory()
+
+    def _head_source(self) -> str:
+        """The checkpoint key the output head's weight came from (the embedding's, when they are tied)."""
+        head = self.model.get_output_embeddings()
+        names = [n for n, p in self.model.named_parameters(remove_duplicate=False) if p is head.weight]
+        return next(n for n in names if n in self.ckpt)
 
     def drop_outside_layers(self) -> None:
         """Drop the embedding, final norm and head once the first layer's inputs are captured (layer-by-layer
@@ -180,4 +195,12 @@ class LayerwiseModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits (float32) from ``final_hidden``'s output: the head and any soft-capping."""
-        return softcap_logits(self.model.get_output_embeddings()(hidden), self.model.config).float()
+        head = self.model.get_output_embeddings()
+        if type(head) is not nn.Linear or head.weight.dtype == torch.float32:
+            return softcap_logits(head(hidden), self.model.config).float()
+        hidden = hidden.float()
+        out = hidden.new_empty(*hidden.shape[:-1], head.out_features)
+        for rows in row_blocks(head.out_features, head.in_features):
+            bias = None if head.bias is None else head.bias[rows].float()
+            out[..., rows] = nn.functional.linear(hidden, head.weight[rows].float(), bias)
+        return softcap_logits(out, self.model.config)

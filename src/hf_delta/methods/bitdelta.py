@@ -17,31 +17,45 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from ..calibration import Batch
 from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaFormatError
 from ..packing import pack_1bit_u8, packed_width, unpack_signs
-from ..utils.memory import release_freed_memory
+from ..utils.logits import softcap_logits
+from ..utils.memory import CHUNK_VALUES, release_freed_memory, row_blocks
 from ..utils.progress import progress_range
 from ._dispatch import IdentityCache, kernels_forced, stacked_slots, use_kernels
 from .base import CompressedWeight, CompressionContext, DeltaMethod
 from .registry import register_delta_method
 
-_CHUNK_VALUES = 1 << 22  # values of the delta processed at once by from_delta
+_CHUNK_VALUES = CHUNK_VALUES  # a module attribute, so tests can make the blocks small
 
 
 class _SignMatmul(torch.autograd.Function):
-    """``x @ unpack(signs)ᵀ`` whose backward unpacks the signs again rather than saving the dense ±1 matrix."""
+    """``x @ unpack(signs)ᵀ`` whose backward unpacks the signs again rather than saving the dense ±1 matrix.
+
+    Both directions unpack a block of output rows at a time: a 32000-row output head's dense ±1 matrix (plus the
+    int64 indices the unpacking reads) would otherwise be ~0.2 GB at every step of scale distillation.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, signs: torch.Tensor, in_features: int) -> torch.Tensor:
         ctx.save_for_backward(signs)
         ctx.in_features = in_features
-        return x @ unpack_signs(signs, in_features, x.dtype).T
+        out = x.new_empty(*x.shape[:-1], signs.shape[0])
+        for rows in row_blocks(signs.shape[0], in_features, values=_CHUNK_VALUES):
+            out[..., rows] = x @ unpack_signs(signs[rows], in_features, x.dtype).T
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (signs,) = ctx.saved_tensors
-        return grad @ unpack_signs(signs, ctx.in_features, grad.dtype), None, None
+        # The blocks' products are summed in float32: adding bf16 partial products would round once per block.
+        total = None
+        for rows in row_blocks(signs.shape[0], ctx.in_features, values=_CHUNK_VALUES):
+            part = grad[..., rows].float() @ unpack_signs(signs[rows], ctx.in_features, torch.float32)
+            total = part if total is None else total.add_(part)
+        return total.to(grad.dtype), None, None
 
 
 class BitDeltaWeight(CompressedWeight):
@@ -66,8 +80,7 @@ class BitDeltaWeight(CompressedWeight):
         vocabulary matrix stays a few tens of MB instead of several times the matrix (a 7B model's head).
         """
         out_f, in_f = delta.shape
-        step = max(1, _CHUNK_VALUES // max(in_f, 1))
-        chunks = [slice(r, min(r + step, out_f)) for r in range(0, out_f, step)]
+        chunks = row_blocks(out_f, in_f, values=_CHUNK_VALUES)
         signs = torch.empty(passes, out_f, packed_width(in_f, 1), dtype=torch.uint8, device=delta.device)
         scales = torch.empty(passes, out_f if per_row else 1, dtype=torch.float32, device=delta.device)
         for p in range(passes):
@@ -297,6 +310,50 @@ def _recomputed_layers(model: nn.Module) -> Iterator[None]:
             del layer.forward
 
 
+def _head_path(model: nn.Module, batch: Batch) -> tuple[nn.Module, nn.Module, int] | None:
+    """``(decoder, head, vocabulary)`` when the model's logits are its soft-capped output head applied to its
+    decoder's output (checked on one sequence: it must give the very logits of the model's forward), else ``None``
+    (models that scale or mix logits otherwise: the loss then runs on the whole logits)."""
+    base = getattr(model, "base_model", model)
+    head = base.get_output_embeddings()
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if head is None or decoder is None or decoder is base:
+        return None
+    ids, mask = (t[:1].to(model.device) for t in batch)
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        split = softcap_logits(head(hidden), base.config)
+    return (decoder, head, whole.shape[-1]) if torch.equal(whole, split) else None
+
+
+def _block_loss(head: nn.Module, hidden: torch.Tensor, target: torch.Tensor, config: Any) -> torch.Tensor:
+    logits = softcap_logits(head(hidden), config).float()
+    return ((logits - target[:, : logits.shape[-1]]) ** 2).sum()
+
+
+def _distill_loss(model: nn.Module, path: tuple[nn.Module, nn.Module, int] | None, ids: torch.Tensor,
+                  mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the student's and the teacher's logits on the real tokens.
+
+    With a ``path``, the output head and the loss run a block of tokens at a time, each block recomputed in the
+    backward: the whole step's logits (and their copies in float32, the difference, the gradients) are never
+    held at once, ~0.7 GB for 512 tokens at a 32000-word vocabulary.
+    """
+    real = mask.bool()
+    if path is None:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        return ((logits[real] - target[real][:, : logits.shape[-1]]) ** 2).mean()
+    decoder, head, vocabulary = path
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[real]
+    tokens = real.reshape(-1).nonzero().squeeze(1)
+    flat_target = target.reshape(-1, target.shape[-1])
+    config = model.base_model.config
+    total = sum(checkpoint(_block_loss, head, hidden[block], flat_target[tokens[block]], config, use_reentrant=False)
+                for block in row_blocks(len(tokens), vocabulary, values=_CHUNK_VALUES))
+    return total / (len(tokens) * vocabulary)
+
+
 def distill_scales(model: nn.Module, ctx: CompressionContext) -> list[float]:
     """Train only the scales so the student's logits match the fine-tune's on real (unpadded) tokens.
 
@@ -323,16 +380,14 @@ def distill_scales(model: nn.Module, ctx: CompressionContext) -> list[float]:
     order = torch.Generator().manual_seed(cfg.seed)
     losses = []
     model.set_delta("default")
+    path = _head_path(model, batches[0])
     try:
         with _recomputed_layers(model):
             for _ in progress_range(cfg.distill_steps, desc="bitdelta: scale distillation",
                                   disable=not ctx.progress):
                 index = int(torch.randint(len(batches), (1,), generator=order))
                 ids, mask = (t.to(model.device) for t in batches[index])
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-                target = teacher(index).to(logits.device)
-                real = mask.bool()
-                loss = ((logits[real] - target[real][:, : logits.shape[-1]]) ** 2).mean()
+                loss = _distill_loss(model, path, ids, mask, teacher(index).to(model.device))
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

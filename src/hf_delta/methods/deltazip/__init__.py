@@ -27,6 +27,7 @@ import torch
 
 from ...errors import CalibrationError, DeltaConfigError
 from ...extract import as_out_in, is_conv1d, split_expert_key, vocab_module_names
+from ...utils.memory import row_blocks
 from ..base import CompressedWeight, CompressionContext, DeltaMethod
 from ..registry import register_delta_method
 from .calibrate import LayerCalibrator
@@ -81,8 +82,8 @@ def quantize_delta(cfg: DeltaZipConfig, delta: torch.Tensor, hessian: torch.Tens
     if hessian is None and sparsity is None:
         # Round to nearest: rows are independent, so a 32000-row vocabulary matrix is done in row chunks
         # (the solver's float32 work on the whole matrix was the peak of DeltaZip at 7B-class sizes).
-        step = max(1, _CHUNK_VALUES // max(delta.shape[1], 1))
-        parts = [prune_quantize(delta[r : r + step], None, **options) for r in range(0, delta.shape[0], step)]
+        parts = [prune_quantize(delta[rows], None, **options)
+                 for rows in row_blocks(delta.shape[0], delta.shape[1], values=_CHUNK_VALUES)]
         qm = QuantizedMatrix(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]),
                              None if parts[0].keep is None else torch.cat([p.keep for p in parts]))
     else:
