@@ -162,3 +162,27 @@ def test_the_layer_by_layer_teacher_keeps_its_head_in_bf16_and_gives_the_fine_tu
                                                                                      attention_mask=mask).logits
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_distillation_that_cannot_fit_is_refused_before_any_work_with_what_would_fit(tmp_path, monkeypatch, caplog):
+    from hf_delta.bench.scale import calibration_texts
+    from hf_delta.bench.scale_pair import write_pair
+    from hf_delta.bench.synthetic import word_tokenizer
+    from hf_delta.compression import memory
+    from hf_delta.errors import InsufficientMemoryError
+    from hf_delta.utils.checkpoint import Checkpoint
+
+    base, finetuned = write_pair(tmp_path, "tiny")
+    config = BitDeltaConfig(distill_steps=2, distill_samples=2, distill_seq_len=16)
+    calib = {"calibration": calibration_texts(512, 2, 16), "tokenizer": word_tokenizer(512)}
+    # base as stored (bf16) x 1.1 + the teacher's 32 float32 hidden states and bf16 head + the fixed part
+    expected = int(1.1 * Checkpoint(base).nbytes()) + 4 * 32 * 64 + 512 * 64 * 2 + memory.DISTILL_FIXED_BYTES
+    assert memory.distillation_bytes(Checkpoint(base).nbytes(), tokens=32, hidden=64, head_bytes=512 * 64 * 2) \
+        == expected
+    monkeypatch.setattr(memory, "available_bytes", lambda: expected - 1)
+    with caplog.at_level("INFO", logger="hf_delta"), pytest.raises(InsufficientMemoryError) as err:
+        compress_delta(base, finetuned, config, progress=False, **calib)
+    assert "distill_steps=0" in str(err.value) and f"{expected / 1e9:.1f} GB" in str(err.value)
+    assert "Streaming" not in caplog.text  # refused before reading a tensor
+    monkeypatch.setattr(memory, "available_bytes", lambda: expected)
+    assert compress_delta(base, finetuned, config, progress=False, **calib).weights

@@ -34,7 +34,7 @@ from ..utils.checkpoint import Checkpoint
 from ..utils.loading import load_model, load_tokenizer, resolve_model_folder
 from ..utils.memory import mapped_large_blocks
 from . import deltazip_stream, layerwise, streaming
-from .memory import IN_MEMORY_BYTES_PER_PARAMETER, check_fits
+from .memory import IN_MEMORY_BYTES_PER_PARAMETER, check_fits, distillation_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,8 @@ def _stream(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibrati
     tokenizer = tokenizer or _tokenizer_or_none(ft_folder)
     if layered and tokenizer is None:
         return None
+    if not (method.streams(config) or layered):
+        _check_distillation_fits(pair, config, device)
     logger.info("Streaming %s compression from the checkpoints", config.method)
     record = _record(base, base_revision, streaming.fingerprint(pair))
     with torch.random.fork_rng(devices=[]):  # seed compression without touching the caller's RNG state
@@ -128,11 +130,12 @@ def _stream(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibrati
                   tied=extracted.tied, vocab_size=extracted.vocab_size, files=files)
     if method.streams(config) or layered:
         return delta
-    model = DeltaModel(load_model(base_folder, dtype="auto"))
+    placement = {} if device.type == "cpu" else {"device_map": str(device)}
+    model = DeltaModel(load_model(base_folder, dtype="auto", **placement))
     model.add_delta("default", delta)
 
     def teacher(batches: list[Batch]) -> Callable[[int], torch.Tensor]:
-        finetune = layerwise.LayerwiseModel(ft_folder, ckpt=pair.ft_ckpt)
+        finetune = layerwise.LayerwiseModel(ft_folder, ckpt=pair.ft_ckpt, device=device)
         hidden = finetune.final_hidden(batches, progress=progress)
         finetune.keep_head_only()
         return lambda i: finetune.logits(hidden[i])
@@ -142,6 +145,19 @@ def _stream(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibrati
         torch.manual_seed(config.seed)
         _refine(method, model, ctx)
     return model
+
+
+def _check_distillation_fits(pair: streaming.StreamedPair, config: DeltaConfig, device: torch.device) -> None:
+    """Before streaming, check that the base, its delta and the teacher's cache fit where distillation runs."""
+    head = pair.finetuned.get_output_embeddings().weight
+    stored = pair.ft_ckpt.info(next(iter(pair.ft_ckpt.keys()))).dtype
+    needed = distillation_bytes(pair.base_ckpt.nbytes(), tokens=config.distill_samples * config.distill_seq_len,
+                                hidden=head.shape[1], head_bytes=head.numel() * stored.itemsize)
+    check_fits(needed, what=f"Scale distillation ({config.distill_samples} x {config.distill_seq_len} tokens)",
+               device=device,
+               advice="Use BitDeltaConfig(distill_steps=0) (data-free: streams the checkpoints in a few GB), "
+                      "fewer distill_samples, compress(..., device='cuda') on a GPU that holds the base, or a "
+                      "machine with more memory.")
 
 
 def _in_memory(base, finetuned, config: DeltaConfig, method: DeltaMethod, calibration, *, tokenizer, base_revision,
@@ -269,7 +285,8 @@ def compress(
             ``None`` samples text from the fine-tune itself (data-free).
         tokenizer: the fine-tune's tokenizer (loaded from ``finetuned`` when it is a path or id).
         base_revision / revision: revisions of the base and fine-tune repos when loading by id.
-        device: where data-free deltas are computed (see :func:`compress_delta`).
+        device: where deltas are computed, and where scale distillation from checkpoints runs (the base, the
+            layer-by-layer teacher and the steps; see :func:`compress_delta`).
 
     Data-free settings stream the checkpoints (:func:`compress_delta`) and then load the base in its own
     dtype; the others load both models in float32.

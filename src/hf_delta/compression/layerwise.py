@@ -59,18 +59,23 @@ def _decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
 
 
 class LayerwiseModel:
-    """``folder``'s causal LM with at most one decoder layer in memory at a time (float32).
+    """``folder``'s causal LM with at most one decoder layer in memory at a time (float32, on ``device``).
 
     >>> teacher = LayerwiseModel("path/to/finetune")  # doctest: +SKIP
     >>> hidden = teacher.final_hidden(batches)  # doctest: +SKIP
     """
 
-    def __init__(self, folder, *, ckpt: Checkpoint | None = None):
+    def __init__(self, folder, *, ckpt: Checkpoint | None = None, device: torch.device | str = "cpu"):
         self.ckpt = ckpt or Checkpoint(folder)
+        self.device = torch.device(device)
         config = AutoConfig.from_pretrained(folder)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config)
         self.model.eval()
+        for module in self.model.modules():  # rotary frequencies and the like; the weights come one layer at a time
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(self.device)
         if not supports(self.model):
             raise ValueError(f"{config.model_type} mixes layer types or has no decoder.layers list; it is not run "
                              "layer by layer.")
@@ -93,7 +98,7 @@ class LayerwiseModel:
         source = name if name in self.ckpt else None
         if source is None:  # a tied output head: tie_weights() makes it the embedding's
             return
-        tensor = self.ckpt.get(source)
+        tensor = self.ckpt.get(source).to(self.device)
         module._parameters[leaf] = nn.Parameter(tensor.float() if tensor.is_floating_point() else tensor,
                                                 requires_grad=False)
 
@@ -129,7 +134,7 @@ class LayerwiseModel:
             raise _Stop
 
         handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-        ids, mask = batch
+        ids, mask = (t.to(self.device) for t in batch)
         try:
             self.model(input_ids=ids, attention_mask=mask, use_cache=False)
         except _Stop:
