@@ -304,6 +304,16 @@ def test_the_sign_matmul_unpacks_a_block_of_rows_at_a_time_with_the_same_results
     torch.testing.assert_close(x_blocks.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
 
 
+def _trainable_student(pair, batch) -> tuple[DeltaModel, list[BitDeltaWeight]]:
+    """The base with the compressed delta active and its scales trainable, as distillation has them."""
+    model, _ = _student(pair, BitDeltaConfig(distill_steps=1), [batch])
+    weights = list(model.get_delta("default").weights.values())
+    for w in weights:
+        w.scales = torch.nn.Parameter(w.scales.detach().clone())
+    model.set_delta("default")
+    return model, weights
+
+
 def test_distillation_recomputes_decoder_layers_with_the_same_gradients(pair):
     """Under ``_recomputed_layers`` a step keeps far fewer tensors for the backward (activations are recomputed
     layer by layer), gives the scales the same gradients, and leaves every layer's forward as it was."""
@@ -312,13 +322,8 @@ def test_distillation_recomputes_decoder_layers_with_the_same_gradients(pair):
     ids, mask = _batch(_ROWS, 12)
 
     def step(recompute: bool):
-        config = BitDeltaConfig(distill_steps=1)
-        model, _ = _student(pair, config, [(ids, mask)])
+        model, weights = _trainable_student(pair, (ids, mask))
         try:
-            weights = list(model.get_delta("default").weights.values())
-            for w in weights:
-                w.scales = torch.nn.Parameter(w.scales.detach().clone())
-            model.set_delta("default")
             saved: list[int] = []
             scope = _recomputed_layers(model) if recompute else contextlib.nullcontext()
             with scope, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
@@ -344,13 +349,8 @@ def test_distillation_loss_in_token_blocks_equals_the_whole_logits_loss(pair, mo
 
     ids, mask = _batch(_ROWS, 12)
     real = int(mask.sum())
-    config = BitDeltaConfig(distill_steps=1)
-    model, _ = _student(pair, config, [(ids, mask)])
+    model, weights = _trainable_student(pair, (ids, mask))
     try:
-        weights = list(model.get_delta("default").weights.values())
-        for w in weights:
-            w.scales = torch.nn.Parameter(w.scales.detach().clone())
-        model.set_delta("default")
         vocab = model.base_model.config.vocab_size
         target = torch.randn(*ids.shape, vocab + 3, generator=torch.Generator().manual_seed(0))  # padded teacher
         path = bitdelta._head_path(model, (ids, mask))
