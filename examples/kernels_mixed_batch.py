@@ -1,13 +1,19 @@
 """One mixed batch, three 1-bit deltas: each row gets its own delta's product added to the base output.
 
+Then the same deltas attached to a delta-aware layer: each is written into a slot of the layer's resident
+buffer, which its mixed batches read directly (nothing stacked per call), and detaching one zeroes its slot.
+
 Run: python examples/kernels_mixed_batch.py   (CUDA: the Triton kernel; CPU: the PyTorch reference)
 """
 
 import argparse
 
 import torch
+from torch import nn
 
 from hf_delta.kernels import DecodeConfig, bitdelta_matmul, chosen_configs, plan_bitdelta_batch, warmup
+from hf_delta.layers import DeltaLinear, DeltaParts, DeltaRouting
+from hf_delta.methods.bitdelta import BitDeltaWeight
 from hf_delta.packing import pack_1bit_u8, unpack_signs
 
 argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
@@ -44,3 +50,24 @@ for row, d in enumerate(slots.tolist()):
 error = (out.float().cpu() - expected).abs().max() / expected.abs().max()
 print(f"{device} ({dtype}): {m} rows over {deltas} deltas, max relative error vs. per-row dense {error:.1e}")
 assert error < 2e-2
+
+# Resident slot buffers: a layer holding the same three deltas (as a DeltaModel's layers do after load_delta).
+routing = DeltaRouting()
+layer = DeltaLinear(nn.Linear(k, n, bias=False), routing)
+with torch.no_grad():
+    layer.base_layer.weight.copy_(base_weight)
+for d in range(deltas):
+    name = f"delta-{d}"
+    weight = BitDeltaWeight((n, k), signs[d].clone(), scales[d].clone())
+    layer.attach(name, DeltaParts(weight=weight), routing.add(name))
+layer.to(device, dtype)  # moves the base and rewrites the resident buffer on the device
+buffer = layer.resident_buffer("delta-0")
+print(f"resident buffer: {buffer.capacity} slots of signs {tuple(buffer.tensors['signs'].shape[1:])}")
+with torch.no_grad(), routing.use(slots.to(device)):
+    layered = layer(x_dev)
+error = (layered.float().cpu() - expected).abs().max() / expected.abs().max()
+print(f"through the layer's resident buffer: max relative error vs. per-row dense {error:.1e}")
+assert error < 2e-2
+slot = buffer.slot_of("delta-1")
+layer.detach("delta-1")
+print(f"after detaching delta-1 its slot {slot} is zero: {not buffer.tensors['signs'][slot].any()}")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from hf_delta.layers import DeltaOverride, DeltaParts, DeltaRouting
+from hf_delta.layers import DeltaLinear, DeltaOverride, DeltaParts, DeltaRouting
 from hf_delta.methods.bitdelta import BitDeltaWeight
 
 
@@ -24,21 +24,26 @@ def _routing(slots: list[int], names: list[str]) -> DeltaRouting:
 @given(n_deltas=st.integers(2, 5), rows=st.integers(1, 48), out=st.integers(1, 40), k=st.integers(1, 40),
        per_row=st.booleans(), popular=st.sampled_from([1.0, 20.0]), seed=st.integers(0, 2**16))
 def test_bitdelta_batched_rows_equal_one_delta_at_a_time(n_deltas, rows, out, k, per_row, popular, seed):
+    """The CPU serving path: deltas resident in the layer's slot buffer, one batched matmul over their rows."""
     gen = torch.Generator().manual_seed(seed)
     weights = [BitDeltaWeight.from_delta(torch.randn(out, k, generator=gen), per_row=per_row)
                for _ in range(n_deltas)]
+    dense = [w.to_dense() for w in weights]  # before attaching: the reference does not read the buffer
     x = torch.randn(rows, k, generator=gen)
     # slot -1 (base) and deltas 0..n-1; a popular delta 0 gets many rows and runs alone, the rest batched
     odds = torch.tensor([1.0, popular] + [1.0] * (n_deltas - 1))
     slot = torch.multinomial(odds, rows, replacement=True, generator=gen) - 1
-    picked = [(d, (slot == d).nonzero().squeeze(1)) for d in range(n_deltas)]
-    picked = [(d, r) for d, r in picked if len(r)]
-    base = torch.randn(rows, out, generator=gen)
-    got = base.clone()
-    BitDeltaWeight.add_to_rows_many([weights[d] for d, _ in picked], x, got, [r for _, r in picked])
-    expected = base.clone()
-    for d, r in picked:  # independent reference: the dense decompressed delta, row by row
-        expected[r] += x[r] @ weights[d].to_dense().T
+    routing = _routing(slot.tolist(), [f"d{d}" for d in range(n_deltas)])
+    layer = DeltaLinear(nn.Linear(k, out), routing)
+    for d, w in enumerate(weights):
+        layer.attach(f"d{d}", DeltaParts(weight=w), d)
+    assert layer.resident_buffer("d0") is layer.resident_buffer(f"d{n_deltas - 1}") is not None
+    with torch.no_grad():
+        got = layer(x)
+        expected = layer.base_layer(x)
+    for d in range(n_deltas):  # independent reference: the dense decompressed delta, row by row
+        r = (slot == d).nonzero().squeeze(1)
+        expected[r] += x[r] @ dense[d].T
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterator
 
@@ -22,20 +23,27 @@ from torch import nn
 from .errors import DeltaNotFoundError, UnsupportedArchitectureError
 from .extract import as_out_in, is_conv1d
 from .methods.base import CompressedWeight
+from .slots import SlotBuffer, buffer_key
 
 BASE_SLOT = -1
 
 
 class DeltaRouting:
-    """Which delta each row uses in the current forward pass (shared by every delta-aware layer)."""
+    """Which delta each row uses in the current forward pass (shared by every delta-aware layer).
+
+    ``capacity``: the slots each layer's resident buffers allocate up front (the serving engine sets its
+    device slots here); 0 = buffers grow by doubling as deltas are attached.
+    """
 
     def __init__(self) -> None:
         self.slots: list[str | None] = []  # slot id -> delta name (None = freed slot)
         self.active: str | None = None
         self.disabled = False
+        self.capacity = 0
         self._row_slots: torch.Tensor | None = None
-        # Every wrapped layer of one forward pass asks for the same routes: compute them once per input shape.
-        self._plans: dict[tuple[tuple[int, ...], torch.device], list[tuple[str, torch.Tensor]]] = {}
+        # Every wrapped layer of one forward pass asks for the same routes and slot vectors: computed once per
+        # input shape (and buffer layout), not once per layer.
+        self._plans: dict[tuple, object] = {}
 
     @property
     def row_slots(self) -> torch.Tensor | None:
@@ -77,12 +85,30 @@ class DeltaRouting:
             return []
         if self._row_slots is None:
             return [] if self.active is None else [(self.active, None)]
-        key = (tuple(lead_shape), device)
+        key = ("routes", tuple(lead_shape), device)
         if key not in self._plans:
             self._plans[key] = self._split(lead_shape, device)
         return self._plans[key]
 
-    def _split(self, lead_shape: torch.Size, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    def slot_plan(self, lead_shape: torch.Size, device: torch.device, lut: tuple[int, ...],
+                  num_slots: int) -> tuple[torch.Tensor, object]:
+        """The buffer slot of each flat row (``lut[routing slot]``, ``-1`` for base rows) and its kernel tile plan
+        over ``num_slots`` buffer slots; built once per forward pass for each distinct ``lut``, which every layer
+        holding the same deltas in the same slots shares."""
+        key = ("slots", tuple(lead_shape), device, lut, num_slots)
+        if key not in self._plans:
+            from hf_delta.kernels import plan_bitdelta_batch
+
+            table = torch.tensor((*lut, BASE_SLOT), dtype=torch.int32, device=device)
+            slots = table[self._flat(lead_shape, device)]  # a base row's -1 picks the trailing BASE_SLOT
+            self._plans[key] = (slots, plan_bitdelta_batch(slots, num_slots))
+        return self._plans[key]
+
+    def _flat(self, lead_shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """The routing slot of every flat row (or token) of an input with leading dims ``lead_shape``."""
+        key = ("flat", tuple(lead_shape), device)
+        if key in self._plans:
+            return self._plans[key]
         idx = self._row_slots.to(device)
         if idx.dim() > 1 and idx.numel() == math.prod(lead_shape):
             idx = idx.reshape(lead_shape)  # per-token slots seen by a block that flattens its tokens (MoE)
@@ -95,7 +121,11 @@ class DeltaRouting:
             idx = idx.repeat_interleave(lead_shape[0] // idx.shape[0], dim=0)  # beams / return sequences
         while idx.dim() < len(lead_shape):
             idx = idx.unsqueeze(-1)
-        flat = idx.expand(lead_shape).reshape(-1)
+        self._plans[key] = idx.expand(lead_shape).reshape(-1)
+        return self._plans[key]
+
+    def _split(self, lead_shape: torch.Size, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        flat = self._flat(lead_shape, device)
         present = torch.unique(flat).tolist()
         if len(present) == 1 and present[0] != BASE_SLOT:  # one delta for every row: no gather or scatter
             return [(self.slots[present[0]], None)]
@@ -150,14 +180,26 @@ class DeltaWrapper(nn.Module):
     def check(self, parts: DeltaParts) -> None:
         """Raise ``UnsupportedArchitectureError`` if ``parts`` cannot be applied to this module exactly."""
 
+    def attach(self, name: str, parts: DeltaParts, slot: int) -> None:
+        """Hold ``parts`` as delta ``name``, whose rows carry routing slot ``slot``."""
+        self.deltas[name] = parts
+
+    def detach(self, name: str) -> None:
+        """Stop holding delta ``name`` (nothing happens if it is not held)."""
+        self.deltas.pop(name, None)
+
     @property
     def weight(self) -> torch.Tensor:  # transformers reads .weight of embeddings and heads
         return self.base_layer.weight
 
-    def _routes(self, lead_shape: torch.Size, device: torch.device):
+    def _named_routes(self, lead_shape: torch.Size, device: torch.device):
         for name, rows in self.routing.routes(lead_shape, device):
             if name in self.deltas:
-                yield self.deltas[name], rows
+                yield name, self.deltas[name], rows
+
+    def _routes(self, lead_shape: torch.Size, device: torch.device):
+        for _, parts, rows in self._named_routes(lead_shape, device):
+            yield parts, rows
 
 
 def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -195,25 +237,72 @@ class DeltaLinear(DeltaWrapper):
 
     The base output is the wrapped module's own forward; a compressed delta adds ``x @ Δᵀ`` (``Δ`` is
     ``[out, in]`` whatever the module's storage layout), an exact weight runs the module with that weight.
+
+    A compressed weight whose format has a resident buffer (``CompressedWeight.slot_format``) lives in a slot of
+    this layer's buffer of that format while attached (``hf_delta.slots``): a mixed batch's kernel reads the
+    buffer with a slot per row, built once per forward pass by the routing, and nothing is stacked per call.
     """
+
+    def __init__(self, base_layer: nn.Module, routing: DeltaRouting):
+        super().__init__(base_layer, routing)
+        self._buffers_by_format: dict[tuple, SlotBuffer] = {}
+        self._format_of: dict[str, tuple] = {}  # resident delta name -> its buffer's key
 
     def check(self, parts: DeltaParts) -> None:
         if "weight" not in parts.exact_names and not getattr(self, "_affine", False):
             _check_affine(self.base_layer)  # only added contributions need it: a replaced weight runs the module
             self._affine = True
 
+    def attach(self, name: str, parts: DeltaParts, slot: int) -> None:
+        super().attach(name, parts, slot)
+        self._make_resident(name, slot)
+
+    def detach(self, name: str) -> None:
+        key = self._format_of.pop(name, None)
+        if key is not None:
+            buffer = self._buffers_by_format[key]
+            buffer.clear(name)
+            if not len(buffer) and not self.routing.capacity:  # no configured slots to keep: free the memory
+                del self._buffers_by_format[key]
+        super().detach(name)
+
+    def resident_buffer(self, name: str) -> SlotBuffer | None:
+        """The slot buffer delta ``name``'s compressed weight lives in here, or ``None`` (the per-delta path)."""
+        key = self._format_of.get(name)
+        return None if key is None else self._buffers_by_format[key]
+
+    def _make_resident(self, name: str, slot: int) -> None:
+        weight = self.deltas[name].weight
+        key = buffer_key(weight) if isinstance(weight, CompressedWeight) else None
+        if key is None:
+            return
+        buffer = self._buffers_by_format.get(key)
+        if buffer is None:
+            buffer = self._buffers_by_format[key] = SlotBuffer(weight, self.routing.capacity)
+        buffer.write(name, slot, weight, capacity=self.routing.capacity)
+        self._format_of[name] = key
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)  # every delta's tensors moved or cast: views of the old buffers no more
+        resident = sorted((slot, name) for buffer in self._buffers_by_format.values()
+                          for name, slot in buffer.resident())
+        self._buffers_by_format, self._format_of = {}, {}
+        for slot, name in resident:  # written again in the same order: layers keep sharing slot vectors
+            self._make_resident(name, slot)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         y = base(x)
-        routes = list(self._routes(x.shape[:-1], x.device))
+        routes = list(self._named_routes(x.shape[:-1], x.device))
         if not routes:
             return y
         lead, out_features = x.shape[:-1], y.shape[-1]
         xf = x.reshape(-1, x.shape[-1])
         # Deltas that replace the weight (a grown or untargeted matrix) run the module with their own tensors.
         replaced = {id(p): _call_with(base, {k: v.to(x.dtype) for k, v in p.exact().items()}, _take(xf, rows))
-                    for p, rows in routes if "weight" in p.exact_names}
-        width = max([out_features] + [out_features + len(p.new_rows) for p, _ in routes if p.new_rows is not None]
+                    for _, p, rows in routes if "weight" in p.exact_names}
+        width = max([out_features] + [out_features + len(p.new_rows) for _, p, _ in routes if p.new_rows is not None]
                     + [out.shape[-1] for out in replaced.values()])
         yf = y.reshape(-1, out_features)
         if width > yf.shape[-1]:
@@ -222,16 +311,25 @@ class DeltaLinear(DeltaWrapper):
         else:
             yf = yf.clone()
         head = yf[:, :out_features]
-        # Compressed weights of one kind are applied together: a kind may batch its deltas into one operation.
+        # Compressed weights of one kind are applied together: a kind may batch its deltas into one operation;
+        # those of one resident buffer read it directly.
         batched: dict[type[CompressedWeight], tuple[list[CompressedWeight], list[torch.Tensor | None]]] = {}
-        for parts, rows in routes:
+        resident: dict[tuple, tuple[list[str], list[CompressedWeight], list[int], list[torch.Tensor]]] = {}
+        for name, parts, rows in routes:
             exact = parts.exact()
             if id(parts) in replaced:
                 out = replaced[id(parts)]
                 yf[slice(None) if rows is None else rows, : out.shape[-1]] = out.to(yf.dtype)
                 continue
             if parts.weight is not None:
-                weights, weight_rows = batched.setdefault(type(parts.weight), ([], []))
+                key = self._format_of.get(name) if rows is not None else None
+                slot = None if key is None else self._buffers_by_format[key].holds(name, parts.weight)
+                if slot is None:
+                    weights, weight_rows = batched.setdefault(type(parts.weight), ([], []))
+                else:
+                    names, weights, index, weight_rows = resident.setdefault(key, ([], [], [], []))
+                    names.append(name)
+                    index.append(slot)
                 weights.append(parts.weight)
                 weight_rows.append(rows)
             if "bias" in exact:
@@ -247,6 +345,14 @@ class DeltaLinear(DeltaWrapper):
                     yf[:, cols] = extra
                 else:
                     yf[rows, cols] = extra
+        for key, (names, weights, index, weight_rows) in resident.items():
+            buffer = self._buffers_by_format[key]
+            lut = buffer.lut(names, len(self.routing.slots))
+            plan = functools.partial(self.routing.slot_plan, lead, x.device, lut, buffer.capacity)
+            if not buffer.kind.add_to_rows_resident(buffer.tensors, index, weights, xf, head, weight_rows, plan):
+                group = batched.setdefault(buffer.kind, ([], []))
+                group[0].extend(weights)
+                group[1].extend(weight_rows)
         for kind, (weights, weight_rows) in batched.items():
             kind.add_to_rows_many(weights, xf, head, weight_rows)
         return yf.reshape(*lead, width)

@@ -128,8 +128,11 @@ class DeltaModel(nn.Module):
 
         All or nothing: every tensor is first moved to the base's device, and only then installed in the
         layers; a failure at any point (a mismatched base, out of memory) leaves the model as it was. The
-        caller's ``delta`` is not modified: ``get_delta(delta_name)`` returns the attached copy, whose
-        weights are the very objects the layers use.
+        caller's ``delta`` keeps its values: ``get_delta(delta_name)`` returns the attached copy, whose
+        weights are the very objects the layers use. A compressed weight with a resident slot buffer
+        (``hf_delta.slots``) is copied into a slot of its layer's buffer and its tensors become views of it;
+        a weight already on the base's device is shared with ``delta`` (as its tensors were before), so
+        ``delta``'s tensors become those views too, and get copies of their own back when it is deleted.
         """
         if delta_name == BASE_NAME:
             raise ValueError(f"{BASE_NAME!r} is reserved for 'no delta'; choose another delta_name.")
@@ -140,9 +143,17 @@ class DeltaModel(nn.Module):
                    base_name=delta.record.base_model_name_or_path, ignore_mismatch=ignore_base_mismatch)
         self._check_fits(delta, source or delta_name)
         attached, parts = self._moved_parts(delta)
-        self._install(delta_name, parts, delta.tied)
+        appended = None not in self.routing.slots
+        slot = self.routing.add(delta_name)
+        try:
+            self._install(delta_name, parts, delta.tied, slot)
+        except BaseException:
+            if appended:
+                self.routing.slots.pop()
+            else:
+                self.routing.slots[slot] = None
+            raise
         self.deltas[delta_name] = attached
-        self.routing.add(delta_name)
         if self.routing.active is None:
             self.routing.active = delta_name
 
@@ -155,6 +166,10 @@ class DeltaModel(nn.Module):
         """A copy of ``delta`` whose weights sit beside their layers, and its parts per module (nothing
         installed yet; the caller's tensors are not moved in place)."""
         weights = {key: weight.moved_to(self._device_of(_owner(key))) for key, weight in delta.weights.items()}
+        # One weight object can sit in one slot buffer only (its tensors are views of that slot): a weight that
+        # another attached delta already holds (the same Delta attached twice) gets an object of its own.
+        held = {id(w) for d in self.deltas.values() for w in d.weights.values()}
+        weights = {key: w.shallow_copy() if id(w) in held else w for key, w in weights.items()}
         per_module: dict[str, dict[str, Any]] = {}
         experts: dict[str, dict[str, dict[int, CompressedWeight]]] = {}  # experts module → leaf → expert → Δ
         for key, w in weights.items():
@@ -173,8 +188,9 @@ class DeltaModel(nn.Module):
         parts = {module: DeltaParts(**kw) for module, kw in per_module.items()}
         return dataclasses.replace(delta, weights=weights), parts
 
-    def _install(self, delta_name: str, parts: dict[str, DeltaParts], tied: dict[str, str]) -> None:
-        """Put ``parts`` into the layers (wrapping them as needed); undone completely if anything fails."""
+    def _install(self, delta_name: str, parts: dict[str, DeltaParts], tied: dict[str, str], slot: int) -> None:
+        """Put ``parts`` into the layers (wrapping them as needed) for rows of routing slot ``slot``; undone
+        completely if anything fails."""
         targets = [(module, p) for module, p in parts.items()]
         # One object: a tied head shares its embedding's delta.
         targets += [(head, parts[embed]) for head, embed in tied.items() if embed in parts]
@@ -183,10 +199,10 @@ class DeltaModel(nn.Module):
             for module, p in targets:
                 wrapper = self._wrap(module)
                 wrapper.check(p)
-                wrapper.deltas[delta_name] = p
+                wrapper.attach(delta_name, p, slot)
         except BaseException:
             for wrapper in self._wrapped.values():
-                wrapper.deltas.pop(delta_name, None)
+                wrapper.detach(delta_name)
             for module in created:
                 if module in self._wrapped:
                     self._unwrap(module)
@@ -292,8 +308,7 @@ class DeltaModel(nn.Module):
         """Remove a delta and free its memory."""
         self.get_delta(delta_name)
         for wrapper in self._wrapped.values():
-            if delta_name in wrapper.deltas:
-                del wrapper.deltas[delta_name]
+            wrapper.detach(delta_name)
         del self.deltas[delta_name]
         self.routing.slots[self.routing.slot_of(delta_name)] = None
         if self.routing.active == delta_name:

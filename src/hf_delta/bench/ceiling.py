@@ -29,17 +29,19 @@ from .workload import BenchSettings, build_workload, run_engine, run_naive
 def delta_products_skipped() -> Iterator[None]:
     """Every compressed linear delta adds nothing (routing, gathers, embeddings and norms still run)."""
     kinds = [CompressedWeight, *CompressedWeight.__subclasses__()]
-    saved = {kind: kind.__dict__.get("add_to_rows_many") for kind in kinds}
-    for kind in kinds:
-        kind.add_to_rows_many = classmethod(lambda cls, weights, x, out, rows: None)
+    skipped = {"add_to_rows_many": classmethod(lambda cls, weights, x, out, rows: None),
+               "add_to_rows_resident": classmethod(lambda cls, *args: True)}  # True: done, nothing added
+    saved = {(kind, name): kind.__dict__.get(name) for kind in kinds for name in skipped}
+    for (kind, name) in saved:
+        setattr(kind, name, skipped[name])
     try:
         yield
     finally:
-        for kind, method in saved.items():
+        for (kind, name), method in saved.items():
             if method is None:
-                delattr(kind, "add_to_rows_many")
+                delattr(kind, name)
             else:
-                kind.add_to_rows_many = method
+                setattr(kind, name, method)
 
 
 def main(argv: list[str] | None = None) -> int:

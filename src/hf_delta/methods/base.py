@@ -71,6 +71,12 @@ class CompressedWeight(abc.ABC):
         """Move/cast the buffers like ``Tensor.to`` (in place; returns self)."""
         return self._apply(lambda t: t.to(*args, **kwargs))
 
+    def shallow_copy(self) -> CompressedWeight:
+        """A new object sharing this one's tensors, whose tensors can be replaced without touching this one."""
+        clone = copy.copy(self)
+        clone._buffers = dict(self._buffers)
+        return clone
+
     def moved_to(self, device: torch.device | str) -> CompressedWeight:
         """This weight with its buffers on ``device``: ``self`` when they are there already, else a copy
         (``self`` is left where it is)."""
@@ -106,6 +112,28 @@ class CompressedWeight(abc.ABC):
         """``add_to_rows`` of several deltas of this kind (disjoint ``rows``); kinds that can batch override it."""
         for weight, r in zip(weights, rows, strict=True):
             weight.add_to_rows(x, out, r)
+
+    def slot_format(self) -> tuple[Any, ...] | None:
+        """What a layer's resident slot buffer groups this weight by, or ``None`` (the per-delta path).
+
+        Weights of one type and equal format share a buffer holding every registered tensor as a row of a
+        ``[slots, ...]`` tensor (``hf_delta.slots``); their mixed-batch product then reads that buffer
+        directly (``add_to_rows_resident``) instead of stacking the deltas' tensors per call.
+        """
+        return None
+
+    @classmethod
+    def add_to_rows_resident(cls, resident: dict[str, torch.Tensor], index: list[int],
+                             weights: list[CompressedWeight], x: torch.Tensor, out: torch.Tensor,
+                             rows: list[torch.Tensor], slot_plan: Callable[[], tuple[torch.Tensor, Any]]) -> bool:
+        """``add_to_rows_many`` for weights whose tensors are rows ``index`` of the resident buffer ``resident``.
+
+        Semantics, for each ``d``: ``out[rows[d]] += x[rows[d]] @ Δ_dᵀ`` with ``Δ_d`` read from
+        ``resident[...][index[d]]``. ``slot_plan()`` gives the forward pass's slot vector (the buffer slot of
+        each row of ``x``, ``-1`` for rows of no delta here) and its kernel tile plan, built once per pass.
+        Returns False when this call cannot use the buffer; the caller then takes ``add_to_rows_many``.
+        """
+        return False
 
     def meta(self) -> dict[str, Any]:
         """JSON-able facts needed to rebuild this object from its tensors (shape, layout options)."""

@@ -8,7 +8,7 @@ Scale distillation then trains only the scales so the compressed model's logits 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,48 +143,43 @@ class BitDeltaWeight(CompressedWeight):
         bitdelta_matmul(x.contiguous(), out, slots, self.signs.unsqueeze(0), self._kernel_scales().unsqueeze(0),
                         plan=plan, backend="triton" if kernels_forced() else "auto")
 
+    def slot_format(self) -> tuple[int, int]:
+        # Every BitDelta weight has a resident buffer: its tensors' shapes (passes, per-row or per-matrix
+        # scales) and dtypes, which the buffer key includes, are its whole format.
+        return self.shape
+
     @classmethod
-    def add_to_rows_many(cls, weights: list[CompressedWeight], x: torch.Tensor, out: torch.Tensor,
-                         rows: list[torch.Tensor | None]) -> None:
-        # A serving step routes its rows to many deltas in every layer. Deltas of one layer share its shape;
-        # one sign pass each (CPU) or the same number of passes (kernel) lets them stack.
-        several = len(weights) > 1 and all(r is not None for r in rows)
-        if several and use_kernels(x, *(w.scales for w in weights)):
-            if all(w.passes == weights[0].passes for w in weights):
-                cls._kernel_many(weights, x, out, rows)
-                return
-        elif several and not (torch.is_grad_enabled() and any(w.scales.requires_grad for w in weights)) and all(
-                w.passes == 1 and w.scales.shape == weights[0].scales.shape for w in weights):
-            cls._batched_many(weights, x, out, rows)
-            return
-        super().add_to_rows_many(weights, x, out, rows)
+    def add_to_rows_resident(cls, resident: dict[str, torch.Tensor], index: list[int],
+                             weights: list[CompressedWeight], x: torch.Tensor, out: torch.Tensor,
+                             rows: list[torch.Tensor], slot_plan: Callable[[], tuple[torch.Tensor, Any]]) -> bool:
+        # Resident weights never need a gradient (the buffer refuses those), so only x decides the kernel.
+        if use_kernels(x):
+            from hf_delta.kernels import bitdelta_matmul
+
+            # One launch for every delta of the layer: the kernel reads the buffer's rows by each row's slot.
+            slots, plan = slot_plan()
+            bitdelta_matmul(x.contiguous(), out, slots, resident["signs"], resident["scales"].float(), plan=plan,
+                            backend="triton" if kernels_forced() else "auto")
+            return True
+        if len(weights) > 1 and resident["signs"].shape[1] == 1:
+            cls._batched_resident(resident, index, weights, x, out, rows)
+            return True
+        return False
 
     @staticmethod
-    def _kernel_many(weights: list[BitDeltaWeight], x: torch.Tensor, out: torch.Tensor,
-                     rows: list[torch.Tensor]) -> None:
-        """One kernel launch for every delta of the layer (rows picked by slot), not one launch per delta."""
-        from hf_delta.kernels import bitdelta_matmul
-
-        slots, plan = stacked_slots(rows, x.shape[0], x.device)
-        signs = torch.stack([w.signs for w in weights])
-        scales = torch.stack([w._kernel_scales() for w in weights])
-        bitdelta_matmul(x.contiguous(), out, slots, signs, scales, plan=plan,
-                        backend="triton" if kernels_forced() else "auto")
-
-    @staticmethod
-    def _batched_many(weights: list[BitDeltaWeight], x: torch.Tensor, out: torch.Tensor,
-                      rows: list[torch.Tensor]) -> None:
-        """The CPU serving path: one unpack of all the deltas' signs and one batched matmul over rows gathered
-        per delta replace a Python loop of small operations."""
+    def _batched_resident(resident: dict[str, torch.Tensor], index: list[int], weights: list[CompressedWeight],
+                          x: torch.Tensor, out: torch.Tensor, rows: list[torch.Tensor]) -> None:
+        """The CPU serving path (one sign pass): one unpack of the deltas' resident signs and one batched matmul
+        over rows gathered per delta replace a Python loop of small operations."""
         plan = _ROW_PLANS.get(rows, (x.shape[0],), lambda: _RowPlan(rows, x.shape[0]))
         for d in plan.alone:
             weights[d].add_to_rows(x, out, rows[d])
         if plan.together:
             features_out, features_in = weights[0].shape
-            packed = torch.cat([weights[d].signs for d in plan.together])
-            signs = unpack_signs(packed, features_in, x.dtype)  # [D, out, in]
+            chosen = torch.tensor([index[d] for d in plan.together], device=x.device)
+            signs = unpack_signs(resident["signs"][chosen, 0], features_in, x.dtype)  # [D, out, in]
             gathered = torch.cat([x, x.new_zeros(1, features_in)])[plan.index]  # padding rows read zeros
-            scales = torch.stack([weights[d].scales[0] for d in plan.together]).to(x.dtype).unsqueeze(1)
+            scales = resident["scales"][chosen, 0].to(x.dtype).unsqueeze(1)
             y = (torch.bmm(gathered, signs.transpose(1, 2)) * scales).reshape(-1, features_out)
             out.index_add_(0, plan.targets, y.index_select(0, plan.sources).to(out.dtype))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -179,27 +180,30 @@ class DeltaZipWeight(CompressedWeight):
                         positions=None if positions is None else positions.unsqueeze(0),
                         backend="triton" if kernels_forced() else "auto")
 
+    def slot_format(self) -> tuple[Any, ...] | None:
+        # The formats the kernel tiles have a resident buffer; the others (3-bit, bitmap, only some rows stored)
+        # keep the per-delta path.
+        from hf_delta.kernels import deltazip_kernel_supports
+
+        if self._row_index is not None or not deltazip_kernel_supports(self.bits, self.layout):
+            return None
+        return (self.shape, self.bits, self.layout, self.group_size)
+
     @classmethod
-    def add_to_rows_many(cls, weights: list[CompressedWeight], x: torch.Tensor, out: torch.Tensor,
-                         rows: list[torch.Tensor | None]) -> None:
-        # Deltas of one layer in the same format (bits, layout, scale groups) go through one kernel launch.
+    def add_to_rows_resident(cls, resident: dict[str, torch.Tensor], index: list[int],
+                             weights: list[CompressedWeight], x: torch.Tensor, out: torch.Tensor,
+                             rows: list[torch.Tensor], slot_plan: Callable[[], tuple[torch.Tensor, Any]]) -> bool:
         first = weights[0]
-        same = len(weights) > 1 and all(r is not None for r in rows) and all(
-            isinstance(w, DeltaZipWeight) and w._fusable(x, out) and (w.bits, w.layout, w.group_size)
-            == (first.bits, first.layout, first.group_size) and w.scales.shape == first.scales.shape
-            and w.scales.dtype == first.scales.dtype for w in weights)
-        if not same:
-            super().add_to_rows_many(weights, x, out, rows)
-            return
+        if not first._fusable(x, out):
+            return False
         from hf_delta.kernels import deltazip_matmul
 
-        slots, plan = stacked_slots(rows, x.shape[0], x.device)
-        positions = first._positions()
-        deltazip_matmul(x.contiguous(), out, slots, torch.stack([w.qweight for w in weights]),
-                        torch.stack([w.scales for w in weights]), bits=first.bits, layout=first.layout,
-                        group_size=first.group_size, plan=plan,
-                        positions=None if positions is None else torch.stack([w._positions() for w in weights]),
+        # One launch for every delta of the layer in this format: the kernel reads the buffer's rows by slot.
+        slots, plan = slot_plan()
+        deltazip_matmul(x.contiguous(), out, slots, resident["qweight"], resident["scales"], bits=first.bits,
+                        layout=first.layout, group_size=first.group_size, plan=plan, positions=resident.get("mask"),
                         backend="triton" if kernels_forced() else "auto")
+        return True
 
     def meta(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size, "layout": self.layout,

@@ -78,6 +78,9 @@ class ResidencyManager:
                                     f"{device_slots}, {cpu_slots}, {loader_threads}.")
         self.model = model
         self.device_slots = device_slots
+        # Each layer's resident slot buffers allocate this many slots up front, so attaching and evicting
+        # deltas while serving never reallocates them.
+        model.routing.capacity = max(model.routing.capacity, device_slots)
         self.cpu_slots = max(1, cpu_slots)
         self._hub = {"token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
         self.ignore_base_mismatch = ignore_base_mismatch
