@@ -16,6 +16,8 @@
 #                training sequences, 32 inference requests (fine-tuning throughput kept, TPOT p99 vs inference alone)
 #   scale-7b     hf-delta bench scale: BitDelta with 200 distillation steps on the Llama-2-7B-shaped pair (peak GPU
 #                memory, time; the pair is written to $HF_DELTA_BENCH_WORK first, ~27 GB)
+#   stacking     benchmarks/stacking_bench.py: per-layer stacking of 16 deltas vs the resident slot buffers (last: it
+#                runs on what is left of the budget)
 #
 #   bash benchmarks/gpu_check.sh                      # every phase, in that order
 #   bash benchmarks/gpu_check.sh tests engine         # some phases
@@ -38,6 +40,7 @@ if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then
     DEVICE=cpu SIZE=micro REQUESTS=2 SYNTHETIC=tiny DELTAS_7B=2 KERNEL_MODE=--cpu-smoke SCALE_SIZE=tiny DISTILL_STEPS=2
     COSERVE_7B=(--requests 2 --max-tokens 2 --finetune-steps 1 --max-length 16 --lora-layers 1)
     BUDGET=${GPU_CHECK_BUDGET:-3600}  # a slow shared CPU, not a device session
+    STACKING_MODE=--cpu-smoke
     TEST_ARGS=(--collect-only -q)
     export TRITON_INTERPRET=1
 else
@@ -49,7 +52,7 @@ else
 fi
 # The checkout's sources, installed or not (src/ and kernels/ together make the hf_delta package).
 export PYTHONPATH="$PWD/src:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
-ALL_PHASES="tests engine coserve serve-small kernels serve-7b coserve-7b scale-7b"
+ALL_PHASES="tests engine coserve serve-small kernels serve-7b coserve-7b scale-7b stacking"
 PHASES=${*:-$ALL_PHASES}
 for p in $PHASES; do
     case " $ALL_PHASES " in *" $p "*) ;; *) echo "gpu_check: unknown phase $p (phases: $ALL_PHASES)"; exit 2 ;; esac
@@ -121,6 +124,8 @@ for p in $PHASES; do
         # shellcheck disable=SC2086  # KERNEL_BENCH_ARGS is a list of flags
         phase kernels "${LIMIT_KERNELS:-150}" "$PY" benchmarks/kernel_bench.py $KERNEL_MODE \
             ${GPU_CHECK_DRY_RUN:+--out-dir "$RESULTS"} ${KERNEL_BENCH_ARGS:-} ;;
+    stacking)
+        phase stacking "${LIMIT_STACKING:-60}" "$PY" benchmarks/stacking_bench.py ${STACKING_MODE:-} --out-dir "$RESULTS" ;;
     serve-7b)
         phase serve-7b "${LIMIT_SERVE_7B:-300}" "$PY" benchmarks/serve.py -v --synthetic "$SYNTHETIC" \
             --deltas "${DELTAS_7B:-16}" --popularity skewed --requests "$REQUESTS" --rate inf --max-tokens 32 \

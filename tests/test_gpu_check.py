@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = ["tests", "engine", "coserve", "serve-small", "kernels", "serve-7b", "coserve-7b", "scale-7b"]
+PHASES = ["tests", "engine", "coserve", "serve-small", "kernels", "serve-7b", "coserve-7b", "scale-7b", "stacking"]
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ LAYERS = [
     ["model"],
     ["layers_moe"],
     ["layers", "hub"],
+    ["slots"],  # the layers' resident slot buffers
     ["storage"],
     ["methods"],  # its __init__: registers every built-in method
     ["methods.auto"],  # chooses among the methods below, per matrix

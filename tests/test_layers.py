@@ -22,9 +22,11 @@ def _routing(slots: list[int], names: list[str]) -> DeltaRouting:
 
 @settings(max_examples=25, deadline=None)
 @given(n_deltas=st.integers(2, 5), rows=st.integers(1, 48), out=st.integers(1, 40), k=st.integers(1, 40),
-       per_row=st.booleans(), popular=st.sampled_from([1.0, 20.0]), seed=st.integers(0, 2**16))
-def test_bitdelta_batched_rows_equal_one_delta_at_a_time(n_deltas, rows, out, k, per_row, popular, seed):
-    """The CPU serving path: deltas resident in the layer's slot buffer, one batched matmul over their rows."""
+       per_row=st.booleans(), popular=st.sampled_from([1.0, 20.0]), reverse=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_bitdelta_batched_rows_equal_one_delta_at_a_time(n_deltas, rows, out, k, per_row, popular, reverse, seed):
+    """The CPU serving path: deltas resident in the layer's slot buffer, one batched matmul over their rows
+    (read as a view of consecutive slots, or gathered when attached in reverse order)."""
     gen = torch.Generator().manual_seed(seed)
     weights = [BitDeltaWeight.from_delta(torch.randn(out, k, generator=gen), per_row=per_row)
                for _ in range(n_deltas)]
@@ -35,8 +37,8 @@ def test_bitdelta_batched_rows_equal_one_delta_at_a_time(n_deltas, rows, out, k,
     slot = torch.multinomial(odds, rows, replacement=True, generator=gen) - 1
     routing = _routing(slot.tolist(), [f"d{d}" for d in range(n_deltas)])
     layer = DeltaLinear(nn.Linear(k, out), routing)
-    for d, w in enumerate(weights):
-        layer.attach(f"d{d}", DeltaParts(weight=w), d)
+    for d in reversed(range(n_deltas)) if reverse else range(n_deltas):
+        layer.attach(f"d{d}", DeltaParts(weight=weights[d]), d)
     assert layer.resident_buffer("d0") is layer.resident_buffer(f"d{n_deltas - 1}") is not None
     with torch.no_grad():
         got = layer(x)

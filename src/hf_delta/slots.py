@@ -98,9 +98,9 @@ class SlotBuffer:
         if slot is None or self._weights[slot] is not weight:
             return None
         views = self._views[slot]
-        if all(getattr(weight, key) is view for key, view in views.items()):
+        own = dict(weight.named_buffers())  # checked every forward pass: a plain dict, no attribute lookups
+        if all(own.get(key) is view for key, view in views.items()):
             return slot
-        own = dict(weight.named_buffers())
         if own.keys() != views.keys() or any(
             t.requires_grad or t.shape != views[k].shape or t.dtype != views[k].dtype or t.device != views[k].device
             for k, t in own.items()

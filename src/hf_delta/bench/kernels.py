@@ -5,7 +5,6 @@
     python benchmarks/kernel_bench.py --sweep    # also try several tile configs on decode cases, keep the best
     python benchmarks/kernel_bench.py --formats deltazip-4bit-2:4   # only some delta formats
     python benchmarks/kernel_bench.py --cpu-smoke  # tiny CPU run through the references: proves the script works
-    python benchmarks/kernel_bench.py --stacking   # per-layer stacking vs resident slot buffers (bench/stacking.py)
 
 For Llama-7B layer shapes (N x K), decode and prefill batch sizes and 1-32 distinct deltas per batch (rows
 spread over the deltas), and each delta format (``bitdelta-1bit``: signs + per-row scales, ``--passes``
@@ -400,14 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated delta formats to time (default all: {','.join(FORMATS)})",
     )
     parser.add_argument("--out-dir", type=Path, default=None, help=f"where to write results ({RESULTS_DIR})")
-    parser.add_argument("--stacking", action="store_true",
-                        help="instead: time the per-layer stacking of 16 deltas against resident slot buffers")
     args = parser.parse_args(argv)
-    if args.stacking:
-        from . import stacking
-
-        return stacking.run(args, " ".join(["python benchmarks/kernel_bench.py",
-                                            *(sys.argv[1:] if argv is None else argv)]))
     unknown = [f for f in args.formats.split(",") if f not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {unknown}; choose from {list(FORMATS)}")

@@ -176,7 +176,11 @@ class BitDeltaWeight(CompressedWeight):
             weights[d].add_to_rows(x, out, rows[d])
         if plan.together:
             features_out, features_in = weights[0].shape
-            chosen = torch.tensor([index[d] for d in plan.together], device=x.device)
+            slots = [index[d] for d in plan.together]
+            if slots == list(range(slots[0], slots[0] + len(slots))):  # consecutive slots (the usual case): a view
+                chosen = slice(slots[0], slots[0] + len(slots))
+            else:
+                chosen = torch.tensor(slots, device=x.device)
             signs = unpack_signs(resident["signs"][chosen, 0], features_in, x.dtype)  # [D, out, in]
             gathered = torch.cat([x, x.new_zeros(1, features_in)])[plan.index]  # padding rows read zeros
             scales = resident["scales"][chosen, 0].to(x.dtype).unsqueeze(1)
