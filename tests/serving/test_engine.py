@@ -49,6 +49,29 @@ def test_mixed_batch_matches_single_request_greedy(micro_base, six, serving_prom
     engine.close()
 
 
+def test_the_device_tier_lives_in_the_layers_resident_slot_buffers(micro_base, six, serving_prompts, reference):
+    from hf_delta.layers import DeltaLinear
+
+    engine = _engine(micro_base, six, device_slots=2, cpu_slots=3)
+    names = ["arith-x1", "cipher-x10", "facts-x6"]  # three deltas through two device slots
+    for name in names:
+        prompt = serving_prompts(name, 1)[0]
+        res = engine.generate([prompt], model=name, params=SamplingParams(max_tokens=2))[0]
+        assert res.text == reference(name, prompt, 2), name
+    tiers = engine.residency.stats()["tiers"]
+    assert len(tiers["device"]) == 2 and engine.residency.stats()["device_evictions"] == 1
+    layers = [m for m in engine.model.modules() if isinstance(m, DeltaLinear)]
+    assert layers
+    for layer in layers:
+        buffers = {id(layer.resident_buffer(n)): layer.resident_buffer(n) for n in tiers["device"]}
+        assert all(n not in layer.deltas and layer.resident_buffer(n) is None for n in tiers["cpu"])
+        for buffer in buffers.values():  # the engine's device slots, allocated at the first attach; the third
+            assert buffer.capacity == 2  # delta took the evicted one's slot instead of growing the buffer
+        assert sorted(b.slot_of(n) for b in buffers.values() for n in tiers["device"] if b.slot_of(n) is not None) \
+            == [0, 1]
+    engine.close()
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(micro_base, six, serving_prompts, reference):
     engine = _engine(micro_base, six)
     prompt = serving_prompts("facts-x6", 1)[0]
