@@ -166,6 +166,25 @@ def test_a_weight_whose_tensors_were_replaced_is_written_again_or_left_to_autogr
     assert a.scales.grad is not None and a.scales.grad.abs().sum() > 0
 
 
+def test_deltas_attached_in_inference_mode_serve_a_forward_pass_with_gradients():
+    """The engine attaches inside ``torch.inference_mode()``; co-serving then runs forward passes with gradients."""
+    layer = _layer()
+    weights = {name: _bitdelta(seed, per_row=True) for seed, name in enumerate("abc")}
+    with torch.inference_mode():
+        for name, w in weights.items():
+            _attach(layer, name, DeltaParts(weight=w))
+    buffer = layer.resident_buffer("a")
+    assert not any(t.is_inference() for t in buffer.tensors.values())
+    layer.routing.row_slots = torch.tensor([0, 1, 2, -1, 0, 1])
+    x = torch.randn(6, IN, requires_grad=True)
+    layer(x).sum().backward()
+    expected = layer.base_layer.weight.sum(0).expand(6, IN).clone()
+    for row, slot in enumerate([0, 1, 2, -1, 0, 1]):
+        if slot >= 0:
+            expected[row] += weights["abc"[slot]].to_dense().sum(0)
+    torch.testing.assert_close(x.grad, expected)
+
+
 def test_moving_or_casting_the_layer_rewrites_its_buffers():
     layer = _layer()
     weights = {name: _bitdelta(seed, per_row=True) for seed, name in enumerate("ab")}

@@ -13,7 +13,9 @@ weight ``w`` in slot ``i``, ``w.<name> is B[name][i]`` (a view) while ``holds`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,6 +23,14 @@ import torch
 from .methods.base import CompressedWeight
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _plain() -> Iterator[None]:
+    """Plain tensors and no autograd: an engine attaches deltas inside ``torch.inference_mode()``, and a buffer
+    made there would hold inference tensors, which a later forward pass with gradients (co-serving) cannot use."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 def buffer_key(weight: CompressedWeight) -> tuple[Any, ...] | None:
@@ -42,10 +52,11 @@ class SlotBuffer:
 
     def __init__(self, template: CompressedWeight, capacity: int):
         self.kind = type(template)
-        self.tensors = {
-            name: torch.zeros((max(1, capacity), *t.shape), dtype=t.dtype, device=t.device)
-            for name, t in template.named_buffers()
-        }
+        with _plain():
+            self.tensors = {
+                name: torch.zeros((max(1, capacity), *t.shape), dtype=t.dtype, device=t.device)
+                for name, t in template.named_buffers()
+            }
         self._slot: dict[str, int] = {}  # delta name -> buffer slot
         self._routing_slot: dict[str, int] = {}  # delta name -> its routing slot (row_slots values)
         self._weights: dict[int, CompressedWeight] = {}  # buffer slot -> the weight viewing it
@@ -67,13 +78,14 @@ class SlotBuffer:
         A full buffer grows to ``max(capacity, 2 x its size)`` slots (the resident weights are re-pointed).
         """
         free = next((i for i in range(self.capacity) if i not in self._weights), None)
-        if free is None:
-            free = self.capacity
-            self._grow(max(capacity, 2 * self.capacity))
-        self._slot[name] = free
-        self._routing_slot[name] = routing_slot
-        self._weights[free] = weight
-        self._fill(free, weight)
+        with _plain():
+            if free is None:
+                free = self.capacity
+                self._grow(max(capacity, 2 * self.capacity))
+            self._slot[name] = free
+            self._routing_slot[name] = routing_slot
+            self._weights[free] = weight
+            self._fill(free, weight)
         return free
 
     def clear(self, name: str) -> None:
@@ -82,7 +94,7 @@ class SlotBuffer:
         del self._routing_slot[name]
         weight = self._weights.pop(slot)
         views = self._views.pop(slot)
-        with torch.no_grad():
+        with _plain():
             for key, t in self.tensors.items():
                 if getattr(weight, key) is views[key]:
                     weight.register_buffer(key, views[key].clone())
@@ -109,7 +121,8 @@ class SlotBuffer:
         logger.debug(
             "Delta %r replaced its tensors since it was attached: writing them into slot %d again.", name, slot
         )
-        self._fill(slot, weight)
+        with _plain():
+            self._fill(slot, weight)
         return slot
 
     def lut(self, names: list[str], num_routing_slots: int) -> tuple[int, ...]:
@@ -124,9 +137,8 @@ class SlotBuffer:
         return [(n, self._routing_slot[n]) for n, _ in sorted(self._slot.items(), key=lambda e: e[1])]
 
     def _fill(self, slot: int, weight: CompressedWeight) -> None:
-        with torch.no_grad():
-            for key, t in self.tensors.items():
-                t[slot].copy_(getattr(weight, key))
+        for key, t in self.tensors.items():
+            t[slot].copy_(getattr(weight, key))
         self._view(slot, weight)
 
     def _view(self, slot: int, weight: CompressedWeight) -> None:
@@ -137,9 +149,8 @@ class SlotBuffer:
     def _grow(self, capacity: int) -> None:
         old = self.tensors
         self.tensors = {k: t.new_zeros((capacity, *t.shape[1:])) for k, t in old.items()}
-        with torch.no_grad():
-            for k, t in old.items():
-                self.tensors[k][: t.shape[0]].copy_(t)
+        for k, t in old.items():
+            self.tensors[k][: t.shape[0]].copy_(t)
         for slot, weight in self._weights.items():
             old_views, self._views[slot] = self._views[slot], {key: t[slot] for key, t in self.tensors.items()}
             for key, view in self._views[slot].items():
