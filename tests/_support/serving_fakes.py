@@ -69,7 +69,7 @@ class FakeDeltaModel:
     def __init__(self, *, fail_attach: set[str] | None = None):
         self.deltas: dict[str, FakeDelta] = {}
         self._wrapped: dict[str, SimpleNamespace] = {"layer": SimpleNamespace(deltas={})}
-        self.routing = SimpleNamespace(slots=[], active=None)
+        self.routing = SimpleNamespace(slots=[], active=None, capacity=0)
         self.fail_attach = set(fail_attach or ())
         self.log: list[tuple[str, str]] = []  # ("attach" | "detach", name)
 

@@ -79,6 +79,10 @@ def test_device_tier_evicts_the_least_recently_used_delta(make):
     assert (stats["attaches"], stats["device_evictions"], stats["device_hits"], stats["peak_device"]) == (4, 2, 1, 2)
 
 
+def test_the_models_slot_buffers_are_sized_to_the_device_slots(make):
+    assert make(device_slots=3).model.routing.capacity == 3
+
+
 def test_a_pinned_delta_is_never_evicted(make):
     manager = make(device_slots=2, cpu_slots=3)
     _load(manager, "a", "b", "c")
