@@ -47,13 +47,14 @@ FORMATS = ("bitdelta-1bit", "deltazip-4bit", "deltazip-4bit-2:4")
 
 
 def _random_weight(fmt: str, n: int, k: int, gen: torch.Generator, device: torch.device) -> CompressedWeight:
-    """A delta of format ``fmt`` with random packed bytes (only their size matters to a copy)."""
+    """A delta of format ``fmt`` with random packed bytes (only their size matters to a copy), made on ``device``
+    by ``gen`` (a generator of that device)."""
 
     def u8(*shape: int) -> torch.Tensor:
-        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8, device=device)
 
     if fmt == "bitdelta-1bit":
-        return BitDeltaWeight((n, k), u8(1, n, packed_width(k, 1)), torch.rand(1, n, generator=gen).to(device))
+        return BitDeltaWeight((n, k), u8(1, n, packed_width(k, 1)), torch.rand(1, n, generator=gen, device=device))
     layout = "2:4" if fmt.endswith("2:4") else "dense"
     values = k // 2 if layout == "2:4" else k
     return DeltaZipWeight(
@@ -62,7 +63,7 @@ def _random_weight(fmt: str, n: int, k: int, gen: torch.Generator, device: torch
         group_size=None,
         layout=layout,
         qweight=u8(n, lowbit_packed_width(values, 4)),
-        scales=torch.rand(n, 1, generator=gen).half().to(device),
+        scales=torch.rand(n, 1, generator=gen, device=device).half(),
         mask=u8(n, k // 8) if layout == "2:4" else None,
     )
 
@@ -80,7 +81,7 @@ def _stack(weights: list[CompressedWeight]) -> None:
 
 
 def _case(fmt: str, shape: str, n: int, k: int, deltas: int, device: torch.device, warmup: int, reps: int) -> dict:
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     own = [_random_weight(fmt, n, k, gen, device) for _ in range(deltas)]  # what the old path stacked
     names = [f"d{i}" for i in range(deltas)]
     resident = [w.shallow_copy() for w in own]
@@ -108,7 +109,7 @@ def _case(fmt: str, shape: str, n: int, k: int, deltas: int, device: torch.devic
     }
     row["stack_vs_resident"] = sig(row["stack_ms"] / row["resident_ms"])
     if fmt == "bitdelta-1bit":  # the CPU serving path's signs: cat vs the buffer's rows (a view, or a gather)
-        scattered = torch.randperm(deltas, generator=gen).to(device)
+        scattered = torch.randperm(deltas, generator=gen, device=device)
         row["cpu_cat_ms"] = sig(time_ms(lambda: torch.cat([w.signs for w in own]), device, warmup, reps))
         row["cpu_view_ms"] = sig(time_ms(lambda: buffer.tensors["signs"][0:deltas, 0], device, warmup, reps))
         row["cpu_gather_ms"] = sig(time_ms(lambda: buffer.tensors["signs"][scattered, 0], device, warmup, reps))
