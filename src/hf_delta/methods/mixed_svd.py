@@ -17,6 +17,8 @@ of the down factor's rounding error. Triples of one width form a *band*; ``x ↦
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,8 @@ from ..packing import LOWBIT_WIDTHS, lowbit_packed_width, pack_lowbit_u8, unpack
 from ._dispatch import kernels_forced, stacked_slots, use_kernels
 from .base import CompressedWeight, CompressionContext, DeltaMethod
 from .registry import register_delta_method
+
+logger = logging.getLogger(__name__)
 
 _SCALE_BITS = 32  # two fp16 scales per stored triple
 _CLIP_RATIOS = torch.linspace(0.5, 1.0, 11)  # candidate clipping of each vector's range (MSE-optimal scale)
@@ -222,11 +226,16 @@ class MixedSVDConfig(DeltaConfig):
     Args:
         bits_per_weight: the budget of each matrix, in bits per entry of the ``[out, in]`` delta (ints and
             scales counted): ``1.0`` is the size of a 1-bit BitDelta delta.
+        budget_bytes: instead of ``bits_per_weight``, the total bytes of the compressed matrices' tensors; one
+            ``bits_per_weight`` for all matrices is then searched so the delta fills it (matrices of low rank
+            cannot spend their share, the others take it). ``"bitdelta"``: the bytes a 1-bit BitDelta delta of
+            the same matrices takes (signs and per-row scales), to compare the two at equal size.
         bit_widths: the widths a singular triple may get (each of 2, 3, 4, 8); 0 (dropped) is always allowed.
         refit: refit the up factor to the quantised down factor by least squares before quantising it.
     """
 
     bits_per_weight: float = 1.0
+    budget_bytes: int | str | None = None
     bit_widths: tuple[int, ...] | list[int] = (8, 4, 3, 2)
     refit: bool = True
 
@@ -239,6 +248,12 @@ class MixedSVDConfig(DeltaConfig):
         ):
             raise DeltaConfigError(
                 f"bits_per_weight must be a number > 0 (1.0 = BitDelta's size), got {self.bits_per_weight!r}."
+            )
+        if self.budget_bytes is not None and self.budget_bytes != "bitdelta" and (
+            isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0
+        ):
+            raise DeltaConfigError(
+                f"budget_bytes must be a positive int or 'bitdelta' (BitDelta's size), got {self.budget_bytes!r}."
             )
         widths = list(self.bit_widths)
         if not widths or any(b not in LOWBIT_WIDTHS for b in widths):
@@ -282,27 +297,50 @@ def allocate_bits(
     return widths[choose(hi)].long()
 
 
+def _factor(d: torch.Tensor, widths: list[int], most: int | None):
+    """The SVD of ``d`` cut to its ``most`` largest triples, each factor row quantised at every width, and each
+    triple's relative error per width."""
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    most = len(s) if most is None else max(1, min(len(s), most))
+    u, s, vh = u[:, :most], s[:most], vh[:most]
+    down = s.unsqueeze(1) * vh  # rows s_i v_iᵀ
+    quantized = {b: (_relative_errors(down, b), _relative_errors(u.T.contiguous(), b)) for b in widths}
+    # A triple's error: both factors' relative errors, to first order (each is small where it is kept).
+    errors = {b: quantized[b][0][2] + quantized[b][1][2] for b in widths}
+    return u, s, quantized, errors
+
+
+def _widths_for(s: torch.Tensor, errors: dict[int, torch.Tensor], shape: tuple[int, int], bpw: float) -> torch.Tensor:
+    """Each triple's width at ``bpw`` bits per weight (at least one triple kept: a weight needs tensors)."""
+    out_f, in_f = shape
+    chosen = allocate_bits(s, errors, in_f + out_f, bpw * out_f * in_f)
+    if not bool(chosen.any()):  # an all-zero delta stays ~zero
+        chosen[0] = min(errors)
+    return chosen
+
+
+def _allocation_bytes(chosen: torch.Tensor, shape: tuple[int, int]) -> int:
+    """Bytes of a :class:`MixedSVDWeight` whose triples have widths ``chosen`` (packed rows + two fp16 scales)."""
+    out_f, in_f = shape
+    return sum(
+        int((chosen == b).sum()) * (lowbit_packed_width(in_f, b) + lowbit_packed_width(out_f, b) + 4)
+        for b in set(chosen.tolist()) - {0}
+    )
+
+
 def mixed_svd_weights(
     delta: torch.Tensor, bits_per_weight: list[float], bit_widths: list[int] | tuple[int, ...], *, refit: bool = True
 ) -> list[MixedSVDWeight]:
     """One weight per budget in ``bits_per_weight``, all from one SVD and one set of quantised vectors."""
     d = delta.float()
     out_f, in_f = d.shape
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
     widths = sorted(set(bit_widths))
     # No more triples than the largest budget holds at the smallest width: only those are worth quantising.
     most = int(max(bits_per_weight) * out_f * in_f // (widths[0] * (in_f + out_f) + _SCALE_BITS))
-    most = max(1, min(len(s), most))
-    u, s, vh = u[:, :most], s[:most], vh[:most]
-    down = s.unsqueeze(1) * vh  # rows s_i v_iᵀ
-    quantized = {b: (_relative_errors(down, b), _relative_errors(u.T.contiguous(), b)) for b in widths}
-    # A triple's error: both factors' relative errors, to first order (each is small where it is kept).
-    errors = {b: quantized[b][0][2] + quantized[b][1][2] for b in widths}
+    u, s, quantized, errors = _factor(d, widths, most)
     weights = []
     for bpw in bits_per_weight:
-        chosen = allocate_bits(s, errors, in_f + out_f, bpw * out_f * in_f)
-        if not bool(chosen.any()):  # keep one triple: a weight needs tensors (an all-zero delta stays ~zero)
-            chosen[0] = widths[0]
+        chosen = _widths_for(s, errors, (out_f, in_f), bpw)
         picked = [(b, (chosen == b).nonzero().squeeze(1)) for b in sorted(widths, reverse=True)]
         picked = [(b, idx) for b, idx in picked if len(idx)]
         d_hat = torch.cat([_dequantize(*quantized[b][0][:2])[idx] for b, idx in picked])
@@ -326,9 +364,47 @@ def compress_mixed_svd_matrix(delta: torch.Tensor, kind: str, cfg: MixedSVDConfi
     return mixed_svd_weights(delta, [cfg.bits_per_weight], cfg.bit_widths, refit=cfg.refit)[0]
 
 
+def fill_budget(deltas: dict[str, torch.Tensor], cfg: MixedSVDConfig, *, progress: bool = False) -> float:
+    """The largest bits per weight, one for every matrix of ``deltas``, whose mixed SVD weights take at most
+    ``cfg.budget_bytes`` in all (``"bitdelta"``: what ``BitDeltaConfig()``'s weights of the same matrices take).
+
+    Sizes are exact (they follow from the widths), so this needs one SVD per matrix and no weights; when every
+    triple of every matrix at the widest width still fits, that rate is returned (nothing more to spend).
+    """
+    from .bitdelta import BitDeltaConfig, compress_bitdelta_matrix
+
+    widths = sorted(set(cfg.bit_widths))
+    budget = cfg.budget_bytes
+    if budget == "bitdelta":  # BitDeltaConfig()'s weights: what the benchmarks call BitDelta's size
+        budget = sum(compress_bitdelta_matrix(d.float(), "", BitDeltaConfig()).nbytes() for d in deltas.values())
+    spectra = []
+    for d in tqdm(deltas.values(), desc="mixed_svd: budget", disable=not progress, leave=False):
+        _, s, _, errors = _factor(d.float(), widths, None)
+        spectra.append((tuple(d.shape), s, errors))
+
+    def total(bpw: float) -> int:
+        return sum(_allocation_bytes(_widths_for(s, e, shape, bpw), shape) for shape, s, e in spectra)
+
+    # Every triple at the widest width: no rate spends more than that.
+    full = max((widths[-1] * sum(shape) + _SCALE_BITS) * len(s) / (shape[0] * shape[1]) for shape, s, _ in spectra)
+    lo, hi = 0.0, full
+    if total(hi) <= budget:
+        return hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if total(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def compress_mixed_svd(ctx: CompressionContext) -> dict[str, CompressedWeight]:
-    """Mixed-precision SVD of every extracted delta matrix (data-free)."""
+    """Mixed-precision SVD of every extracted delta matrix (data-free unless sized by ``budget_bytes``)."""
     cfg: MixedSVDConfig = ctx.config
+    if cfg.budget_bytes is not None:
+        cfg = dataclasses.replace(cfg, bits_per_weight=fill_budget(ctx.extracted.compress, cfg, progress=ctx.progress))
+        logger.info("mixed_svd: %.4g bits per weight fill budget_bytes=%s", cfg.bits_per_weight, ctx.config.budget_bytes)
     return {
         name: compress_mixed_svd_matrix(d, ctx.extracted.kinds.get(name, "linear"), cfg)
         for name, d in tqdm(ctx.extracted.compress.items(), desc="mixed_svd", disable=not ctx.progress, leave=False)
@@ -342,6 +418,6 @@ register_delta_method(
         weight_classes=(MixedSVDWeight,),
         compress=compress_mixed_svd,
         compress_matrix=compress_mixed_svd_matrix,
-        data_free=lambda cfg: True,
+        data_free=lambda cfg: cfg.budget_bytes is None,  # a total budget is spread over all matrices
     )
 )
