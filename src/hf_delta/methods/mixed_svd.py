@@ -249,8 +249,12 @@ class MixedSVDConfig(DeltaConfig):
             raise DeltaConfigError(
                 f"bits_per_weight must be a number > 0 (1.0 = BitDelta's size), got {self.bits_per_weight!r}."
             )
-        if self.budget_bytes is not None and self.budget_bytes != "bitdelta" and (
-            isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0
+        if (
+            self.budget_bytes is not None
+            and self.budget_bytes != "bitdelta"
+            and (
+                isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0
+            )
         ):
             raise DeltaConfigError(
                 f"budget_bytes must be a positive int or 'bitdelta' (BitDelta's size), got {self.budget_bytes!r}."
@@ -404,7 +408,7 @@ def compress_mixed_svd(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     cfg: MixedSVDConfig = ctx.config
     if cfg.budget_bytes is not None:
         cfg = dataclasses.replace(cfg, bits_per_weight=fill_budget(ctx.extracted.compress, cfg, progress=ctx.progress))
-        logger.info("mixed_svd: %.4g bits per weight fill budget_bytes=%s", cfg.bits_per_weight, ctx.config.budget_bytes)
+        logger.info("mixed_svd: %.4g bits per weight fill budget_bytes=%s", cfg.bits_per_weight, cfg.budget_bytes)
     return {
         name: compress_mixed_svd_matrix(d, ctx.extracted.kinds.get(name, "linear"), cfg)
         for name, d in tqdm(ctx.extracted.compress.items(), desc="mixed_svd", disable=not ctx.progress, leave=False)
