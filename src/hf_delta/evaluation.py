@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .zoo.build import encode_example, task_prompt
-from .zoo.tasks import Task
+from .zoo.tasks import Task, fresh_examples
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +181,13 @@ def to_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = 
 def task_calibration(tokenizer, task: Task, n: int = 64) -> list[str]:
     """Calibration texts from the fine-tune's own training split (never the held-out split)."""
     return [task_prompt(tokenizer, task, ex) + ex.answer + tokenizer.eos_token for ex in task.train[:n]]
+
+
+def task_verification(tokenizer, task: Task, n: int = 256) -> list[str]:
+    """Texts of ``n`` new examples of the task, in neither its training nor its held-out split: data to verify a
+    compression on that shows lost generalisation (the fine-tune never saw them) without touching the scored
+    split."""
+    return [task_prompt(tokenizer, task, ex) + ex.answer + tokenizer.eos_token for ex in fresh_examples(task, n)]
 
 
 def __getattr__(name: str):

@@ -91,7 +91,7 @@ def test_kl_target_is_met_through_the_real_layers_and_choices_are_recorded(
     base_path = micro_zoo[entry.base].path
     _, finetuned, tokenizer = zoo_models("llama-arith")
     texts = zoo_texts("llama-arith", 32)
-    model = compress(base_path, entry.path, AutoConfig(target_kl=0.002, calibration_samples=32), texts, progress=False)
+    model = compress(base_path, entry.path, AutoConfig(target_kl=0.002, heldout_samples=8), texts, progress=False)
     batches = tokenize_calibration(texts, tokenizer, seq_len=128, batch_size=8)
     assert _calibration_kl(model, finetuned, batches) <= 0.002
     model.save_pretrained(tmp_path / "auto")
@@ -105,14 +105,14 @@ def test_kl_target_is_met_through_the_real_layers_and_choices_are_recorded(
     kls = []
     for budget in (6000, 20000):
         fitted = compress(
-            base_path, entry.path, AutoConfig(budget_bytes=budget, calibration_samples=32), texts, progress=False
+            base_path, entry.path, AutoConfig(budget_bytes=budget, heldout_samples=8), texts, progress=False
         )
         fitted.save_pretrained(tmp_path / str(budget))
         assert (tmp_path / str(budget) / "delta_model.safetensors").stat().st_size <= budget + 2000  # + norms
         kls.append(_calibration_kl(fitted, finetuned, batches))
     assert kls[1] < kls[0]
     with pytest.raises(DeltaConfigError, match="below the smallest allocation"):
-        compress(base_path, entry.path, AutoConfig(budget_bytes=100, calibration_samples=8), texts, progress=False)
+        compress(base_path, entry.path, AutoConfig(budget_bytes=100, heldout_samples=8), texts, progress=False)
 
 
 @pytest.mark.slow
@@ -159,3 +159,137 @@ def test_agreement_counts_only_the_fine_tunes_confident_tokens():
     assert confident == int(sure.sum()) and confident >= 2
     assert agree == int(((ref[:, :-1].argmax(-1) == other[:, :-1].argmax(-1))[real] & sure).sum())
     assert agree < confident
+
+
+def test_heldout_rows_are_the_last_texts_and_disjoint_from_the_allocation_rows():
+    from hf_delta.methods.auto import _split_rows
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 50, (n, 6), generator=g), torch.ones(n, 6, dtype=torch.long)) for n in (8, 8, 5)]
+    rows = [tuple(r) for ids, _ in batches for r in ids.tolist()]
+    for last in (1, 5, 8, 13, 20):
+        first, rest = _split_rows(batches, last)
+        got_first = [tuple(r) for ids, _ in first for r in ids.tolist()]
+        got_rest = [tuple(r) for ids, _ in rest for r in ids.tolist()]
+        assert got_first == rows[: 21 - last] and got_rest == rows[21 - last :]
+        assert all(m.shape == ids.shape for ids, m in first + rest)
+
+
+def test_task_verification_texts_are_neither_trained_on_nor_scored():
+    from hf_delta.zoo.tasks import fresh_examples, make_task
+
+    for name in ("arith", "cipher", "chat", "facts"):
+        task = make_task(name, n=300 if name != "facts" else 24, n_heldout=32 if name != "facts" else 24)
+        fresh = fresh_examples(task, 64)
+        prompts = {ex.prompt for ex in fresh}
+        assert len(prompts) == 64
+        assert not prompts & {ex.prompt for ex in task.train + task.heldout}
+        assert fresh == fresh_examples(task, 64)  # deterministic
+
+
+def _fake_matrices():
+    """3 matrices x 3 candidates with known sizes and predicted KLs (no weights: the checks are faked)."""
+    matrices = []
+    table = [
+        ((10, 40, 90), (1.0, 0.3, 0.05), 0.2),
+        ((20, 30, 100), (0.8, 0.5, 0.01), 0.5),
+        ((5, 50, 60), (2.0, 0.1, 0.08), 0.1),
+    ]
+    names = ["a", "b", "c"]
+    for i, (sizes, errors, alpha) in enumerate(table):
+        sizes, errors = dict(zip(names, sizes, strict=True)), dict(zip(names, errors, strict=True))
+        matrices.append(_Matrix(f"m{i}", dict.fromkeys(names), sizes, errors, alpha=alpha))
+    return matrices
+
+
+def test_tightening_adds_bytes_until_the_heldout_check_passes(monkeypatch):
+    """The held-out 'truth' is 6x the predicted KL (the allocation texts under-estimate it): the loop must end
+    on an allocation whose truth meets the target, bigger than the first choice, and no smaller than the
+    smallest assignment of all that meets it (brute force)."""
+    from hf_delta.methods import auto
+
+    matrices = _fake_matrices()
+
+    def truth(choice):
+        return 6 * sum(m.predicted_kl(choice[m.name]) for m in matrices)
+
+    calls = []
+
+    def fake_verify(cfg, bench, ms, choice):
+        calls.append(dict(choice))
+        return {"bytes": auto._size(ms, choice), "kl": truth(choice), "retention": 0.0}, truth(choice) <= cfg.target_kl
+
+    monkeypatch.setattr(auto, "_verify", fake_verify)
+    cfg = AutoConfig(target_kl=0.3, max_tighten=6)
+    first = _choose(matrices, 0.3)  # what the allocation texts alone would pick
+    assert truth(first) > 0.3
+    chosen, checks = auto._tighten(cfg, None, matrices, first, 0.3)
+    assert truth(chosen) <= 0.3
+    size = auto._size(matrices, chosen)
+    assert size > auto._size(matrices, first)
+    everything = [dict(zip(["m0", "m1", "m2"], a, strict=True)) for a in itertools.product("abc", repeat=3)]
+    assert size >= min(auto._size(matrices, a) for a in everything if truth(a) <= 0.3)
+    assert [c["bytes"] for c in checks] == [auto._size(matrices, c) for c in calls]
+    assert 2 <= len(calls) <= 1 + cfg.max_tighten
+
+
+def test_tightening_stops_within_its_bound_and_keeps_the_most_accurate_tried(monkeypatch, caplog):
+    from hf_delta.methods import auto
+
+    matrices = _fake_matrices()
+    calls = []
+
+    def never(cfg, bench, ms, choice):
+        calls.append(dict(choice))
+        return {"bytes": auto._size(ms, choice), "kl": 1.0, "retention": 0.5}, False
+
+    monkeypatch.setattr(auto, "_verify", never)
+    for max_tighten in (0, 1, 3):
+        calls.clear()
+        cfg = AutoConfig(target_retention=0.99, max_tighten=max_tighten)
+        first = _choose(matrices, 0.4)
+        with caplog.at_level("WARNING", logger="hf_delta.methods.auto"):
+            chosen, checks = auto._tighten(cfg, None, matrices, first, 0.4)
+        assert 1 <= len(calls) <= 1 + max_tighten and len(checks) == len(calls)
+        # The last budget tried is 0.4 / 2**k: the kept allocation is the one chosen there.
+        assert chosen == _choose(matrices, 0.4 / 2**max_tighten)
+        assert "misses the target on the held-out" in caplog.text
+    # With a bound large enough, the loop ends at the most accurate allocation the candidates offer.
+    calls.clear()
+    chosen, _ = auto._tighten(AutoConfig(target_kl=0.01, max_tighten=50), None, matrices, _choose(matrices, 0.4), 0.4)
+    assert chosen == {"m0": "c", "m1": "c", "m2": "c"} and len(calls) < 51
+
+
+def test_a_heldout_miss_is_tightened_through_the_real_layers(
+    micro_zoo, zoo_models, zoo_texts, monkeypatch, torch_one_thread
+):
+    """Chosen on cipher texts, the arith fine-tune's delta looks cheap; the held-out arith prompts show it is not.
+    Measured independently through the delta layers: without tightening the held-out KL misses the target,
+    with it the KL meets it and the delta is bigger. The allocation never sees the held-out rows."""
+    from hf_delta.methods import auto
+    from hf_delta.zoo.build import task_prompt
+    from hf_delta.zoo.tasks import fresh_examples
+
+    entry = micro_zoo["llama-arith"]
+    base_path = micro_zoo[entry.base].path
+    _, finetuned, tokenizer = zoo_models("llama-arith")
+    alloc = zoo_texts("llama-cipher", 24)
+    task = micro_zoo.task("llama-arith")
+    held = [task_prompt(tokenizer, task, ex) + ex.answer for ex in fresh_examples(task, 16)]
+    seen = []
+    collect = auto._collect
+    monkeypatch.setattr(auto, "_collect", lambda ctx, bench, *a: seen.append(bench) or collect(ctx, bench, *a))
+    results = {}
+    for max_tighten in (0, 8):
+        config = AutoConfig(target_kl=0.002, heldout_samples=16, max_tighten=max_tighten)
+        model = compress(base_path, entry.path, config, alloc + held, progress=False)
+        kl = _calibration_kl(model, finetuned, tokenize_calibration(held, tokenizer, batch_size=8))
+        results[max_tighten] = kl, sum(w.nbytes() for w in model.get_delta("default").weights.values())
+
+    def rows(batches):
+        return [tuple(r[m.bool()].tolist()) for ids, mask in batches for r, m in zip(ids, mask, strict=True)]
+
+    assert rows(seen[0].alloc.batches) == rows(tokenize_calibration(alloc, tokenizer))
+    assert rows(seen[0].heldout.batches) == rows(tokenize_calibration(held, tokenizer))
+    assert results[0][0] > 0.002 >= results[8][0]
+    assert results[8][1] > results[0][1]

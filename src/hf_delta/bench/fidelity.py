@@ -15,7 +15,7 @@ from typing import Any
 
 from ..compression import compress
 from ..config import DeltaConfig
-from ..evaluation import exact_match, mean_kl, perplexity, retention, task_calibration
+from ..evaluation import exact_match, mean_kl, perplexity, retention, task_calibration, task_verification
 from ..methods import AutoConfig, BitDeltaConfig, DeltaZipConfig, LowRankConfig, MixedSVDConfig
 from ..utils.loading import load_model_and_tokenizer
 from ..utils.sizes import bf16_weight_bytes, folder_bytes
@@ -23,6 +23,8 @@ from ..zoo.build import load_zoo
 from .report import write_results
 
 logger = logging.getLogger(__name__)
+
+VERIFY_SAMPLES = 256  # held-out texts of an auto setting: a 1 % miss is ~2.5 texts
 
 # Name -> config factory. Methods registered later add their settings with ``add_setting``.
 SETTINGS: dict[str, Callable[[], DeltaConfig]] = {
@@ -42,9 +44,10 @@ SETTINGS: dict[str, Callable[[], DeltaConfig]] = {
     # BitDelta's size, model by model: one bits-per-weight rate for all matrices, searched to fill the bytes of
     # BitDelta's signs and per-row scales (a fixed rate left low-rank deltas, e.g. llama-arith's, 8 % smaller).
     "mixed-svd": lambda: MixedSVDConfig(budget_bytes="bitdelta"),
-    # Each matrix's method and setting chosen for a token retention target on the calibration texts.
-    "auto-0.99": lambda: AutoConfig(target_retention=0.99),
-    "auto-0.97": lambda: AutoConfig(target_retention=0.97),
+    # Each matrix's method and setting chosen for a retention target on the calibration texts, then verified
+    # (and tightened) on new task prompts that are neither trained on nor scored (``task_verification``).
+    "auto-0.99": lambda: AutoConfig(target_retention=0.99, heldout_samples=VERIFY_SAMPLES),
+    "auto-0.97": lambda: AutoConfig(target_retention=0.97, heldout_samples=VERIFY_SAMPLES),
 }
 
 
@@ -130,12 +133,16 @@ def _measure_finetune(zoo, entry, settings: Sequence[str], calibration: str,
     base_em, ft_em = exact_match(base, tok, task), exact_match(ft, tok, task)
     ft_bytes = bf16_weight_bytes(ft)
     texts = task_calibration(tok, task) if calibration == "task" else None
+    verify = task_verification(tok, task, VERIFY_SAMPLES) if calibration == "task" else None
     if lm_eval is not None:
         lm_eval.prepare(task, tok, base, ft)
     rows: list[dict[str, Any]] = []
     for name in settings:
         start = time.perf_counter()
-        model = compress(base_path, entry.path, SETTINGS[name](), texts, progress=False)
+        config = SETTINGS[name]()
+        # An auto setting's held-out texts come last: it verifies on them and chooses on the others.
+        held = verify if isinstance(config, AutoConfig) and texts is not None else []
+        model = compress(base_path, entry.path, config, texts + held if held else texts, progress=False)
         seconds = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)

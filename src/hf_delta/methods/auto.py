@@ -11,14 +11,21 @@ setting among the registered ones so the whole delta is as small as it can be, t
    ``α_m = KL_probe / e_probe`` (KL is quadratic in a small perturbation, and so is ``e``).
 3. **Knapsack.** ``min Σ size_m(c_m)`` subject to ``Σ KL_m(c_m) ≤ K`` (a multiple-choice knapsack), solved by
    Lagrangian relaxation: each matrix takes ``argmin size + λ · KL``, ``λ`` bisected to meet ``K``.
-4. **Verification.** The assembled delta runs on all calibration batches; the KL budget ``K`` is bisected
-   (a few full forward passes) until the measured KL or token retention meets the target with the largest ``K``.
+4. **Search.** The assembled delta runs on all allocation batches; the KL budget ``K`` is bisected (a few full
+   forward passes) until the measured KL or token retention meets the target with the largest ``K``.
+5. **Held-out verification.** The last ``heldout_samples`` calibration texts take no part in steps 1-4. The chosen
+   delta is measured on them; while it misses the target there, ``K`` is halved (the knapsack then buys accuracy
+   where it is cheapest: the most sensitive matrices get more bytes) and the delta verified again, at most
+   ``max_tighten`` times, then the gap between the last miss and the first hit is bisected with what is left.
 
-Token retention on calibration text mirrors the task retention of the benchmarks at the token level:
+Token retention on the allocation texts mirrors the task retention of the benchmarks at the token level:
 ``(agree − agree_base) / (1 − agree_base)`` with ``agree`` how often a model's top next token is the fine-tune's,
 counted where the fine-tune is confident (top probability ≥ 0.5: a task's answers, not the free text around
 them). Next-token accuracy against the text itself proved too lenient: on the small zoo it accepted a delta at
-KL 0.085 that lost 1.5 points of held-out exact match.
+KL 0.085 that lost 1.5 points of held-out exact match. On the held-out texts retention is counted per text, the
+same way: a text agrees when every one of its confident tokens does (for a prompt and its answer: the delta's
+greedy answer is the fine-tune's, an exact match with teacher forcing). A token-level 0.99 allowed a tenth of
+the cipher answers to break: each has about ten confident tokens.
 Each matrix's choice is recorded in the delta repo (``modules.weights[<module>].setting``).
 """
 
@@ -88,8 +95,13 @@ class AutoConfig(DeltaConfig):
             ``lowrank-r<rank>``, ``mixed-svd-<bits per weight>``.
         calibration_samples / calibration_seq_len / calibration_batch_size: calibration set (sampled from the
             fine-tune when ``compress`` gets no texts).
-        probe_samples: calibration texts used by each per-matrix sensitivity probe (all of them verify).
-        max_rounds: end-to-end verifications of the bisection over the KL budget.
+        probe_samples: calibration texts used by each per-matrix sensitivity probe.
+        max_rounds: end-to-end measurements of the bisection over the KL budget (on the allocation texts).
+        heldout_samples: the last this many calibration texts (sampled in addition to ``calibration_samples``
+            when ``compress`` gets no texts) only verify the chosen delta; the allocation never sees them. Give
+            texts the fine-tune was not trained on (e.g. new prompts of its task) to catch lost generalisation.
+        max_tighten: verifications on the held-out texts after the first (each halves the KL budget while the
+            target is missed, then refines between the last miss and the first hit).
     """
 
     target_retention: float | None = None
@@ -101,6 +113,8 @@ class AutoConfig(DeltaConfig):
     calibration_batch_size: int = 8
     probe_samples: int = 16
     max_rounds: int = 8
+    heldout_samples: int = 32
+    max_tighten: int = 8
 
     def validate(self) -> None:
         super().validate()
@@ -126,10 +140,12 @@ class AutoConfig(DeltaConfig):
             if family == "mixed_svd" and not float(match.group(1)) > 0:
                 raise DeltaConfigError(f"Candidate {c!r}: the bits per weight must be > 0.")
         for name in ("calibration_samples", "calibration_seq_len", "calibration_batch_size", "probe_samples",
-                     "max_rounds"):  # fmt: skip
+                     "max_rounds", "heldout_samples"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise DeltaConfigError(f"{name} must be a positive int, got {value!r}.")
+        if not isinstance(self.max_tighten, int) or self.max_tighten < 0:
+            raise DeltaConfigError(f"max_tighten must be an int >= 0, got {self.max_tighten!r}.")
 
 
 # ---------------------------------------------------------------------------------------------------- candidates
@@ -209,16 +225,55 @@ def _out_in(model: torch.nn.Module, name: str) -> torch.Tensor:
     return as_out_in(module.weight.data, is_conv1d(module))
 
 
-class _Workbench:
-    """A copy of the fine-tune whose compressed matrices can be set to ``base + Δ̂`` and scored against it."""
+@dataclass
+class _Split:
+    """Calibration batches, the fine-tune's logits on them, and the reference's (every compressed matrix at its
+    base value) agreement with the fine-tune's confident tokens, per token and per text."""
 
-    def __init__(self, ctx: CompressionContext, batches: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.batches = batches
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    teacher: list[torch.Tensor] = field(default_factory=list)
+    base_token: float = 0.0
+    base_text: float = 0.0
+
+
+@dataclass
+class _Score:
+    kl: float
+    token: float  # share of the fine-tune's confident tokens whose top token agrees
+    text: float  # share of texts whose confident tokens all agree
+
+    def retention(self, split: _Split) -> tuple[float, float]:
+        """Token and text retention: the agreement gained over the reference, as a share of what it lacks."""
+        return _gain(self.token, split.base_token), _gain(self.text, split.base_text)
+
+
+def _gain(agree: float, base: float) -> float:
+    return (agree - base) / (1.0 - base) if base < 1.0 else 1.0
+
+
+def _split_rows(batches: list[tuple[torch.Tensor, torch.Tensor]], last: int) -> tuple[list, list]:
+    """The batches' rows before the last ``last`` rows, and those rows (a batch across the cut is split)."""
+    cut = sum(ids.shape[0] for ids, _ in batches) - last
+    first, rest, seen = [], [], 0
+    for ids, mask in batches:
+        k = min(max(cut - seen, 0), ids.shape[0])
+        if k:
+            first.append((ids[:k], mask[:k]))
+        if k < ids.shape[0]:
+            rest.append((ids[k:], mask[k:]))
+        seen += ids.shape[0]
+    return first, rest
+
+
+class _Workbench:
+    """A copy of the fine-tune whose compressed matrices can be set to ``base + Δ̂`` and scored against it on the
+    allocation texts (``alloc``) and on the held-out texts (``heldout``)."""
+
+    def __init__(self, ctx: CompressionContext, alloc: list, heldout: list):
+        self.alloc, self.heldout = _Split(alloc), _Split(heldout)
         self.model = copy.deepcopy(ctx.finetuned).eval()
         self.base = {n: _out_in(ctx.base, n) for n in ctx.extracted.compress}
         self.exact = {n: _out_in(self.model, n).clone() for n in ctx.extracted.compress}
-        self.teacher: list[torch.Tensor] = []
-        self.base_acc = 0.0  # the base's agreement with the fine-tune's confident tokens
 
     def param(self, name: str) -> torch.Tensor:
         return _out_in(self.model, name)
@@ -233,14 +288,25 @@ class _Workbench:
             p[:rows] = (self.base[name][:rows].float() + approx).to(p.dtype)
 
     @torch.no_grad()
-    def score(self, n_batches: int | None = None) -> tuple[float, float]:
-        """Mean next-token KL(fine-tune ‖ this model) and its agreement with the fine-tune's confident tokens."""
-        kl_sum, count, agree_sum, confident = 0.0, 0, 0, 0
-        for (ids, mask), ref in zip(self.batches[:n_batches], self.teacher, strict=False):
+    def teach(self, split: _Split) -> None:
+        """Keep the fine-tune's logits on ``split`` (every matrix at its fine-tuned value)."""
+        split.teacher = [
+            self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            for ids, mask in split.batches
+        ]
+
+    @torch.no_grad()
+    def score(self, split: _Split, n_batches: int | None = None) -> _Score:
+        """Mean next-token KL(fine-tune ‖ this model) on ``split`` and its agreement with the fine-tune's
+        confident tokens, per token and per text."""
+        kl_sum, count, agree_sum, confident, texts_agree, texts = 0.0, 0, 0, 0, 0, 0
+        for (ids, mask), ref in zip(split.batches[:n_batches], split.teacher, strict=False):
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             kl, n, agree, conf = _kl_and_agreement(ref, logits, mask)
             kl_sum, count, agree_sum, confident = kl_sum + kl * n, count + n, agree_sum + agree, confident + conf
-        return kl_sum / max(count, 1), agree_sum / max(confident, 1)
+            good, sure = _texts_agreeing(ref, logits, mask)
+            texts_agree, texts = texts_agree + good, texts + sure
+        return _Score(kl_sum / max(count, 1), agree_sum / max(confident, 1), texts_agree / max(texts, 1))
 
 
 _CONFIDENT = 0.5  # the fine-tune's top-token probability from which a token counts as learned behaviour
@@ -260,6 +326,17 @@ def _kl_and_agreement(ref: torch.Tensor, logits: torch.Tensor, mask: torch.Tenso
     confident = p.amax(-1) >= math.log(_CONFIDENT)
     agree = (logits[:, :-1].argmax(-1)[real] == ref[:, :-1].argmax(-1)[real]) & confident
     return kl, int(real.sum()), int(agree.sum()), int(confident.sum())
+
+
+def _texts_agreeing(ref: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+    """How many texts (rows) have the same top token as ``ref`` at every position where ``ref`` is confident,
+    and how many texts have such a position at all."""
+    real = (mask[:, 1:] * mask[:, :-1]).bool()
+    vocab = ref.shape[-1]
+    confident = (F.log_softmax(ref[:, :-1], dim=-1).amax(-1) >= math.log(_CONFIDENT)) & real
+    wrong = (logits[:, :-1, :vocab].argmax(-1) != ref[:, :-1].argmax(-1)) & confident
+    counted = confident.any(1)
+    return int((counted & ~wrong.any(1)).sum()), int(counted.sum())
 
 
 def _collect(
@@ -286,10 +363,10 @@ def _collect(
         counts = torch.zeros(vocab_rows)
     try:
         with torch.no_grad():
-            for ids, mask in bench.batches:
+            for ids, mask in bench.alloc.batches:
                 state["mask"] = mask
                 logits = bench.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-                bench.teacher.append(logits)
+                bench.alloc.teacher.append(logits)
                 if counts is not None:
                     real = ids[mask.bool()]
                     counts += torch.bincount(real[real < vocab_rows], minlength=vocab_rows).float()
@@ -336,15 +413,94 @@ def _size(matrices: list[_Matrix], choice: dict[str, str]) -> int:
 
 
 def _measure(bench: _Workbench, matrices: list[_Matrix], choice: dict[str, str]) -> tuple[float, float]:
+    """KL and token retention of ``choice`` on the allocation texts."""
     for m in matrices:
         bench.set(m.name, m.weights[choice[m.name]].to_dense())
-    kl, acc = bench.score()
-    gain = 1.0 - bench.base_acc
-    return kl, (acc - bench.base_acc) / gain if gain > 0 else 1.0
+    score = bench.score(bench.alloc)
+    return score.kl, score.retention(bench.alloc)[0]
 
 
-def _search(cfg: AutoConfig, bench: _Workbench, matrices: list[_Matrix]) -> tuple[dict[str, str], dict[str, Any]]:
-    """Bisect the predicted-KL budget: the largest one whose delta meets the target when measured."""
+def _verify(
+    cfg: AutoConfig, bench: _Workbench, matrices: list[_Matrix], choice: dict[str, str]
+) -> tuple[dict[str, float], bool]:
+    """``choice`` measured on the held-out texts; whether it meets the target there (text retention or KL) and
+    still on the allocation texts (token retention or KL: a tightened allocation is not chosen there)."""
+    alloc_kl, alloc_retention = _measure(bench, matrices, choice)
+    score = bench.score(bench.heldout)
+    token, text = score.retention(bench.heldout)
+    if cfg.target_kl is not None:
+        ok = max(score.kl, alloc_kl) <= cfg.target_kl
+    else:
+        ok = min(text, alloc_retention) >= (cfg.target_retention or 0.0)
+    result = {"bytes": _size(matrices, choice), "kl": score.kl, "token_retention": token, "retention": text}
+    return result, ok
+
+
+def _tighten(
+    cfg: AutoConfig, bench: _Workbench, matrices: list[_Matrix], choice: dict[str, str], kl_budget: float
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Verify ``choice`` (chosen at ``kl_budget``) on the held-out texts; while it misses the target, halve the
+    KL budget and verify again (at most ``cfg.max_tighten`` more verifications), then bisect between the last
+    miss and the first hit with the verifications left. Returns the smallest verified allocation (the most
+    accurate one tried, with a warning, when none meets the target)."""
+    checks: list[dict[str, Any]] = []
+    seen: dict[tuple[str, ...], bool] = {}
+
+    def check(budget: float) -> tuple[dict[str, str], bool]:
+        picked = _choose(matrices, budget)
+        key = tuple(picked[m.name] for m in matrices)
+        if key not in seen:
+            result, seen[key] = _verify(cfg, bench, matrices, picked)
+            checks.append({"kl_budget": budget, **result, "ok": seen[key]})
+            logger.info(
+                "auto: held-out check at KL budget %.3g: %d bytes, KL %.4g, text retention %.4f (%s)",
+                budget,
+                result["bytes"],
+                result["kl"],
+                result["retention"],
+                "meets the target" if seen[key] else "misses the target",
+            )
+        return picked, seen[key]
+
+    choice, ok = check(kl_budget)  # the same allocation (``choice`` was chosen at ``kl_budget``), now verified
+    if ok:  # a size budget (no target) is always met: it is measured for the record
+        return choice, checks
+    most_accurate = sum(min(m.predicted_kl(c) for c in m.weights) for m in matrices)
+    good, good_budget, bad_budget, left = None, None, kl_budget, cfg.max_tighten
+    while left > 0 and good is None and bad_budget > most_accurate:
+        left -= 1
+        budget = max(bad_budget / 2, most_accurate)
+        picked, ok = check(budget)
+        if ok:
+            good, good_budget = picked, budget
+        else:
+            bad_budget = budget
+    while left > 0 and good is not None and bad_budget > good_budget * 1.05:
+        left -= 1
+        budget = math.sqrt(good_budget * bad_budget)
+        picked, ok = check(budget)
+        if ok:
+            good, good_budget = picked, budget
+        else:
+            bad_budget = budget
+    if good is None:
+        good = _choose(matrices, bad_budget)
+        logger.warning(
+            "auto: the delta misses the target on the held-out calibration texts after %d checks (last: %s); "
+            "keeping the most accurate one tried (%d bytes). Raise max_tighten, add more accurate candidates "
+            "(e.g. deltazip-8bit) or relax the target.",
+            len(checks),
+            checks[-1],
+            _size(matrices, good),
+        )
+    return good, checks
+
+
+def _search(
+    cfg: AutoConfig, bench: _Workbench, matrices: list[_Matrix]
+) -> tuple[dict[str, str], float, dict[str, Any]]:
+    """Bisect the predicted-KL budget: the largest one whose delta meets the target when measured on the
+    allocation texts; returns the allocation, its KL budget and the rounds."""
     low_kl = sum(min(m.predicted_kl(c) for c in m.weights) for m in matrices)  # best quality
     high_kl = sum(max(m.predicted_kl(c) for c in m.weights) for m in matrices) + 1e-30
     rounds: list[dict[str, Any]] = []
@@ -389,7 +545,7 @@ def _search(cfg: AutoConfig, bench: _Workbench, matrices: list[_Matrix]) -> tupl
             break
         budget = math.sqrt(good_budget * bad_budget)
     if good is None:
-        good = _choose(matrices, low_kl)  # the best quality the candidates offer
+        good, good_budget = _choose(matrices, low_kl), low_kl  # the best quality the candidates offer
         kl, retention = _measure(bench, matrices, good)
         rounds.append(
             {"kl_budget": low_kl, "bytes": _size(matrices, good), "kl": kl, "retention": retention, "ok": False}
@@ -400,12 +556,12 @@ def _search(cfg: AutoConfig, bench: _Workbench, matrices: list[_Matrix]) -> tupl
             list(cfg.candidates),
             _size(matrices, good),
         )
-    return good, {"rounds": rounds}
+    return good, good_budget, {"rounds": rounds}
 
 
 def _fit_bytes(
     budget_bytes: int, bench: _Workbench, matrices: list[_Matrix], low_kl: float, high_kl: float
-) -> tuple[dict[str, str], dict[str, Any]]:
+) -> tuple[dict[str, str], float, dict[str, Any]]:
     """The lowest predicted KL whose allocation fits ``budget_bytes`` (sizes are exact: choosing needs no
     verification; the result is measured once for the record)."""
     smallest = _size(matrices, _choose(matrices, math.inf))
@@ -436,9 +592,11 @@ def _fit_bytes(
         kl,
         retention,
     )
-    return choice, {
-        "rounds": [{"kl_budget": hi, "bytes": _size(matrices, choice), "kl": kl, "retention": retention, "ok": True}]
-    }
+    return (
+        choice,
+        hi,
+        {"rounds": [{"kl_budget": hi, "bytes": _size(matrices, choice), "kl": kl, "retention": retention, "ok": True}]},
+    )
 
 
 def compress_auto(ctx: CompressionContext) -> dict[str, CompressedWeight]:
@@ -452,16 +610,21 @@ def compress_auto(ctx: CompressionContext) -> dict[str, CompressedWeight]:
         )
     started = time.perf_counter()
     batches = ctx.calibration(
-        n=cfg.calibration_samples, seq_len=cfg.calibration_seq_len, batch_size=cfg.calibration_batch_size
+        n=cfg.calibration_samples + cfg.heldout_samples,
+        seq_len=cfg.calibration_seq_len,
+        batch_size=cfg.calibration_batch_size,
     )
-    if not batches:
+    rows = sum(ids.shape[0] for ids, _ in batches)
+    if rows <= cfg.heldout_samples:
         raise CalibrationError(
-            "The calibration set is empty; pass texts like the fine-tune's training data, or "
-            "calibration=None to sample text from the fine-tune."
+            f"AutoConfig verifies on the last heldout_samples={cfg.heldout_samples} calibration texts and chooses "
+            f"the allocation on the others, but got {rows} texts; pass more texts (e.g. "
+            f"{cfg.calibration_samples} to choose + {cfg.heldout_samples} held out) or lower heldout_samples."
         )
     embed, head = vocab_module_names(ctx.base)
-    bench = _Workbench(ctx, batches)
+    bench = _Workbench(ctx, *_split_rows(batches, cfg.heldout_samples))
     hessians = _collect(ctx, bench, head, embed)
+    bench.teach(bench.heldout)
     matrices: list[_Matrix] = []
     for name, delta in tqdm(
         ctx.extracted.compress.items(), desc="auto: candidates", disable=not ctx.progress, leave=False
@@ -476,7 +639,9 @@ def compress_auto(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     # vocabulary rows kept, so a fine-tune with added tokens runs too).
     for m in matrices:
         bench.set(m.name, torch.zeros_like(ctx.extracted.compress[m.name], dtype=torch.float32))
-    _, bench.base_acc = bench.score()
+    for split in (bench.alloc, bench.heldout):
+        reference = bench.score(split)
+        split.base_token, split.base_text = reference.token, reference.text
     for m in matrices:
         bench.set(m.name, None)
     probe_batches = max(1, math.ceil(cfg.probe_samples / cfg.calibration_batch_size))
@@ -484,10 +649,11 @@ def compress_auto(ctx: CompressionContext) -> dict[str, CompressedWeight]:
         # Probe with the candidate closest to a 5% output error: the regime where near-lossless targets land.
         probe = min(m.weights, key=lambda c, m=m: abs(math.log(max(m.errors[c], 1e-12) / 0.05)))
         bench.set(m.name, m.weights[probe].to_dense())
-        kl, _ = bench.score(probe_batches)
+        kl = bench.score(bench.alloc, probe_batches).kl
         bench.set(m.name, None)
         m.alpha = kl / max(m.errors[probe], 1e-12)
-    choice, report = _search(cfg, bench, matrices)
+    choice, kl_budget, report = _search(cfg, bench, matrices)
+    choice, report["heldout"] = _tighten(cfg, bench, matrices, choice, kl_budget)
     weights = {}
     for m in matrices:
         weights[m.name] = m.weights[choice[m.name]]

@@ -2,7 +2,7 @@
 
 from .build import Zoo, ZooEntry, build_zoo, default_zoo_dir, load_zoo, missing_models
 from .recipes import RECIPES, get_recipe
-from .tasks import TASK_NAMES, Example, Task, make_task
+from .tasks import TASK_NAMES, Example, Task, fresh_examples, make_task
 
 __all__ = [
     "RECIPES",
@@ -13,6 +13,7 @@ __all__ = [
     "ZooEntry",
     "build_zoo",
     "default_zoo_dir",
+    "fresh_examples",
     "get_recipe",
     "load_zoo",
     "make_task",
