@@ -58,19 +58,22 @@ def test_every_command_has_help_and_help_loads_no_torch():
 
 
 def test_compress_auto_records_each_matrix_choice(micro_zoo, tmp_path, capsys, torch_one_thread):
-    from hf_delta.evaluation import task_calibration
+    from hf_delta.evaluation import task_calibration, task_verification
     from hf_delta.utils.loading import load_tokenizer
 
     entry = micro_zoo["llama-arith"]
-    texts = task_calibration(load_tokenizer(entry.path), micro_zoo.task("llama-arith"), n=16)
-    (tmp_path / "calib.txt").write_text("\n".join(t.replace("\n", " ") for t in texts))
+    tok, task = load_tokenizer(entry.path), micro_zoo.task("llama-arith")
+    files = {"calib.txt": task_calibration(tok, task, n=16), "held.txt": task_verification(tok, task, 8)}
+    for name, texts in files.items():
+        (tmp_path / name).write_text("\n".join(t.replace("\n", " ") for t in texts))
     out = tmp_path / "delta"
     code = main(["compress", str(micro_zoo["llama-base"].path), str(entry.path), str(out), "--auto",
                  "--budget-bytes", "8000", "--calibration", str(tmp_path / "calib.txt"),
-                 "--options", json.dumps({"calibration_samples": 16})])
+                 "--heldout", str(tmp_path / "held.txt")])
     assert code == 0 and "Saved auto delta" in capsys.readouterr().out
     delta = Delta.from_folder(out)
     assert delta.config.method == "auto" and delta.config.budget_bytes == 8000
+    assert delta.config.heldout_samples == 8
     assert all(w.setting in delta.config.candidates for w in delta.weights.values())
     assert main(["compress", str(micro_zoo["llama-base"].path), str(entry.path), str(out), "--auto"]) != 0
     assert "exactly one of target_retention" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hf_delta import MixedSVDConfig, compress
 from hf_delta.errors import DeltaConfigError
 from hf_delta.methods import BitDeltaConfig, BitDeltaWeight, MixedSVDWeight
-from hf_delta.methods.mixed_svd import allocate_bits, compress_mixed_svd_matrix, quantize_rows
+from hf_delta.methods.mixed_svd import allocate_bits, compress_mixed_svd_matrix, fill_budget, quantize_rows
 
 
 @settings(max_examples=40, deadline=None)
@@ -93,9 +93,39 @@ def test_reconstruction_beats_bitdelta_and_tracks_a_truncated_svd():
 
 
 def test_bad_configs():
-    for bad in ({"bits_per_weight": 0}, {"bits_per_weight": True}, {"bit_widths": []}, {"bit_widths": [5]}):
+    for bad in (
+        {"bits_per_weight": 0},
+        {"bits_per_weight": True},
+        {"bit_widths": []},
+        {"bit_widths": [5]},
+        {"budget_bytes": 0},
+        {"budget_bytes": "lowrank"},
+    ):
         with pytest.raises(DeltaConfigError):
             MixedSVDConfig(**bad).validate()
+
+
+def test_a_total_budget_is_filled_by_one_rate_for_all_matrices():
+    """``budget_bytes='bitdelta'``: the weights take BitDelta's bytes (counted here from BitDelta's own weights)
+    to within 3 % (a triple is the unit), and an int budget likewise."""
+    g = torch.Generator().manual_seed(0)
+    deltas = {
+        "a": torch.randn(96, 64, generator=g),
+        "low": torch.randn(128, 2, generator=g) @ torch.randn(2, 64, generator=g),
+        "c": torch.randn(64, 128, generator=g) * 0.1,
+    }
+    bitdelta = sum(BitDeltaWeight.from_delta(d, per_row=True).nbytes() for d in deltas.values())
+
+    def total(bpw):
+        cfg = MixedSVDConfig(bits_per_weight=bpw)
+        return sum(compress_mixed_svd_matrix(d, "linear", cfg).nbytes() for d in deltas.values())
+
+    for budget, config in (
+        (bitdelta, MixedSVDConfig(budget_bytes="bitdelta")),
+        (2500, MixedSVDConfig(budget_bytes=2500)),
+    ):
+        rate = fill_budget(deltas, config)
+        assert 0.97 * budget <= total(rate) <= budget
 
 
 @pytest.mark.slow

@@ -13,12 +13,17 @@ def _compress(args: argparse.Namespace) -> int:
     from ..methods import get_method
 
     options = json.loads(args.options) if args.options else {}
+    heldout = Path(args.heldout).read_text().splitlines() if args.heldout else []
     if args.auto:
         from ..methods import AutoConfig
 
         targets = {"target_retention": args.target_retention, "target_kl": args.target_kl,
                    "budget_bytes": args.budget_bytes}
+        if heldout:  # they follow the calibration texts: AutoConfig verifies on its last heldout_samples texts
+            options["heldout_samples"] = len(heldout)
         config = AutoConfig(**options, **{k: v for k, v in targets.items() if v is not None})
+    elif heldout:
+        raise SystemExit("--heldout goes with --auto (the texts its allocation is verified on).")
     else:
         method = get_method(args.method)
         for key in ("bits", "sparsity", "rank"):
@@ -27,6 +32,10 @@ def _compress(args: argparse.Namespace) -> int:
                 options[key] = value
         config = method.config_class(**options)
     calibration = Path(args.calibration).read_text().splitlines() if args.calibration else None
+    if heldout:
+        if calibration is None:
+            raise SystemExit("--heldout needs --calibration (the texts the allocation is chosen on).")
+        calibration += heldout
     delta = compress_delta(args.base, args.finetuned, config, calibration, device=args.device)
     delta.save_pretrained(args.out)
     print(f"Saved {config.method} delta to {args.out}")
@@ -56,6 +65,9 @@ def register(sub) -> None:
     comp.add_argument("--target-retention", type=float, default=None, help="--auto: e.g. 0.99")
     comp.add_argument("--target-kl", type=float, default=None, help="--auto: mean next-token KL, e.g. 0.05")
     comp.add_argument("--budget-bytes", type=int, default=None, help="--auto: the largest size of the matrices")
+    comp.add_argument("--heldout", default=None,
+                      help="--auto: text file, one held-out text per line (e.g. new task prompts the fine-tune was "
+                           "not trained on): the chosen delta is verified, and tightened, on these only")
     comp.add_argument("--options", default=None, help="extra config fields as JSON, e.g. '{\"scale\": \"row\"}'")
     comp.add_argument("--calibration", default=None, help="text file, one calibration text per line")
     comp.add_argument("--device", default=None, help="where deltas are computed: cpu (default) or cuda")
