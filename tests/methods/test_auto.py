@@ -293,3 +293,38 @@ def test_a_heldout_miss_is_tightened_through_the_real_layers(
     assert rows(seen[0].heldout.batches) == rows(tokenize_calibration(held, tokenizer))
     assert results[0][0] > 0.002 >= results[8][0]
     assert results[8][1] > results[0][1]
+
+
+def test_a_text_agrees_when_every_token_the_fine_tune_knows_agrees():
+    """Per text: positions where the reference is confident *and* right about the text's next token count;
+    a confident guess at the text (a random prompt digit) does not. Checked against a plain loop."""
+    from hf_delta.methods.auto import _gain, _texts_agreeing
+
+    g = torch.Generator().manual_seed(1)
+    ref, other = torch.randn(4, 6, 9, generator=g), torch.randn(4, 6, 9, generator=g)
+    ids = torch.randint(0, 9, (4, 6), generator=g)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[3, 3:] = 0
+    for row, t in ((0, 1), (0, 3), (1, 2), (2, 0), (3, 4)):
+        ref[row, t, ids[row, t + 1]] = 12.0  # the reference knows the next token here
+    other[0, 1, ids[0, 2]] = 12.0  # text 0: agrees at one known position, not at the other
+    other[1, 2, ids[1, 3]] = 12.0  # text 1: agrees at its only known position
+    ref[2, 0, ids[2, 1]] = -12.0  # text 2: ...
+    ref[2, 0, (ids[2, 1] + 1) % 9] = 12.0  # ... is a confident wrong guess instead: not counted
+    other[2, 0] = -ref[2, 0]
+    # text 3: its known position predicts a padding token: not counted
+    agree, counted = _texts_agreeing(ref, other, ids, mask)
+    expected_agree = expected_counted = 0
+    for row in range(4):
+        n = int(mask[row].sum())
+        known = [
+            t
+            for t in range(n - 1)
+            if ref[row, t].softmax(-1).max() >= 0.5 and int(ref[row, t].argmax()) == int(ids[row, t + 1])
+        ]
+        if known:
+            expected_counted += 1
+            expected_agree += all(int(other[row, t].argmax()) == int(ref[row, t].argmax()) for t in known)
+    assert (agree, counted) == (expected_agree, expected_counted) == (1, 2)
+    assert _gain(0.5, 0.0) == 0.5 and _gain(0.75, 0.5) == 0.5
+    assert _gain(None, None) == 1.0 and _gain(0.2, 1.0) == 1.0  # nothing to keep

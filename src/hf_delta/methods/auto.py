@@ -22,10 +22,12 @@ Token retention on the allocation texts mirrors the task retention of the benchm
 ``(agree − agree_base) / (1 − agree_base)`` with ``agree`` how often a model's top next token is the fine-tune's,
 counted where the fine-tune is confident (top probability ≥ 0.5: a task's answers, not the free text around
 them). Next-token accuracy against the text itself proved too lenient: on the small zoo it accepted a delta at
-KL 0.085 that lost 1.5 points of held-out exact match. On the held-out texts retention is counted per text, the
-same way: a text agrees when every one of its confident tokens does (for a prompt and its answer: the delta's
-greedy answer is the fine-tune's, an exact match with teacher forcing). A token-level 0.99 allowed a tenth of
-the cipher answers to break: each has about ten confident tokens.
+KL 0.085 that lost 1.5 points of held-out exact match. On the held-out texts retention is counted per text: a
+text agrees when the delta's top token is the fine-tune's at every position the fine-tune *knows* (confident,
+and its top token is the text's next one). For a prompt and its answer that is exact match with the fine-tune's
+answer under teacher forcing. Per token, 0.99 let a tenth of the cipher answers break (each has about ten
+confident tokens); counting every confident position of a text failed texts on confident guesses at their random
+prompts, which no answer depends on (llama-arith needed 5x more bytes for them).
 Each matrix's choice is recorded in the delta repo (``modules.weights[<module>].setting``).
 """
 
@@ -232,23 +234,26 @@ class _Split:
 
     batches: list[tuple[torch.Tensor, torch.Tensor]]
     teacher: list[torch.Tensor] = field(default_factory=list)
-    base_token: float = 0.0
-    base_text: float = 0.0
+    base_token: float | None = 0.0
+    base_text: float | None = 0.0
 
 
 @dataclass
 class _Score:
     kl: float
-    token: float  # share of the fine-tune's confident tokens whose top token agrees
-    text: float  # share of texts whose confident tokens all agree
+    token: float | None  # share of the fine-tune's confident tokens whose top token agrees (None: no such token)
+    text: float | None  # share of texts whose known tokens all agree (None: no text has one)
 
     def retention(self, split: _Split) -> tuple[float, float]:
         """Token and text retention: the agreement gained over the reference, as a share of what it lacks."""
         return _gain(self.token, split.base_token), _gain(self.text, split.base_text)
 
 
-def _gain(agree: float, base: float) -> float:
-    return (agree - base) / (1.0 - base) if base < 1.0 else 1.0
+def _gain(agree: float | None, base: float | None) -> float:
+    """1.0 where there is nothing to keep: no token to count, or the reference agrees everywhere already."""
+    if agree is None or base is None or base >= 1.0:
+        return 1.0
+    return (agree - base) / (1.0 - base)
 
 
 def _split_rows(batches: list[tuple[torch.Tensor, torch.Tensor]], last: int) -> tuple[list, list]:
@@ -304,9 +309,13 @@ class _Workbench:
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             kl, n, agree, conf = _kl_and_agreement(ref, logits, mask)
             kl_sum, count, agree_sum, confident = kl_sum + kl * n, count + n, agree_sum + agree, confident + conf
-            good, sure = _texts_agreeing(ref, logits, mask)
-            texts_agree, texts = texts_agree + good, texts + sure
-        return _Score(kl_sum / max(count, 1), agree_sum / max(confident, 1), texts_agree / max(texts, 1))
+            good, known = _texts_agreeing(ref, logits, ids, mask)
+            texts_agree, texts = texts_agree + good, texts + known
+        return _Score(
+            kl_sum / max(count, 1),
+            agree_sum / confident if confident else None,
+            texts_agree / texts if texts else None,
+        )
 
 
 _CONFIDENT = 0.5  # the fine-tune's top-token probability from which a token counts as learned behaviour
@@ -328,14 +337,18 @@ def _kl_and_agreement(ref: torch.Tensor, logits: torch.Tensor, mask: torch.Tenso
     return kl, int(real.sum()), int(agree.sum()), int(confident.sum())
 
 
-def _texts_agreeing(ref: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
-    """How many texts (rows) have the same top token as ``ref`` at every position where ``ref`` is confident,
-    and how many texts have such a position at all."""
+def _texts_agreeing(
+    ref: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[int, int]:
+    """How many texts (rows) have the same top token as ``ref`` at every position ``ref`` *knows* (it is
+    confident, and its top token is the text's next token: a task's answer, not a guess at a random prompt), and
+    how many texts have such a position at all."""
     real = (mask[:, 1:] * mask[:, :-1]).bool()
     vocab = ref.shape[-1]
-    confident = (F.log_softmax(ref[:, :-1], dim=-1).amax(-1) >= math.log(_CONFIDENT)) & real
-    wrong = (logits[:, :-1, :vocab].argmax(-1) != ref[:, :-1].argmax(-1)) & confident
-    counted = confident.any(1)
+    top = ref[:, :-1].argmax(-1)
+    known = (F.log_softmax(ref[:, :-1], dim=-1).amax(-1) >= math.log(_CONFIDENT)) & (top == ids[:, 1:]) & real
+    wrong = (logits[:, :-1, :vocab].argmax(-1) != top) & known
+    counted = known.any(1)
     return int((counted & ~wrong.any(1)).sum()), int(counted.sum())
 
 
