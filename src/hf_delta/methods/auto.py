@@ -337,9 +337,7 @@ def _kl_and_agreement(ref: torch.Tensor, logits: torch.Tensor, mask: torch.Tenso
     return kl, int(real.sum()), int(agree.sum()), int(confident.sum())
 
 
-def _texts_agreeing(
-    ref: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
-) -> tuple[int, int]:
+def _texts_agreeing(ref: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
     """How many texts (rows) have the same top token as ``ref`` at every position ``ref`` *knows* (it is
     confident, and its top token is the text's next token: a task's answer, not a guess at a random prompt), and
     how many texts have such a position at all."""
