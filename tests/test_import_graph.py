@@ -31,7 +31,8 @@ LAYERS = [
     ["storage"],
     ["methods"],  # its __init__: registers every built-in method
     ["methods.auto"],  # chooses among the methods below, per matrix
-    ["methods.bitdelta", "methods.lowrank", "methods.deltazip", "methods.mixed_svd"],
+    ["methods.mixed_svd"],  # can take the size of BitDelta's weights (budget_bytes="bitdelta")
+    ["methods.bitdelta", "methods.lowrank", "methods.deltazip"],
     ["methods._dispatch"],
     ["methods.registry"],
     ["methods.base"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -296,7 +297,7 @@ def test_a_heldout_miss_is_tightened_through_the_real_layers(
 
 
 def test_a_text_agrees_when_every_token_the_fine_tune_knows_agrees():
-    """Per text: positions where the reference is confident *and* right about the text's next token count;
+    """Per text: positions where the reference is sure (p >= 0.9) *and* right about the text's next token count;
     a confident guess at the text (a random prompt digit) does not. Checked against a plain loop."""
     from hf_delta.methods.auto import _gain, _texts_agreeing
 
@@ -312,6 +313,12 @@ def test_a_text_agrees_when_every_token_the_fine_tune_knows_agrees():
     ref[2, 0, ids[2, 1]] = -12.0  # text 2: ...
     ref[2, 0, (ids[2, 1] + 1) % 9] = 12.0  # ... is a confident wrong guess instead: not counted
     other[2, 0] = -ref[2, 0]
+    # text 1 also has a position the reference is right about at p = 0.7 only (a half-learned prompt word), where
+    # the other model differs: not known, so text 1 still agrees
+    ref[1, 4] = 0.0
+    ref[1, 4, ids[1, 5]] = math.log(0.7 * 8 / 0.3)
+    other[1, 4] = 0.0
+    other[1, 4, (ids[1, 5] + 1) % 9] = 5.0
     # text 3: its known position predicts a padding token: not counted
     agree, counted = _texts_agreeing(ref, other, ids, mask)
     expected_agree = expected_counted = 0
@@ -320,7 +327,7 @@ def test_a_text_agrees_when_every_token_the_fine_tune_knows_agrees():
         known = [
             t
             for t in range(n - 1)
-            if ref[row, t].softmax(-1).max() >= 0.5 and int(ref[row, t].argmax()) == int(ids[row, t + 1])
+            if ref[row, t].softmax(-1).max() >= 0.9 and int(ref[row, t].argmax()) == int(ids[row, t + 1])
         ]
         if known:
             expected_counted += 1
