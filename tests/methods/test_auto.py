@@ -335,3 +335,18 @@ def test_a_text_agrees_when_every_token_the_fine_tune_knows_agrees():
     assert (agree, counted) == (expected_agree, expected_counted) == (1, 2)
     assert _gain(0.5, 0.0) == 0.5 and _gain(0.75, 0.5) == 0.5
     assert _gain(None, None) == 1.0 and _gain(0.2, 1.0) == 1.0  # nothing to keep
+
+
+def test_heldout_retention_is_the_lower_end_of_its_confidence_interval():
+    """Wilson score bound at z = 1 against hand-worked values: all of n texts -> n / (n + 1); 8 of 10 -> 0.6491."""
+    from hf_delta.methods.auto import _lower_bound, _Score, _Split
+
+    assert _lower_bound(256, 256) == pytest.approx(256 / 257)
+    assert _lower_bound(8, 10) == pytest.approx((0.85 - math.sqrt(0.0185)) / 1.1)
+    assert _lower_bound(0, 10) == pytest.approx(0.0, abs=1e-12)
+    # One disagreeing text of 256 misses 0.99, none meets it; four still meet 0.97, five do not.
+    assert _lower_bound(255, 256) < 0.99 < _lower_bound(256, 256)
+    assert _lower_bound(251, 256) < 0.97 < _lower_bound(252, 256)
+    score = _Score(kl=0.0, token=0.9, texts_agree=255, texts=256)
+    split = _Split(batches=[], base_token=0.5, base_text=0.0)
+    assert score.retention(split) == pytest.approx((0.8, _lower_bound(255, 256)))
