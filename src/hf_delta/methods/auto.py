@@ -14,9 +14,10 @@ setting among the registered ones so the whole delta is as small as it can be, t
 4. **Search.** The assembled delta runs on all allocation batches; the KL budget ``K`` is bisected (a few full
    forward passes) until the measured KL or token retention meets the target with the largest ``K``.
 5. **Held-out verification.** The last ``heldout_samples`` calibration texts take no part in steps 1-4. The chosen
-   delta is measured on them; while it misses the target there, ``K`` is halved (the knapsack then buys accuracy
-   where it is cheapest: the most sensitive matrices get more bytes) and the delta verified again, at most
-   ``max_tighten`` times, then the gap between the last miss and the first hit is bisected with what is left.
+   delta is measured on them (retention per text, at the lower end of its confidence interval); while it misses
+   the target there, ``K`` is halved (the knapsack then buys accuracy where it is cheapest: the most sensitive
+   matrices get more bytes) and the delta verified again, at most ``max_tighten`` times, then the gap between
+   the last miss and the first hit is bisected with what is left.
 
 Token retention on the allocation texts mirrors the task retention of the benchmarks at the token level:
 ``(agree − agree_base) / (1 − agree_base)`` with ``agree`` how often a model's top next token is the fine-tune's,
