@@ -184,10 +184,10 @@ def task_calibration(tokenizer, task: Task, n: int = 64) -> list[str]:
 
 
 def task_verification(tokenizer, task: Task, n: int = 256) -> list[str]:
-    """Texts of ``n`` new examples of the task, in neither its training nor its held-out split: data to verify a
-    compression on that shows lost generalisation (the fine-tune never saw them) without touching the scored
-    split."""
-    return [task_prompt(tokenizer, task, ex) + ex.answer + tokenizer.eos_token for ex in fresh_examples(task, n)]
+    """Prompts of ``n`` new examples of the task, in neither its training nor its held-out split: held-out prompts
+    to verify a compression on (``AutoConfig.heldout_samples``) that show lost generalisation (the fine-tune never
+    saw them) without touching the scored split. No answers: the fine-tune's own continuations are the reference."""
+    return [task_prompt(tokenizer, task, ex) for ex in fresh_examples(task, n)]
 
 
 def __getattr__(name: str):

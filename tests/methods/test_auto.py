@@ -296,45 +296,53 @@ def test_a_heldout_miss_is_tightened_through_the_real_layers(
     assert results[8][1] > results[0][1]
 
 
-def test_a_text_agrees_when_every_token_the_fine_tune_knows_agrees():
-    """Per text: positions where the reference is sure (p >= 0.9) *and* right about the text's next token count;
-    a confident guess at the text (a random prompt digit) does not. Checked against a plain loop."""
-    from hf_delta.methods.auto import _gain, _texts_agreeing
+def test_a_heldout_prompt_agrees_exactly_when_the_greedy_continuations_match(zoo_models, zoo_texts, torch_one_thread):
+    """The fine-tune continues each held-out prompt once; scoring another model teacher-forced on that
+    continuation counts the same prompts as comparing the two models' own greedy generations."""
+    import copy
 
-    g = torch.Generator().manual_seed(1)
-    ref, other = torch.randn(4, 6, 9, generator=g), torch.randn(4, 6, 9, generator=g)
-    ids = torch.randint(0, 9, (4, 6), generator=g)
-    mask = torch.ones(4, 6, dtype=torch.long)
-    mask[3, 3:] = 0
-    for row, t in ((0, 1), (0, 3), (1, 2), (2, 0), (3, 4)):
-        ref[row, t, ids[row, t + 1]] = 12.0  # the reference knows the next token here
-    other[0, 1, ids[0, 2]] = 12.0  # text 0: agrees at one known position, not at the other
-    other[1, 2, ids[1, 3]] = 12.0  # text 1: agrees at its only known position
-    ref[2, 0, ids[2, 1]] = -12.0  # text 2: ...
-    ref[2, 0, (ids[2, 1] + 1) % 9] = 12.0  # ... is a confident wrong guess instead: not counted
-    other[2, 0] = -ref[2, 0]
-    # text 1 also has a position the reference is right about at p = 0.7 only (a half-learned prompt word), where
-    # the other model differs: not known, so text 1 still agrees
-    ref[1, 4] = 0.0
-    ref[1, 4, ids[1, 5]] = math.log(0.7 * 8 / 0.3)
-    other[1, 4] = 0.0
-    other[1, 4, (ids[1, 5] + 1) % 9] = 5.0
-    # text 3: its known position predicts a padding token: not counted
-    agree, counted = _texts_agreeing(ref, other, ids, mask)
-    expected_agree = expected_counted = 0
-    for row in range(4):
-        n = int(mask[row].sum())
-        known = [
-            t
-            for t in range(n - 1)
-            if ref[row, t].softmax(-1).max() >= 0.9 and int(ref[row, t].argmax()) == int(ids[row, t + 1])
-        ]
-        if known:
-            expected_counted += 1
-            expected_agree += all(int(other[row, t].argmax()) == int(ref[row, t].argmax()) for t in known)
-    assert (agree, counted) == (expected_agree, expected_counted) == (1, 2)
-    assert _gain(0.5, 0.0) == 0.5 and _gain(0.75, 0.5) == 0.5
-    assert _gain(None, None) == 1.0 and _gain(0.2, 1.0) == 1.0  # nothing to keep
+    from hf_delta.methods.auto import _Split, _texts_agreeing, _Workbench
+
+    _, finetuned, tokenizer = zoo_models("llama-arith")
+    prompts = [t.rsplit("=", 1)[0] + "=" for t in zoo_texts("llama-arith", 12)]
+    bench = object.__new__(_Workbench)
+    bench.model = finetuned
+    split = _Split(tokenize_calibration(prompts, tokenizer, batch_size=5))
+    ends = {tokenizer.eos_token_id}
+    bench.continue_prompts(split, 6, ends, tokenizer.pad_token_id, 5)
+    noisy = copy.deepcopy(finetuned)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+
+    def greedy(model, prompt):
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )[0]
+        new = out[ids.shape[1] :].tolist()
+        return new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
+
+    reference = [greedy(finetuned, p) for p in prompts]
+    rows = [r[m.bool()].tolist() for ids, mask in split.batches for r, m in zip(ids, mask, strict=True)]
+    marks = [mk for marks in split.scored for mk in marks]
+    for prompt, row, mark, ref in zip(prompts, rows, marks, reference, strict=True):
+        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert row[n:] == ref and mark.nonzero().squeeze(1).tolist() == list(range(n - 1, len(row) - 1))
+    for model, expected in ((finetuned, len(prompts)), (noisy, None)):
+        agree = counted = 0
+        with torch.no_grad():
+            for (ids, mask), teacher, scored in zip(split.batches, split.teacher, split.scored, strict=True):
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                a, c = _texts_agreeing(teacher, logits, scored)
+                agree, counted = agree + a, counted + c
+        same = sum(greedy(model, p) == r for p, r in zip(prompts, reference, strict=True))
+        assert counted == len(prompts) and agree == same == (expected if expected is not None else same)
 
 
 def test_heldout_retention_is_the_lower_end_of_its_confidence_interval():

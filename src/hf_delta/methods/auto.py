@@ -62,10 +62,12 @@ from .registry import register_delta_method
 
 logger = logging.getLogger(__name__)
 
+# Mixed-SVD budgets a factor ~1.4 apart: a vocabulary matrix is a fifth of a small model, and doubling its budget
+# at once left the knapsack no allocation between 169 and 222 KB on qwen2-cipher (one SVD serves all budgets).
 DEFAULT_CANDIDATES = (
     "bitdelta-1", "bitdelta-2", "deltazip-2bit-2:4", "deltazip-4bit-2:4", "deltazip-2bit", "deltazip-4bit",
-    "deltazip-8bit", "lowrank-r8", "lowrank-r32", "mixed-svd-0.25", "mixed-svd-0.5", "mixed-svd-1", "mixed-svd-2",
-    "mixed-svd-3",
+    "deltazip-8bit", "lowrank-r8", "lowrank-r32", "mixed-svd-0.25", "mixed-svd-0.35", "mixed-svd-0.5",
+    "mixed-svd-0.7", "mixed-svd-1", "mixed-svd-1.4", "mixed-svd-2", "mixed-svd-3",
 )  # fmt: skip
 _PATTERNS = {
     "bitdelta": re.compile(r"^bitdelta-([1-4])$"),
@@ -102,8 +104,12 @@ class AutoConfig(DeltaConfig):
         probe_samples: calibration texts used by each per-matrix sensitivity probe.
         max_rounds: end-to-end measurements of the bisection over the KL budget (on the allocation texts).
         heldout_samples: the last this many calibration texts (sampled in addition to ``calibration_samples``
-            when ``compress`` gets no texts) only verify the chosen delta; the allocation never sees them. Give
-            texts the fine-tune was not trained on (e.g. new prompts of its task) to catch lost generalisation.
+            when ``compress`` gets no texts) only verify the chosen delta; the allocation never sees them. They
+            are *prompts*: give ones the fine-tune was not trained on (e.g. new questions of its task) to catch
+            lost generalisation.
+        heldout_new_tokens: the fine-tune continues each held-out prompt greedily for at most this many tokens
+            (or to its end-of-sequence token); a prompt counts as kept when the delta's greedy continuation is the
+            same.
         max_tighten: verifications on the held-out texts after the first (each halves the KL budget while the
             target is missed, then refines between the last miss and the first hit).
     """
@@ -118,6 +124,7 @@ class AutoConfig(DeltaConfig):
     probe_samples: int = 16
     max_rounds: int = 8
     heldout_samples: int = 32
+    heldout_new_tokens: int = 32
     max_tighten: int = 8
 
     def validate(self) -> None:
@@ -144,7 +151,7 @@ class AutoConfig(DeltaConfig):
             if family == "mixed_svd" and not float(match.group(1)) > 0:
                 raise DeltaConfigError(f"Candidate {c!r}: the bits per weight must be > 0.")
         for name in ("calibration_samples", "calibration_seq_len", "calibration_batch_size", "probe_samples",
-                     "max_rounds", "heldout_samples"):  # fmt: skip
+                     "max_rounds", "heldout_samples", "heldout_new_tokens"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise DeltaConfigError(f"{name} must be a positive int, got {value!r}.")
@@ -236,6 +243,9 @@ class _Split:
 
     batches: list[tuple[torch.Tensor, torch.Tensor]]
     teacher: list[torch.Tensor] = field(default_factory=list)
+    # Per batch, the positions that predict a token the fine-tune generated (held-out prompts): a text agrees when
+    # the model's top token is the fine-tune's at all of them. None: no per-text agreement (allocation texts).
+    scored: list[torch.Tensor] | None = None
     base_token: float | None = 0.0
     base_text: float | None = 0.0
 
@@ -314,6 +324,44 @@ class _Workbench:
             p[:rows] = (self.base[name][:rows].float() + approx).to(p.dtype)
 
     @torch.no_grad()
+    def continue_prompts(self, split: _Split, new_tokens: int, ends: set[int], pad: int, batch_size: int) -> None:
+        """Make ``split``'s texts prompts followed by the fine-tune's greedy continuation (at most ``new_tokens``,
+        through its end-of-sequence token), mark the continuation's positions as scored and keep the fine-tune's
+        logits. A model whose top token is the fine-tune's at every scored position generates the same text."""
+        rows, scored = [], []
+        for ids, mask in split.batches:
+            for row, m in zip(ids, mask, strict=True):
+                prompt = row[m.bool()].unsqueeze(0)
+                out = self.model.generate(
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    eos_token_id=sorted(ends) or None,
+                )[0]
+                generated = out[prompt.shape[1] :].tolist()
+                for i, token in enumerate(generated):  # generate pads after the end of a sequence: cut there
+                    if token in ends:
+                        generated = generated[: i + 1]
+                        break
+                rows.append(prompt[0].tolist() + generated)
+                scored.append((prompt.shape[1] - 1, len(rows[-1]) - 1))
+        split.batches, split.scored = [], []
+        for start in range(0, len(rows), batch_size):
+            chunk, spans = rows[start : start + batch_size], scored[start : start + batch_size]
+            width = max(len(r) for r in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            marks = torch.zeros(len(chunk), width - 1, dtype=torch.bool)
+            for i, (r, (first, end)) in enumerate(zip(chunk, spans, strict=True)):
+                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+                marks[i, first:end] = True  # position t predicts token t + 1, a generated one
+            split.batches.append((ids, mask))
+            split.scored.append(marks)
+        self.teach(split)
+
+    @torch.no_grad()
     def teach(self, split: _Split) -> None:
         """Keep the fine-tune's logits on ``split`` (every matrix at its fine-tuned value)."""
         split.teacher = [
@@ -326,20 +374,17 @@ class _Workbench:
         """Mean next-token KL(fine-tune ‖ this model) on ``split`` and its agreement with the fine-tune's
         confident tokens, per token and per text."""
         kl_sum, count, agree_sum, confident, texts_agree, texts = 0.0, 0, 0, 0, 0, 0
-        for (ids, mask), ref in zip(split.batches[:n_batches], split.teacher, strict=False):
+        for i, ((ids, mask), ref) in enumerate(zip(split.batches[:n_batches], split.teacher, strict=False)):
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             kl, n, agree, conf = _kl_and_agreement(ref, logits, mask)
             kl_sum, count, agree_sum, confident = kl_sum + kl * n, count + n, agree_sum + agree, confident + conf
-            good, known = _texts_agreeing(ref, logits, ids, mask)
-            texts_agree, texts = texts_agree + good, texts + known
+            if split.scored is not None:
+                good, counted = _texts_agreeing(ref, logits, split.scored[i])
+                texts_agree, texts = texts_agree + good, texts + counted
         return _Score(kl_sum / max(count, 1), agree_sum / confident if confident else None, texts_agree, texts)
 
 
 _CONFIDENT = 0.5  # the fine-tune's top-token probability from which a token counts as learned behaviour
-# ... and from which, when it is also the text's next token, the fine-tune *knows* it (per-text agreement). On new
-# prompts of the small zoo's tasks 530 of 532 llama-chat answer tokens (all of llama-arith's) are at >= 0.9; the
-# prompt positions below it are half-learned words and lucky guesses that flip under any perturbation.
-_KNOWN = 0.9
 
 
 def _kl_and_agreement(ref: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> tuple[float, int, int, int]:
@@ -358,16 +403,12 @@ def _kl_and_agreement(ref: torch.Tensor, logits: torch.Tensor, mask: torch.Tenso
     return kl, int(real.sum()), int(agree.sum()), int(confident.sum())
 
 
-def _texts_agreeing(ref: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
-    """How many texts (rows) have the same top token as ``ref`` at every position ``ref`` *knows* (top
-    probability ≥ 0.9, and its top token is the text's next token: a task's answer, not a guess at a random
-    prompt), and how many texts have such a position at all."""
-    real = (mask[:, 1:] * mask[:, :-1]).bool()
+def _texts_agreeing(ref: torch.Tensor, logits: torch.Tensor, scored: torch.Tensor) -> tuple[int, int]:
+    """How many texts (rows) have the same top token as ``ref`` at every ``scored`` position ``[rows, len - 1]``,
+    and how many texts have a scored position at all."""
     vocab = ref.shape[-1]
-    top = ref[:, :-1].argmax(-1)
-    known = (F.log_softmax(ref[:, :-1], dim=-1).amax(-1) >= math.log(_KNOWN)) & (top == ids[:, 1:]) & real
-    wrong = (logits[:, :-1, :vocab].argmax(-1) != top) & known
-    counted = known.any(1)
+    wrong = (logits[:, :-1, :vocab].argmax(-1) != ref[:, :-1].argmax(-1)) & scored
+    counted = scored.any(1)
     return int((counted & ~wrong.any(1)).sum()), int(counted.sum())
 
 
@@ -656,7 +697,13 @@ def compress_auto(ctx: CompressionContext) -> dict[str, CompressedWeight]:
     embed, head = vocab_module_names(ctx.base)
     bench = _Workbench(ctx, *_split_rows(batches, cfg.heldout_samples))
     hessians = _collect(ctx, bench, head, embed)
-    bench.teach(bench.heldout)
+    # The tokenizer's end of sequence ends a continuation (as exact match reads answers), else the model's.
+    eos = ctx.tokenizer.eos_token_id if ctx.tokenizer is not None else None
+    eos = eos if eos is not None else bench.model.generation_config.eos_token_id
+    ends = {eos} if isinstance(eos, int) else set(eos or [])
+    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None else None
+    pad = pad if pad is not None else min(ends, default=0)
+    bench.continue_prompts(bench.heldout, cfg.heldout_new_tokens, ends, pad, cfg.calibration_batch_size)
     matrices: list[_Matrix] = []
     for name, delta in tqdm(
         ctx.extracted.compress.items(), desc="auto: candidates", disable=not ctx.progress, leave=False
