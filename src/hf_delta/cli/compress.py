@@ -66,8 +66,8 @@ def register(sub) -> None:
     comp.add_argument("--target-kl", type=float, default=None, help="--auto: mean next-token KL, e.g. 0.05")
     comp.add_argument("--budget-bytes", type=int, default=None, help="--auto: the largest size of the matrices")
     comp.add_argument("--heldout", default=None,
-                      help="--auto: text file, one held-out text per line (e.g. new task prompts the fine-tune was "
-                           "not trained on): the chosen delta is verified, and tightened, on these only")
+                      help="--auto: text file, one held-out prompt per line (e.g. new task questions the fine-tune "
+                           "was not trained on): the delta must continue them as the fine-tune does")
     comp.add_argument("--options", default=None, help="extra config fields as JSON, e.g. '{\"scale\": \"row\"}'")
     comp.add_argument("--calibration", default=None, help="text file, one calibration text per line")
     comp.add_argument("--device", default=None, help="where deltas are computed: cpu (default) or cuda")

@@ -23,13 +23,13 @@ Token retention on the allocation texts mirrors the task retention of the benchm
 ``(agree − agree_base) / (1 − agree_base)`` with ``agree`` how often a model's top next token is the fine-tune's,
 counted where the fine-tune is confident (top probability ≥ 0.5: a task's answers, not the free text around
 them). Next-token accuracy against the text itself proved too lenient: on the small zoo it accepted a delta at
-KL 0.085 that lost 1.5 points of held-out exact match. On the held-out texts retention is counted per text: a
-text agrees when the delta's top token is the fine-tune's at every position the fine-tune *knows* (top
-probability ≥ 0.9, and its top token is the text's next one). For a prompt and its answer that is exact match
-with the fine-tune's answer under teacher forcing. Per token, 0.99 let a tenth of the cipher answers break (each
-has about ten confident tokens); counting every confident position of a text failed texts on confident guesses
-at their random prompts and half-learned prompt words, which no answer depends on (llama-arith needed 5x more
-bytes for them).
+KL 0.085 that lost 1.5 points of held-out exact match. The held-out texts are *prompts*: the fine-tune continues
+each greedily once (to its end-of-sequence token), and a prompt is kept when the delta's top token is the
+fine-tune's at every continued position, i.e. the delta generates the same continuation (exact match with the
+fine-tune's answer). Retention there is the Wilson lower bound (z = 1) of the kept share over the reference's.
+Per token, 0.99 let a tenth of the cipher answers break (an answer has about ten tokens); per text over every
+confident position of an answered text, confident guesses at random prompt digits failed texts no answer
+depends on (llama-arith's auto-0.99 took 1.0 MB for them).
 Each matrix's choice is recorded in the delta repo (``modules.weights[<module>].setting``).
 """
 
@@ -254,8 +254,8 @@ class _Split:
 class _Score:
     kl: float
     token: float | None  # share of the fine-tune's confident tokens whose top token agrees (None: no such token)
-    texts_agree: int  # texts whose known tokens all agree
-    texts: int  # texts with a known token
+    texts_agree: int  # held-out prompts whose continuation agrees at every scored position
+    texts: int  # held-out prompts with a scored position
 
     @property
     def text(self) -> float | None:
