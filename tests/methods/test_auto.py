@@ -284,14 +284,15 @@ def test_a_heldout_miss_is_tightened_through_the_real_layers(
     for max_tighten in (0, 8):
         config = AutoConfig(target_kl=0.002, heldout_samples=16, max_tighten=max_tighten)
         model = compress(base_path, entry.path, config, alloc + held, progress=False)
-        kl = _calibration_kl(model, finetuned, tokenize_calibration(held, tokenizer, batch_size=8))
+        kl = _calibration_kl(model, finetuned, seen[-1].heldout.batches)  # the prompts and their continuations
         results[max_tighten] = kl, sum(w.nbytes() for w in model.get_delta("default").weights.values())
 
     def rows(batches):
         return [tuple(r[m.bool()].tolist()) for ids, mask in batches for r, m in zip(ids, mask, strict=True)]
 
     assert rows(seen[0].alloc.batches) == rows(tokenize_calibration(alloc, tokenizer))
-    assert rows(seen[0].heldout.batches) == rows(tokenize_calibration(held, tokenizer))
+    prompts = rows(tokenize_calibration(held, tokenizer))
+    assert [r[: len(p)] for r, p in zip(rows(seen[0].heldout.batches), prompts, strict=True)] == prompts
     assert results[0][0] > 0.002 >= results[8][0]
     assert results[8][1] > results[0][1]
 
