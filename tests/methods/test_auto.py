@@ -297,21 +297,15 @@ def test_a_heldout_miss_is_tightened_through_the_real_layers(
     assert results[8][1] > results[0][1]
 
 
-@pytest.mark.parametrize("sharpen", [1.0, 2.0])  # the micro fine-tune is sure of no continuation; sharpened, of all
-def test_a_heldout_prompt_agrees_exactly_when_the_greedy_continuations_match(
-    sharpen, zoo_models, zoo_texts, torch_one_thread
-):
+def test_a_heldout_prompt_agrees_exactly_when_the_greedy_continuations_match(zoo_models, zoo_texts, torch_one_thread):
     """The fine-tune continues each held-out prompt once; scoring another model teacher-forced on that
     continuation counts the same prompts as comparing the two models' own greedy generations."""
     import copy
 
     from hf_delta.methods.auto import _Split, _texts_agreeing, _Workbench
 
-    _, micro, tokenizer = zoo_models("llama-arith")
+    _, finetuned, tokenizer = zoo_models("llama-arith")
     prompts = [t.rsplit("=", 1)[0] + "=" for t in zoo_texts("llama-arith", 12)]
-    finetuned = copy.deepcopy(micro)
-    with torch.no_grad():
-        finetuned.lm_head.weight.mul_(sharpen)  # sharper logits, the same greedy tokens
     bench = object.__new__(_Workbench)
     bench.model = finetuned
     split = _Split(tokenize_calibration(prompts, tokenizer, batch_size=5))
@@ -338,24 +332,18 @@ def test_a_heldout_prompt_agrees_exactly_when_the_greedy_continuations_match(
     reference = [greedy(finetuned, p) for p in prompts]
     rows = [r[m.bool()].tolist() for ids, mask in split.batches for r, m in zip(ids, mask, strict=True)]
     marks = [mk for marks in split.scored for mk in marks]
-    sure = []  # prompts whose every continued token the fine-tune gives >= 0.5 (only those count)
     for prompt, row, mark, ref in zip(prompts, rows, marks, reference, strict=True):
         n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        with torch.no_grad():
-            probs = finetuned(input_ids=torch.tensor([row])).logits[0, n - 1 : len(row) - 1].softmax(-1)
-        sure.append(bool((probs.gather(1, torch.tensor(row[n:]).unsqueeze(1)) >= 0.5).all()))
-        assert row[n:] == ref
-        assert mark.nonzero().squeeze(1).tolist() == (list(range(n - 1, len(row) - 1)) if sure[-1] else [])
-    for model, expected in ((finetuned, sum(sure)), (noisy, None)):
+        assert row[n:] == ref and mark.nonzero().squeeze(1).tolist() == list(range(n - 1, len(row) - 1))
+    for model, expected in ((finetuned, len(prompts)), (noisy, None)):
         agree = counted = 0
         with torch.no_grad():
             for (ids, mask), teacher, scored in zip(split.batches, split.teacher, split.scored, strict=True):
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 a, c = _texts_agreeing(teacher, logits, scored)
                 agree, counted = agree + a, counted + c
-        same = sum(s and greedy(model, p) == r for p, r, s in zip(prompts, reference, sure, strict=True))
-        assert counted == sum(sure) and agree == same == (expected if expected is not None else same)
-    assert sum(sure) == (0 if sharpen == 1.0 else len(prompts))
+        same = sum(greedy(model, p) == r for p, r in zip(prompts, reference, strict=True))
+        assert counted == len(prompts) and agree == same == (expected if expected is not None else same)
 
 
 def test_heldout_retention_is_the_lower_end_of_its_confidence_interval():

@@ -326,9 +326,8 @@ class _Workbench:
     @torch.no_grad()
     def continue_prompts(self, split: _Split, new_tokens: int, ends: set[int], pad: int, batch_size: int) -> None:
         """Make ``split``'s texts prompts followed by the fine-tune's greedy continuation (at most ``new_tokens``,
-        through its end-of-sequence token), mark the continuation's positions as scored where the fine-tune is
-        sure of every continued token (top probability ≥ 0.5) and keep the fine-tune's logits. A model whose top
-        token is the fine-tune's at every scored position generates the same text."""
+        through its end-of-sequence token), mark the continuation's positions as scored and keep the fine-tune's
+        logits. A model whose top token is the fine-tune's at every scored position generates the same text."""
         rows, scored = [], []
         for ids, mask in split.batches:
             for row, m in zip(ids, mask, strict=True):
@@ -361,11 +360,6 @@ class _Workbench:
             split.batches.append((ids, mask))
             split.scored.append(marks)
         self.teach(split)
-        for marks, ref in zip(split.scored, split.teacher, strict=True):
-            # A prompt counts only where the fine-tune is sure of its whole continuation: an answer it is unsure
-            # of (a fact it never learned) flips under any perturbation and is not something it learned to keep.
-            sure = F.log_softmax(ref[:, :-1], dim=-1).amax(-1) >= math.log(_CONFIDENT)
-            marks &= (sure | ~marks).all(1, keepdim=True)
 
     @torch.no_grad()
     def teach(self, split: _Split) -> None:
