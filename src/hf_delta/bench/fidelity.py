@@ -134,7 +134,8 @@ def _measure_finetune(zoo, entry, settings: Sequence[str], calibration: str,
     base_em, ft_em = exact_match(base, tok, task), exact_match(ft, tok, task)
     ft_bytes = bf16_weight_bytes(ft)
     texts = task_calibration(tok, task) if calibration == "task" else None
-    verify = task_verification(tok, task, VERIFY_SAMPLES) if calibration == "task" else None
+    autos = any(isinstance(SETTINGS[name](), AutoConfig) for name in settings)
+    verify = task_verification(tok, task, VERIFY_SAMPLES) if calibration == "task" and autos else None
     if lm_eval is not None:
         lm_eval.prepare(task, tok, base, ft)
     rows: list[dict[str, Any]] = []
