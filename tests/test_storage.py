@@ -447,3 +447,14 @@ def test_format_3_checksum_entry_is_checked(chat_folder, edit, message):
     edit(chat_folder)
     with pytest.raises(DeltaFormatError, match=message):
         Delta.from_folder(chat_folder)
+
+
+def test_a_large_shard_is_not_left_mapped_once_its_delta_is_loaded(chat_folder, monkeypatch):
+    """Large shards are read through a memory map; their tensors are copied out, so attaching the delta (which
+    copies its packed tensors into slot buffers) does not also keep every page of the file resident."""
+    monkeypatch.setattr(storage, "_READ_WHOLE_BYTES", 0)
+    shard = storage.weight_files(chat_folder)[0]
+    delta = Delta.from_folder(chat_folder)
+    assert str(shard.resolve()) not in Path("/proc/self/maps").read_text()
+    on_disk = load_file(shard)
+    assert all(torch.equal(delta.tensors()[k], on_disk[k]) for k in on_disk)

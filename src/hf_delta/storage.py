@@ -268,7 +268,10 @@ def _read_tensors(folder: Path, checksums: dict[str, str] | None) -> dict[str, t
         if expected is not None:
             _verify(path, file_checksum(path) if raw is None else bytes_checksum(raw), expected)
         try:
-            tensors.update(load_file(path) if raw is None else safetensors_load(raw))
+            # A mapped shard's tensors are copied out: a delta attached to a layer is copied into its slot buffer,
+            # and a mapping kept alive by the delta's other tensors would hold every page that copy touched.
+            tensors.update({k: t.clone() for k, t in load_file(path).items()} if raw is None else
+                           safetensors_load(raw))
         except (SafetensorError, OSError, ValueError) as err:
             raise DeltaFormatError(
                 f"{path} is corrupted or truncated ({err}). Delete it and download or save the delta again."
