@@ -163,9 +163,10 @@ def test_auto_config_on_conv1d_layers(one_thread):
 
     base = tiny_model("gpt2")
     finetuned = perturbed(base, seed=1)
-    config = AutoConfig(budget_bytes=40_000, calibration_samples=8, calibration_seq_len=12, probe_samples=4)
+    config = AutoConfig(budget_bytes=40_000, calibration_samples=8, calibration_seq_len=12, probe_samples=4,
+                        heldout_samples=4)
     model = compress(
-        copy.deepcopy(base), finetuned, config, calibration_texts(8), tokenizer=tiny_tokenizer(), progress=False
+        copy.deepcopy(base), finetuned, config, calibration_texts(12), tokenizer=tiny_tokenizer(), progress=False
     )
     ids = sample_ids(2, seed=6)
     with torch.no_grad():
