@@ -54,7 +54,7 @@ def mapped_large_blocks(threshold: int = 1 << 20) -> Iterator[None]:
 
     glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after which tensors of
     a few MB to 32 MB come from the heap, where a forward and backward over many layers fragment it: distilling a
-    0.85B model's scales grew by ~50 MB per layer that way (2.98 GB peak at 8 layers; 2.48 GB with this). glibc
+    0.85B model's scales grew by ~50 MB per layer that way (8 layers: 2.98 GB peak; 2.48 GB with this alone). glibc
     cannot go back to its adaptive threshold, so on exit the threshold is set to where the adaptive one ends up
     after large frees (32 MB). A no-op without glibc.
     """
