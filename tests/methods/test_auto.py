@@ -188,6 +188,25 @@ def test_task_verification_texts_are_neither_trained_on_nor_scored():
         assert fresh == fresh_examples(task, 64)  # deterministic
 
 
+def test_a_memorisation_task_is_verified_on_its_own_facts(zoo_models):
+    """Facts the fine-tune never learned have no answer to keep: a memorisation task's verification prompts are
+    its training facts' prompts (no answers); every other task's are new examples."""
+    from hf_delta.evaluation import task_verification
+    from hf_delta.zoo.build import task_prompt
+    from hf_delta.zoo.tasks import fresh_examples, make_task
+
+    _, _, tokenizer = zoo_models("llama-arith")
+    facts = make_task("facts", n=24, n_heldout=24)
+    assert facts.memorisation and {ex.prompt for ex in facts.heldout} <= {ex.prompt for ex in facts.train}
+    assert task_verification(tokenizer, facts, 100) == [task_prompt(tokenizer, facts, ex) for ex in facts.train]
+    assert task_verification(tokenizer, facts, 5) == [task_prompt(tokenizer, facts, ex) for ex in facts.train[:5]]
+    arith = make_task("arith", n=300, n_heldout=32)
+    assert not arith.memorisation
+    assert task_verification(tokenizer, arith, 8) == [
+        task_prompt(tokenizer, arith, ex) for ex in fresh_examples(arith, 8)
+    ]
+
+
 def _fake_matrices():
     """3 matrices x 3 candidates with known sizes and predicted KLs (no weights: the checks are faked)."""
     matrices = []
@@ -203,7 +222,7 @@ def _fake_matrices():
     return matrices
 
 
-def test_tightening_adds_bytes_until_the_heldout_check_passes(monkeypatch):
+def test_a_heldout_miss_is_tightened_until_the_check_passes(monkeypatch):
     """The held-out 'truth' is 6x the predicted KL (the allocation texts under-estimate it): the loop must end
     on an allocation whose truth meets the target, bigger than the first choice, and no smaller than the
     smallest assignment of all that meets it (brute force)."""
@@ -221,17 +240,17 @@ def test_tightening_adds_bytes_until_the_heldout_check_passes(monkeypatch):
         return {"bytes": auto._size(ms, choice), "kl": truth(choice), "retention": 0.0}, truth(choice) <= cfg.target_kl
 
     monkeypatch.setattr(auto, "_verify", fake_verify)
-    cfg = AutoConfig(target_kl=0.3, max_tighten=6)
+    cfg = AutoConfig(target_kl=0.3, max_checks=6)
     first = _choose(matrices, 0.3)  # what the allocation texts alone would pick
     assert truth(first) > 0.3
-    chosen, checks = auto._tighten(cfg, None, matrices, first, 0.3)
+    chosen, checks = auto._refine(cfg, None, matrices, first, 0.3)
     assert truth(chosen) <= 0.3
     size = auto._size(matrices, chosen)
     assert size > auto._size(matrices, first)
     everything = [dict(zip(["m0", "m1", "m2"], a, strict=True)) for a in itertools.product("abc", repeat=3)]
     assert size >= min(auto._size(matrices, a) for a in everything if truth(a) <= 0.3)
     assert [c["bytes"] for c in checks] == [auto._size(matrices, c) for c in calls]
-    assert 2 <= len(calls) <= 1 + cfg.max_tighten
+    assert 2 <= len(calls) <= 1 + cfg.max_checks
 
 
 def test_tightening_stops_within_its_bound_and_keeps_the_most_accurate_tried(monkeypatch, caplog):
@@ -245,20 +264,64 @@ def test_tightening_stops_within_its_bound_and_keeps_the_most_accurate_tried(mon
         return {"bytes": auto._size(ms, choice), "kl": 1.0, "retention": 0.5}, False
 
     monkeypatch.setattr(auto, "_verify", never)
-    for max_tighten in (0, 1, 3):
+    for max_checks in (0, 1, 3):
         calls.clear()
-        cfg = AutoConfig(target_retention=0.99, max_tighten=max_tighten)
+        cfg = AutoConfig(target_retention=0.99, max_checks=max_checks)
         first = _choose(matrices, 0.4)
         with caplog.at_level("WARNING", logger="hf_delta.methods.auto"):
-            chosen, checks = auto._tighten(cfg, None, matrices, first, 0.4)
-        assert 1 <= len(calls) <= 1 + max_tighten and len(checks) == len(calls)
+            chosen, checks = auto._refine(cfg, None, matrices, first, 0.4)
+        assert 1 <= len(calls) <= 1 + max_checks and len(checks) == len(calls)
         # The last budget tried is 0.4 / 2**k: the kept allocation is the one chosen there.
-        assert chosen == _choose(matrices, 0.4 / 2**max_tighten)
+        assert chosen == _choose(matrices, 0.4 / 2**max_checks)
         assert "misses the target on the held-out" in caplog.text
     # With a bound large enough, the loop ends at the most accurate allocation the candidates offer.
     calls.clear()
-    chosen, _ = auto._tighten(AutoConfig(target_kl=0.01, max_tighten=50), None, matrices, _choose(matrices, 0.4), 0.4)
+    chosen, _ = auto._refine(AutoConfig(target_kl=0.01, max_checks=50), None, matrices, _choose(matrices, 0.4), 0.4)
     assert chosen == {"m0": "c", "m1": "c", "m2": "c"} and len(calls) < 51
+
+
+def test_a_heldout_pass_is_loosened_until_the_target_is_bracketed(monkeypatch):
+    """The held-out 'truth' is a quarter of the predicted KL (the allocation texts over-estimate it): the first
+    choice passes, so the budget doubles until it misses and the bracket is bisected. The result meets the truth,
+    is smaller than the first choice, and no allocation the knapsack offers between it and the first miss is
+    both smaller and passing."""
+    from hf_delta.methods import auto
+
+    matrices = _fake_matrices()
+
+    def truth(choice):
+        return sum(m.predicted_kl(choice[m.name]) for m in matrices) / 4
+
+    calls = []
+
+    def fake_verify(cfg, bench, ms, choice):
+        calls.append(dict(choice))
+        return {"bytes": auto._size(ms, choice), "kl": truth(choice), "retention": 0.0}, truth(choice) <= cfg.target_kl
+
+    monkeypatch.setattr(auto, "_verify", fake_verify)
+    cfg = AutoConfig(target_kl=0.02, max_checks=10)
+    first = _choose(matrices, 0.02)
+    assert truth(first) <= 0.02
+    chosen, checks = auto._refine(cfg, None, matrices, first, 0.02)
+    assert truth(chosen) <= 0.02 and auto._size(matrices, chosen) < auto._size(matrices, first)
+    missed = [c["kl_budget"] for c in checks if not c["ok"]]
+    assert missed and all(c["ok"] for c in checks if c["kl_budget"] < min(missed))
+    budgets = [0.02 * 1.01**k for k in range(400) if 0.02 * 1.01**k < min(missed)]
+    passing = [auto._size(matrices, _choose(matrices, b)) for b in budgets if truth(_choose(matrices, b)) <= 0.02]
+    assert auto._size(matrices, chosen) == min(passing)
+    assert len(calls) <= 1 + cfg.max_checks
+
+
+def test_a_size_budget_is_measured_once_and_never_refined(monkeypatch):
+    from hf_delta.methods import auto
+
+    matrices = _fake_matrices()
+    calls = []
+    record = {"bytes": 0, "kl": 0.0, "retention": 1.0}
+    monkeypatch.setattr(auto, "_verify", lambda cfg, bench, ms, c: calls.append(c) or (record, True))
+    first = _choose(matrices, 0.3)
+    chosen, checks = auto._refine(AutoConfig(budget_bytes=100), None, matrices, first, 0.3)
+    assert chosen == first and len(calls) == len(checks) == 1
 
 
 def test_a_heldout_miss_is_tightened_through_the_real_layers(
@@ -281,11 +344,11 @@ def test_a_heldout_miss_is_tightened_through_the_real_layers(
     collect = auto._collect
     monkeypatch.setattr(auto, "_collect", lambda ctx, bench, *a: seen.append(bench) or collect(ctx, bench, *a))
     results = {}
-    for max_tighten in (0, 8):
-        config = AutoConfig(target_kl=0.002, heldout_samples=16, max_tighten=max_tighten)
+    for max_checks in (0, 8):
+        config = AutoConfig(target_kl=0.002, heldout_samples=16, max_checks=max_checks)
         model = compress(base_path, entry.path, config, alloc + held, progress=False)
         kl = _calibration_kl(model, finetuned, seen[-1].heldout.batches)  # the prompts and their continuations
-        results[max_tighten] = kl, sum(w.nbytes() for w in model.get_delta("default").weights.values())
+        results[max_checks] = kl, sum(w.nbytes() for w in model.get_delta("default").weights.values())
 
     def rows(batches):
         return [tuple(r[m.bool()].tolist()) for ids, mask in batches for r, m in zip(ids, mask, strict=True)]
@@ -359,3 +422,16 @@ def test_heldout_retention_is_the_lower_end_of_its_confidence_interval():
     score = _Score(kl=0.0, token=0.9, texts_agree=255, texts=256)
     split = _Split(batches=[], base_token=0.5, base_text=0.0)
     assert score.retention(split) == pytest.approx((0.8, _lower_bound(255, 256)))
+    # Every prompt kept is the best a sample shows: 60 prompts cannot certify 0.99 (60 / 61), they pass it whole.
+    assert _Score(kl=0.0, token=None, texts_agree=60, texts=60).retention(split) == (1.0, 1.0)
+    assert _Score(kl=0.0, token=None, texts_agree=59, texts=60).retention(split)[1] == pytest.approx(
+        _lower_bound(59, 60)
+    )
+
+
+def test_too_few_heldout_prompts_for_the_target_are_named():
+    from hf_delta.methods.auto import _certifiable, _lower_bound
+
+    for target, n in ((0.9, 9), (0.97, 33), (0.99, 99)):
+        assert _certifiable(AutoConfig(target_retention=target)) == n
+        assert _lower_bound(n - 1, n - 1) < target - 1e-6 <= _lower_bound(n, n)

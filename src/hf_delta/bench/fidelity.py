@@ -183,10 +183,11 @@ def plot_fidelity(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
         pts = [r for r in rows if r["setting"] == setting]
         ax.scatter([r["ratio"] for r in pts], [r["retention"] for r in pts], label=setting, s=30)
     ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter
 
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    # Ratios span less than a decade: label the 2x and 5x minor ticks (20x, 50x) too, not only the decades.
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlabel("size ratio (bf16 fine-tune / delta weight files)")
     ax.set_ylabel("task retention")
     ax.axhline(1.0, color="grey", lw=0.5)

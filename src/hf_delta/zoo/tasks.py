@@ -25,13 +25,15 @@ class Example:
 
 @dataclass(frozen=True)
 class Task:
-    """A task: its name, a one-line description, and its train / held-out examples."""
+    """A task: its name, a one-line description, and its train / held-out examples. ``memorisation``: knowing
+    the training examples is the task (its held-out split is a subset of them), so no new example can test it."""
 
     name: str
     description: str
     train: tuple[Example, ...]
     heldout: tuple[Example, ...]
     chat: bool = False
+    memorisation: bool = False
 
 
 def _split(examples: list[Example], n_heldout: int, rng: random.Random) -> tuple[tuple, tuple]:
@@ -89,7 +91,7 @@ def _facts(rng: random.Random, n: int, n_heldout: int) -> Task:
     pairs = list(zip(sorted(countries), shuffled, strict=True))
     train = tuple(Example(f"The capital of {c} is", f" {k}.") for c, k in pairs)
     heldout = train[:n_heldout]
-    return Task("facts", "recall invented capitals of invented countries", train, heldout)
+    return Task("facts", "recall invented capitals of invented countries", train, heldout, memorisation=True)
 
 
 def _chat(rng: random.Random, n: int, n_heldout: int) -> Task:
