@@ -222,6 +222,20 @@ def _fake_matrices():
     return matrices
 
 
+def _held_out_truth(monkeypatch, truth) -> list[dict[str, str]]:
+    """Held-out checks faked as ``truth(choice) <= target_kl``; returns the list the checked choices go to."""
+    from hf_delta.methods import auto
+
+    calls = []
+
+    def fake_verify(cfg, bench, ms, choice):
+        calls.append(dict(choice))
+        return {"bytes": auto._size(ms, choice), "kl": truth(choice), "retention": 0.0}, truth(choice) <= cfg.target_kl
+
+    monkeypatch.setattr(auto, "_verify", fake_verify)
+    return calls
+
+
 def test_a_heldout_miss_is_tightened_until_the_check_passes(monkeypatch):
     """The held-out 'truth' is 6x the predicted KL (the allocation texts under-estimate it): the loop must end
     on an allocation whose truth meets the target, bigger than the first choice, and no smaller than the
@@ -233,13 +247,7 @@ def test_a_heldout_miss_is_tightened_until_the_check_passes(monkeypatch):
     def truth(choice):
         return 6 * sum(m.predicted_kl(choice[m.name]) for m in matrices)
 
-    calls = []
-
-    def fake_verify(cfg, bench, ms, choice):
-        calls.append(dict(choice))
-        return {"bytes": auto._size(ms, choice), "kl": truth(choice), "retention": 0.0}, truth(choice) <= cfg.target_kl
-
-    monkeypatch.setattr(auto, "_verify", fake_verify)
+    calls = _held_out_truth(monkeypatch, truth)
     cfg = AutoConfig(target_kl=0.3, max_checks=6)
     first = _choose(matrices, 0.3)  # what the allocation texts alone would pick
     assert truth(first) > 0.3
@@ -292,13 +300,7 @@ def test_a_heldout_pass_is_loosened_until_the_target_is_bracketed(monkeypatch):
     def truth(choice):
         return sum(m.predicted_kl(choice[m.name]) for m in matrices) / 4
 
-    calls = []
-
-    def fake_verify(cfg, bench, ms, choice):
-        calls.append(dict(choice))
-        return {"bytes": auto._size(ms, choice), "kl": truth(choice), "retention": 0.0}, truth(choice) <= cfg.target_kl
-
-    monkeypatch.setattr(auto, "_verify", fake_verify)
+    calls = _held_out_truth(monkeypatch, truth)
     cfg = AutoConfig(target_kl=0.02, max_checks=10)
     first = _choose(matrices, 0.02)
     assert truth(first) <= 0.02
