@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +37,7 @@ from ..methods.deltazip import DeltaZipWeight
 from ..packing import lowbit_packed_width, packed_width
 from ..slots import SlotBuffer
 from .kernels import RESULTS_DIR, sig, slug, time_ms
-from .report import write_report
+from .report import environment, write_report
 
 SHAPES = {"attn 4096x4096": (4096, 4096), "mlp 11008x4096": (11008, 4096)}
 PER_DECODER_LAYER = {"attn 4096x4096": 4, "mlp 11008x4096": 3}  # q, k, v, o | gate, up, down (same size)
@@ -196,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = _step_totals(rows, list(FORMATS))
     meta = {
         "device": device_name,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **environment(),
         "deltas": deltas,
         "warmup": warmup,
         "reps": reps,

@@ -37,13 +37,9 @@ def _libc_function(function: str):
         return None
 
 
-def _malloc_trim():
-    return _libc_function("malloc_trim")
-
-
 def release_freed_memory() -> None:
     """Return the heap's free memory to the OS (glibc ``malloc_trim``); a no-op elsewhere."""
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
 
