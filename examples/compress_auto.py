@@ -26,9 +26,10 @@ base, entry = zoo["llama-base"].path, zoo["llama-cipher"]
 finetuned, tok = load_model_and_tokenizer(entry.path)
 task = zoo.task("llama-cipher")
 texts = task_calibration(tok, task, n=64)  # like the fine-tune's training data
-# New prompts of the task, neither trained on nor scored: AutoConfig verifies on these (the last texts it gets);
-# fewer than 99 cannot show a retention of 0.99 with confidence.
-heldout = task_verification(tok, task, n=128)
+# New prompts of the task, neither trained on nor scored: AutoConfig verifies on these (the last texts it gets),
+# searching on one half and confirming on the other; 0.99 is checked with a margin as 0.995, which fewer than 199
+# prompts per half cannot show with confidence.
+heldout = task_verification(tok, task, n=400)
 
 with tempfile.TemporaryDirectory() as tmp:
     for label, config in [

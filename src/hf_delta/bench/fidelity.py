@@ -25,7 +25,8 @@ from .report import write_results
 
 logger = logging.getLogger(__name__)
 
-VERIFY_SAMPLES = 1024  # held-out prompts of an auto setting: enough that 0.99 is certified with a few misses
+# Held-out prompts of an auto setting: the search checks 1024 of them, the other 1024 confirm its choice.
+VERIFY_SAMPLES = 2048
 
 # Name -> config factory. Methods registered later add their settings with ``add_setting``.
 SETTINGS: dict[str, Callable[[], DeltaConfig]] = {
@@ -144,8 +145,8 @@ def _measure_finetune(zoo, entry, settings: Sequence[str], calibration: str,
         config = SETTINGS[name]()
         # An auto setting's held-out prompts come last: it verifies on them and chooses on the others.
         held = verify if isinstance(config, AutoConfig) and texts is not None else []
-        if held:
-            config = dataclasses.replace(config, heldout_samples=len(held))  # the facts task has fewer
+        if held:  # a memorisation task's held-out prompts are its facts, all of which are scored: exhaustive
+            config = dataclasses.replace(config, heldout_samples=len(held), heldout_exhaustive=task.memorisation)
         model = compress(base_path, entry.path, config, texts + held if held else texts, progress=False)
         seconds = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as tmp:
