@@ -596,8 +596,8 @@ def _refine(
     towards the other side of the target (tighter while it misses, looser while it meets) until the target is
     bracketed, bisect the bracket, and spend the checks left crossing the cliff between the smallest allocation
     that meets the target and the next smaller one that misses (``_descend``); at most ``cfg.max_checks`` checks
-    after the first. Returns the smallest verified allocation (the most accurate one tried, with a warning, when
-    none meets the target)."""
+    after the first. Returns the smallest allocation that meets the target on the search's half and then on the
+    confirming half (``_confirm``; the most accurate one tried, with a warning, when none does), and the checks."""
     checks: list[dict[str, Any]] = []
     seen: dict[tuple[str, ...], bool] = {}
     passed: list[dict[str, str]] = []
@@ -612,10 +612,6 @@ def _refine(
             if seen[key]:
                 passed.append(picked)
         return seen[key]
-
-    def at(budget: float) -> tuple[dict[str, str], bool]:
-        picked = _choose(matrices, budget)
-        return picked, check(picked, f"KL budget {budget:.3g}", budget)
 
     ok = check(choice, f"KL budget {kl_budget:.3g}", kl_budget)  # ``choice`` was chosen at ``kl_budget``: now verified
     if cfg.budget_bytes is not None:  # a size budget has no target: it is measured for the record
@@ -637,7 +633,8 @@ def _refine(
             budget = math.sqrt(good_budget * bad_budget)
         else:
             break
-        picked, ok = at(budget)
+        picked = _choose(matrices, budget)
+        ok = check(picked, f"KL budget {budget:.3g}", budget)
         if ok:
             good, good_budget = picked, budget
         else:
