@@ -576,13 +576,15 @@ def _verify(
     """``choice`` measured on held-out texts (``split``, default the search's half), and whether it meets the
     target: their text retention (the generated continuations, what a task scores; token retention on the
     allocation texts only steers the search: on llama-chat it asked for 572 KB where 0.99 of the continuations
-    needed far less), or the KL on the held-out and the allocation texts, both."""
+    needed far less), or the KL on the held-out and the allocation texts, both (the allocation texts with the
+    search's half: a confirmation only follows a pass there)."""
     split = split or bench.heldout
     _set(bench, matrices, choice)
     score = bench.score(split)
     token, text = score.retention(split)
     if cfg.target_kl is not None:
-        ok = max(score.kl, bench.score(bench.alloc).kl) <= cfg.target_kl
+        alloc_kl = bench.score(bench.alloc).kl if split is bench.heldout else 0.0
+        ok = max(score.kl, alloc_kl) <= cfg.target_kl
     else:  # a size budget has no target: measured for the record
         ok = cfg.target_retention is None or text >= _verified_target(cfg)
     result = {"bytes": _size(matrices, choice), "kl": score.kl, "token_retention": token, "retention": text}
@@ -867,8 +869,8 @@ def compress_auto(ctx: CompressionContext) -> dict[str, CompressedWeight]:
             f"{cfg.calibration_samples} to choose + {cfg.heldout_samples} held out) or lower heldout_samples."
         )
     half = cfg.heldout_samples // 2  # the search checks one half, the other confirms
-    retention = cfg.target_retention is not None and cfg.target_retention < 1 and not cfg.heldout_exhaustive
-    if retention and half < _certifiable(cfg):
+    estimated = cfg.target_retention is not None and cfg.target_retention < 1 and not cfg.heldout_exhaustive
+    if estimated and half < _certifiable(cfg):
         logger.warning(
             "auto: %d held-out prompts per half cannot show a retention of %g (the target %g with its margin) "
             "with confidence (that needs %d); the delta passes a check only when every continuation is kept. "
